@@ -1,0 +1,26 @@
+"""Selector: the compiled hot path (built from ext/) or its pure-Python twin.
+
+The environment switch is read once, here. RESOLVER_NO_EXTENSIONS=1 forces the pure twins; otherwise the
+compiled modules must import — a missing build is an error, never a silent fallback to slow code.
+"""
+
+from __future__ import annotations
+
+import os
+
+NO_EXTENSIONS = os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0")
+
+if NO_EXTENSIONS:
+    from resolver._keys_py import KeyHasher
+else:
+    try:
+        from resolver._keys_c import KeyHasher  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - exercised by a broken build only
+        raise ImportError(
+            "resolver's compiled modules are not built (run `make build`); "
+            "set RESOLVER_NO_EXTENSIONS=1 to run on the pure-Python twins on purpose"
+        ) from exc
+
+IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
+
+__all__ = ["IMPLEMENTATION", "KeyHasher"]

@@ -1,0 +1,137 @@
+"""The gRPC edge: proto <-> domain, deadlines, and errors -> status. No business rules here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from resolver.api.status import internal_status, to_status
+from resolver.errors import ResolverError
+from resolver.identifiers import Identifiers, RawIdentifiers, Skipped
+from resolver.resolve import ResolveInput, ResolveResult
+from resolver.service import Service
+from resolver.upsert import UpsertInput, UpsertResult
+from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc
+
+log = logging.getLogger("resolver.api")
+T = TypeVar("T")
+
+_OUTCOMES = {"MATCHED": pb.OUTCOME_MATCHED, "AMBIGUOUS": pb.OUTCOME_AMBIGUOUS, "NOT_FOUND": pb.OUTCOME_NOT_FOUND}
+_ACTIONS = {"CREATED": pb.ACTION_CREATED, "UPDATED": pb.ACTION_UPDATED, "UNCHANGED": pb.ACTION_UNCHANGED}
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _raw_ids(msg: pb.Identifiers) -> RawIdentifiers:
+    return RawIdentifiers(msg.external_id, tuple(msg.emails), tuple(msg.phones))
+
+
+def _ids_pb(ids: Identifiers) -> pb.Identifiers:
+    return pb.Identifiers(external_id=ids.external_id or "", emails=ids.emails, phones=ids.phones)
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if values:
+        s.update(values)
+    return s
+
+
+def _skipped_pb(items: list[Skipped] | tuple[Skipped, ...]) -> list[pb.SkippedIdentifier]:
+    return [pb.SkippedIdentifier(kind=s.kind.value, masked_value=s.masked, reason=s.reason, detail=s.detail) for s in items]
+
+
+def resolve_response(r: ResolveResult) -> pb.ResolveResponse:
+    return pb.ResolveResponse(
+        outcome=_OUTCOMES[r.outcome],
+        customer_uuid=r.customer_uuid,
+        matched_on=r.matched_on.value if r.matched_on is not None else 0,
+        version=r.version,
+        attributes=_struct(r.attributes),
+        candidates=[pb.Candidate(customer_uuid=u, attributes=_struct(a)) for u, a in r.candidates],
+        conflicts=r.conflicts,
+        probes=[pb.Probe(kind=p.kind.value, masked_value=p.masked, result=p.result, hits=p.hits) for p in r.probes],
+        skipped=_skipped_pb(r.skipped),
+    )
+
+
+def upsert_response(r: UpsertResult) -> pb.UpsertResponse:
+    return pb.UpsertResponse(
+        customer_uuid=r.customer_uuid,
+        action=_ACTIONS[r.action],
+        version=r.version,
+        replayed=r.replayed,
+        potential_duplicates=r.potential_duplicates,
+        identifiers=_ids_pb(r.identifiers),
+        skipped=_skipped_pb(r.skipped),
+    )
+
+
+def upsert_input(req: pb.UpsertRequest) -> UpsertInput:
+    return UpsertInput(
+        idempotency_key=req.idempotency_key,
+        identifiers=_raw_ids(req.identifiers),
+        attributes=json_format.MessageToDict(req.attributes) if req.HasField("attributes") else {},
+        customer_uuid=req.customer_uuid,
+        source_system=req.source_system,
+        expected_version=req.expected_version,
+        remove_identifiers=_raw_ids(req.remove_identifiers),
+        default_region=req.default_region,
+    )
+
+
+class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def _call(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except ResolverError as exc:
+            context.abort_with_status(to_status(exc))
+        except Exception:
+            # No payload in the log line: request fields may hold PII.
+            log.exception("%s failed with an internal error", method)
+            context.abort_with_status(internal_status())
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
+        inp = ResolveInput(
+            identifiers=_raw_ids(request.identifiers),
+            default_region=request.default_region,
+            fields=tuple(request.fields),
+            view=request.view,
+            explain=request.explain,
+        )
+        deadline = _deadline(context)
+        return self._call(context, "Resolve", lambda: resolve_response(self.service.resolve(inp, deadline)))
+
+    def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertResponse:
+        deadline = _deadline(context)
+        return self._call(
+            context, "Upsert", lambda: upsert_response(self.service.upsert(upsert_input(request), deadline))
+        )
+
+    def GetCustomer(self, request: pb.GetCustomerRequest, context: grpc.ServicerContext) -> pb.Customer:
+        def run() -> pb.Customer:
+            rec = self.service.get_customer(request.customer_uuid)
+            c = pb.Customer(
+                customer_uuid=rec.uuid,
+                identifiers=pb.Identifiers(external_id=rec.external_id or "", emails=rec.emails, phones=rec.phones),
+                attributes=_struct(rec.attributes),
+                version=rec.version,
+            )
+            c.created_at.FromMicroseconds(rec.created_us)
+            c.updated_at.FromMicroseconds(rec.updated_us)
+            return c
+
+        return self._call(context, "GetCustomer", run)

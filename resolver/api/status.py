@@ -1,0 +1,75 @@
+"""Domain errors -> google.rpc.Status with details (the one place that knows the mapping)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from resolver import errors
+
+DOMAIN = "resolver.v1"
+
+_CODES: list[tuple[type[Exception], int]] = [
+    (errors.InvalidInput, code_pb2.INVALID_ARGUMENT),
+    (errors.IdempotencyKeyReused, code_pb2.INVALID_ARGUMENT),
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.VersionMismatch, code_pb2.ABORTED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
+]
+
+
+def _pack(msg: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status(exc: errors.ResolverError) -> grpc.Status:
+    """The gRPC status for a domain error: code, message, ErrorInfo and (when fields are bad) BadRequest."""
+    code = next((c for t, c in _CODES if isinstance(exc, t)), code_pb2.INTERNAL)
+    metadata: dict[str, str] = {}
+    details = []
+    if isinstance(exc, errors.InvalidInput):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+                    for v in exc.violations
+                ]
+            )
+        )
+    elif isinstance(exc, errors.IdempotencyKeyReused):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="idempotency_key", description=exc.message, reason=exc.reason
+                    )
+                ]
+            )
+        )
+    elif isinstance(exc, errors.AlreadyExists):
+        metadata["holder"] = exc.holder
+    elif isinstance(exc, errors.FailedPrecondition) and exc.candidates:
+        metadata["candidates"] = ",".join(exc.candidates)
+    elif isinstance(exc, errors.VersionMismatch):
+        metadata["current_version"] = str(exc.current)
+    elif isinstance(exc, errors.PermissionDenied):
+        metadata["fields"] = ",".join(exc.fields)
+    details.insert(0, error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
+    )
+
+
+def internal_status() -> grpc.Status:
+    """For a bug: the caller learns nothing of the internals (the server log has the traceback)."""
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN)
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INTERNAL, message="internal error", details=[_pack(info)])
+    )

@@ -1,0 +1,93 @@
+"""Command line: argv -> Settings -> run. `resolver serve | import | check | blueprint check`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from resolver.config import Settings, describe, load_settings
+from resolver.errors import ConfigError, StoreError
+
+DEFAULT_CONFIG_HELP = "blueprint TOML file (default: none, built-in defaults)"
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help=DEFAULT_CONFIG_HELP)
+    p.add_argument("--data-dir", metavar="DIR", help="LMDB data directory (default: ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resolver", description="Real-time customer identity resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the gRPC API")
+    _store_args(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: 127.0.0.1:50051)")
+    serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (default: CPUs)")
+
+    imp = sub.add_parser("import", help="bulk-load customers from JSON lines or CSV")
+    _store_args(imp)
+    imp.add_argument("file", help="input file (JSON lines of UpsertRequest, or CSV)")
+    imp.add_argument("--format", choices=("jsonl", "csv"), help="input format (default: from the file name)")
+    imp.add_argument("--batch-size", type=int, default=2000, metavar="N", help="rows per write transaction")
+    imp.add_argument("--rejects", metavar="FILE", help="where rejected rows go (default: FILE.rejected.jsonl)")
+    imp.add_argument("--default-region", metavar="CC", default="", help="region for national phone numbers")
+    imp.add_argument("--source-system", default="", help="source_system for rows that do not name one")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = sub.add_parser("check", help="verify that indexes and records agree (exit 1 if not)")
+    _store_args(check)
+
+    bp = sub.add_parser("blueprint", help="blueprint tools")
+    bp_sub = bp.add_subparsers(dest="blueprint_command", required=True)
+    bp_check = bp_sub.add_parser("check", help="validate a blueprint and print a summary")
+    bp_check.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "blueprint":
+            settings = load_settings(args.file)
+            print(describe(settings))
+            print("blueprint OK")
+            return 0
+        overrides = {"data_dir": args.data_dir}
+        if args.command == "serve":
+            overrides |= {"listen": args.listen, "workers": args.workers}
+        settings = load_settings(args.config, **overrides)
+        setup_logging(settings)
+        if args.command == "serve":
+            from resolver.server import serve
+
+            return serve(settings, announce=lambda line: print(line, flush=True))
+        if args.command == "import":
+            from resolver.importer import run_import
+
+            return run_import(settings, args)
+        if args.command == "check":
+            from resolver.check import run_check
+
+            return run_check(settings)
+    except ConfigError as exc:
+        print(f"resolver: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError) as exc:
+        print(f"resolver: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

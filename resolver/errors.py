@@ -1,0 +1,119 @@
+"""Domain errors, defined once. The gRPC edge (resolver.api.status) maps each to a status code.
+
+Nothing here knows about gRPC: use cases raise these, the servicer translates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: `field` is a path such as ``identifiers.phones[1]``."""
+
+    field: str
+    description: str
+    reason: str = ""
+
+
+class ResolverError(Exception):
+    """Base of every error the service reports to a caller. `reason` is a stable UPPER_SNAKE code."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class IdentifierError(ResolverError):
+    """An identifier that cannot be normalized (reason INVALID_PHONE, INVALID_EMAIL, INVALID_EXTERNAL_ID)
+    or that is a placeholder never to be indexed (reason BLOCKED_VALUE)."""
+
+    reason = "INVALID_IDENTIFIER"
+
+
+class BlockedIdentifier(IdentifierError):
+    """A withheld or placeholder value (``anonymous``, ``noemail@...``): never indexed, never matched."""
+
+    reason = "BLOCKED_VALUE"
+
+
+class InvalidInput(ResolverError):
+    """The request is malformed; every bad field is listed. Nothing was written."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation], message: str | None = None) -> None:
+        self.violations = list(violations)
+        fields = ", ".join(v.field for v in self.violations)
+        super().__init__(message or f"invalid request: {len(self.violations)} bad field(s): {fields}")
+
+
+class IdempotencyKeyReused(ResolverError):
+    """The idempotency key was already used for a different request. Never retried."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class NotFound(ResolverError):
+    reason = "CUSTOMER_NOT_FOUND"
+
+
+class AlreadyExists(ResolverError):
+    """A unique identifier (external_id) is held by another customer."""
+
+    reason = "EXTERNAL_ID_HELD"
+
+    def __init__(self, message: str, *, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class FailedPrecondition(ResolverError):
+    """The write cannot pick its target safely (e.g. an email shared by several customers)."""
+
+    reason = "AMBIGUOUS_TARGET"
+
+    def __init__(self, message: str, *, candidates: list[str] | None = None, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.candidates = list(candidates or [])
+
+
+class VersionMismatch(ResolverError):
+    reason = "VERSION_MISMATCH"
+
+    def __init__(self, message: str, *, current: int) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class PermissionDenied(ResolverError):
+    """A field owned by another source system."""
+
+    reason = "FIELD_OWNED_BY_OTHER_SOURCE"
+
+    def __init__(self, message: str, *, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = list(fields)
+
+
+class DeadlineExceeded(ResolverError):
+    """The caller's deadline passed before the work started; nothing was done."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ConfigError(Exception):
+    """The blueprint (or command line) is invalid; `problems` lists every one, for a readable report."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class StoreError(Exception):
+    """The data directory cannot be used as asked (hash algorithm changed, newer format, ...)."""

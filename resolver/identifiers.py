@@ -1,0 +1,103 @@
+"""A request's identifier set, normalized: what failed and why is kept beside what succeeded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from resolver.config import Settings
+from resolver.errors import IdentifierError
+from resolver.normalize import Kind, Policy, mask, normalize_email, normalize_external_id, normalize_phone
+
+
+@dataclass(frozen=True, slots=True)
+class RawIdentifiers:
+    """Identifiers as a caller sent them (empty external_id: none)."""
+
+    external_id: str = ""
+    emails: tuple[str, ...] = ()
+    phones: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.external_id or self.emails or self.phones)
+
+
+@dataclass(slots=True)
+class Identifiers:
+    """Normalized, de-duplicated identifiers, in the order first given."""
+
+    external_id: str | None = None
+    emails: list[str] = field(default_factory=list)
+    phones: list[str] = field(default_factory=list)
+
+    def by_kind(self) -> list[tuple[Kind, list[str]]]:
+        """In precedence order: external_id, emails, phones."""
+        return [
+            (Kind.EXTERNAL_ID, [self.external_id] if self.external_id is not None else []),
+            (Kind.EMAIL, self.emails),
+            (Kind.PHONE, self.phones),
+        ]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"external_id": self.external_id, "emails": self.emails, "phones": self.phones}
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An identifier that took no part: `masked` is the input as sent, masked."""
+
+    kind: Kind
+    masked: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An identifier that could not be normalized; `field` is its request path."""
+
+    field: str
+    kind: Kind
+    raw: str
+    error: IdentifierError
+
+    def skipped(self) -> Skipped:
+        return Skipped(self.kind, mask(self.kind, self.raw), self.error.reason, self.error.message)
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        default_region=settings.default_region,
+        phone_acceptance=settings.phone_acceptance,
+        blocked_values=frozenset(v.strip().lower() for v in settings.blocked_values),
+        blocked_patterns=tuple(re.compile(p) for p in settings.blocked_patterns),
+    )
+
+
+def normalize_identifiers(raw: RawIdentifiers, region: str | None, policy: Policy,
+                          prefix: str) -> tuple[Identifiers, list[Failure]]:
+    """Normalize every identifier; each one that fails is returned as a Failure, never raised."""
+    out = Identifiers()
+    failures: list[Failure] = []
+    if raw.external_id:
+        try:
+            out.external_id = normalize_external_id(raw.external_id)
+        except IdentifierError as exc:
+            failures.append(Failure(f"{prefix}.external_id", Kind.EXTERNAL_ID, raw.external_id, exc))
+    for i, value in enumerate(raw.emails):
+        try:
+            email = normalize_email(value, policy)
+        except IdentifierError as exc:
+            failures.append(Failure(f"{prefix}.emails[{i}]", Kind.EMAIL, value, exc))
+            continue
+        if email not in out.emails:
+            out.emails.append(email)
+    for i, value in enumerate(raw.phones):
+        try:
+            phone = normalize_phone(value, region, policy)
+        except IdentifierError as exc:
+            failures.append(Failure(f"{prefix}.phones[{i}]", Kind.PHONE, value, exc))
+            continue
+        if phone not in out.phones:
+            out.phones.append(phone)
+    return out, failures

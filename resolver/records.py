@@ -1,0 +1,84 @@
+"""The customer record as stored, and the change-log entry: plain data plus their byte encodings.
+
+Records are stored as compact JSON: readable with `resolver check`-style tooling, exact for numbers,
+and cheap enough (a few µs) beside the gRPC transport. Times are integer microseconds since the epoch,
+fixed in the command before it is applied (contract §10: no clock reads inside the apply step).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from resolver.normalize import Kind
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
+_loads = json.loads
+
+
+@dataclass(slots=True)
+class Record:
+    """One customer. `uuid` is the canonical text form; identifiers are normalized."""
+
+    uuid: str
+    external_id: str | None = None
+    emails: list[str] = field(default_factory=list)
+    phones: list[str] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    created_us: int = 0
+    updated_us: int = 0
+
+    def identifiers(self) -> list[tuple[Kind, str]]:
+        """Every identifier the record holds, as (kind, normalized value)."""
+        out: list[tuple[Kind, str]] = []
+        if self.external_id is not None:
+            out.append((Kind.EXTERNAL_ID, self.external_id))
+        out += [(Kind.EMAIL, e) for e in self.emails]
+        out += [(Kind.PHONE, p) for p in self.phones]
+        return out
+
+    def holds(self, kind: Kind, value: str) -> bool:
+        if kind is Kind.PHONE:
+            return value in self.phones
+        if kind is Kind.EMAIL:
+            return value in self.emails
+        return self.external_id == value
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "uuid": self.uuid,
+                "external_id": self.external_id,
+                "emails": self.emails,
+                "phones": self.phones,
+                "attributes": self.attributes,
+                "version": self.version,
+                "created_us": self.created_us,
+                "updated_us": self.updated_us,
+            }
+        ).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        d = _loads(data)
+        return cls(
+            uuid=d["uuid"],
+            external_id=d["external_id"],
+            emails=d["emails"],
+            phones=d["phones"],
+            attributes=d["attributes"],
+            version=d["version"],
+            created_us=d["created_us"],
+            updated_us=d["updated_us"],
+        )
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact, key-sorted JSON bytes (ledger entries, change-log entries, fingerprints)."""
+    return _dumps(value).encode("utf-8")
+
+
+def decode_json(data: bytes) -> Any:
+    return _loads(data)

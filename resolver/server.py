@@ -1,0 +1,161 @@
+"""Serving: build the gRPC server from Settings; run one process or N workers sharing the port.
+
+Each worker opens the LMDB environment itself after it has started (spawned, never forked with an open
+environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API.
+On SIGTERM/SIGINT: health goes NOT_SERVING, in-flight calls get `grace_period_s`, then storage closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from resolver.api.servicer import IdentityResolverServicer
+from resolver.config import Settings
+from resolver.service import Service
+from resolver.v1 import resolver_pb2, resolver_pb2_grpc
+
+log = logging.getLogger("resolver.server")
+SERVICE_NAME = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
+
+
+@dataclass
+class Running:
+    """A started server in this process and what it serves."""
+
+    server: grpc.Server
+    service: Service
+    health: health.HealthServicer
+    port: int
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, let in-flight calls finish within `grace`, then close storage."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.service.settings.grace_period_s if grace is None else grace).wait()
+        self.service.close()
+
+
+def start(settings: Settings, *, sweeper: bool = True) -> Running:
+    """Open the store and start serving on settings.listen (port 0 picks a free port)."""
+    service = Service(settings)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[("grpc.so_reuseport", 1)],
+    )
+    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        service.close()
+        raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if sweeper:
+        service.start_sweeper()
+    return Running(server, service, health_servicer, port)
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@contextmanager
+def reserve_port(listen: str) -> Iterator[int]:
+    """Hold the address with SO_REUSEPORT so every worker binds the same port (port 0: pick one)."""
+    host, port = _host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def _wait_for_signal() -> int:
+    stop = threading.Event()
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    stop.wait()
+    return received[0]
+
+
+def _worker(settings: Settings, ready: Any, index: int) -> None:
+    """A worker process: open storage, serve, stop gracefully on SIGTERM."""
+    from resolver.cli import setup_logging
+
+    setup_logging(settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
+    try:
+        running = start(settings, sweeper=index == 0)
+    except Exception as exc:
+        ready.put((index, f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    ready.put((index, None))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    running.stop()
+
+
+def serve(settings: Settings, announce: Any = print) -> int:
+    """Serve until SIGTERM/SIGINT. One worker runs in this process; more are spawned processes."""
+    if settings.workers == 1:
+        running = start(settings)
+        host, _ = _host_port(settings.listen)
+        announce(f"resolver: serving on {host}:{running.port} (1 worker, data {settings.data_dir})")
+        signum = _wait_for_signal()
+        log.info("signal %d: shutting down (grace %.1fs)", signum, settings.grace_period_s)
+        running.stop()
+        return 0
+
+    ctx = multiprocessing.get_context("spawn")
+    with reserve_port(settings.listen) as port:
+        host, _ = _host_port(settings.listen)
+        pinned = settings.with_overrides(listen=f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        ready = ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(pinned, ready, i), name=f"resolver-worker-{i}")
+                 for i in range(settings.workers)]
+        for p in procs:
+            p.start()
+        failures = [err for _, err in (ready.get(timeout=60) for _ in procs) if err]
+        if failures:
+            for p in procs:
+                p.terminate()
+            print(f"resolver: a worker failed to start: {failures[0]}", file=sys.stderr)
+            return 1
+        announce(f"resolver: serving on {host}:{port} ({settings.workers} workers, data {settings.data_dir})")
+        signum = _wait_for_signal()
+        log.info("signal %d: stopping %d workers", signum, len(procs))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each worker drains gracefully
+        for p in procs:
+            p.join(settings.grace_period_s + 10)
+        return 0 if all(p.exitcode == 0 for p in procs) else 1

@@ -1,0 +1,76 @@
+"""The composition root of the domain: one store, one settings object, the use cases over them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from resolver.attributes import AttributeSchema
+from resolver.config import Settings
+from resolver.errors import DeadlineExceeded
+from resolver.identifiers import policy_from
+from resolver.resolve import Resolver
+from resolver.store import Store
+from resolver.upsert import UpsertInput, UpsertResult, apply, prepare
+
+log = logging.getLogger("resolver.service")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Service:
+    """Resolve, Upsert and GetCustomer over the data directory named in `settings`."""
+
+    def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
+        self.settings = settings
+        self.store = Store(settings, readonly=readonly)
+        self.schema = AttributeSchema(settings)
+        self.policy = policy_from(settings)
+        self.resolver = Resolver(self.store, settings, self.schema, self.policy)
+        self.resolve = self.resolver.resolve
+        self.get_customer = self.resolver.get_customer
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    def upsert(self, inp: UpsertInput, deadline: float | None = None) -> UpsertResult:
+        """Validate, then apply in one durable write transaction. `deadline` as in Resolver.resolve."""
+        cmd = prepare(inp, self.settings, self.schema, self.policy, now_us=now_us())
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
+        with self.store.write() as view:
+            return apply(view, cmd, self.settings)
+
+    def sweep_ledger(self, now: int | None = None, batch: int = 1000) -> int:
+        """Delete expired idempotency entries in write transactions of up to `batch`; how many were deleted."""
+        total = 0
+        while True:
+            with self.store.write() as view:
+                n = view.ledger_sweep(now if now is not None else now_us(), batch)
+            total += n
+            if n < batch:
+                return total
+
+    def start_sweeper(self) -> None:
+        """Sweep the ledger now and every `storage.sweep_interval_s` in a daemon thread."""
+
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    n = self.sweep_ledger()
+                    if n:
+                        log.info("ledger sweep removed %d expired idempotency entries", n)
+                except Exception:  # the sweeper must never take the server down; it retries next round
+                    log.exception("ledger sweep failed")
+                self._stop.wait(self.settings.sweep_interval_s)
+
+        self._sweeper = threading.Thread(target=run, name="ledger-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5)
+        self.store.close()

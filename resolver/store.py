@@ -1,0 +1,258 @@
+"""Storage: one LMDB environment in the data directory, its named databases, and transactions.
+
+Named databases (all keys fixed-width where it matters, so LMDB compares bytes cheaply):
+
+| name        | key                               | value                          |
+| ----------- | --------------------------------- | ------------------------------ |
+| meta        | text                              | format, index hash, key id     |
+| records     | uuid (16 bytes)                   | Record JSON                    |
+| ix_external | index key (16) — unique by rule   | uuid (16), dupsort/dupfixed    |
+| ix_email    | index key (16)                    | uuid (16), dupsort/dupfixed    |
+| ix_phone    | index key (16)                    | uuid (16), dupsort/dupfixed    |
+| aliases     | merged-away uuid (16)             | survivor uuid (16)             |
+| ledger      | idempotency key (UTF-8)           | {fp, exp_us, response} JSON    |
+| ledger_exp  | exp_us (8, big-endian) + key      | empty: the sweeper's order     |
+| changes     | sequence (8, big-endian)          | change JSON                    |
+
+Index keys are hashes (resolver._hotpath.KeyHasher); every hit is confirmed against the identifiers
+stored in the candidate record, so a hash collision can never return a wrong customer.
+
+Contract: open the environment once per process, after any fork; one short read transaction per request;
+one write transaction per mutating request, synced to disk before it returns.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from resolver._hotpath import KeyHasher
+from resolver.config import Settings
+from resolver.errors import StoreError
+from resolver.normalize import Kind
+from resolver.records import Record, decode_json, encode_json
+
+FORMAT_VERSION = 1
+_U64 = struct.Struct(">Q")
+_INDEX_DBS = {Kind.EXTERNAL_ID: b"ix_external", Kind.EMAIL: b"ix_email", Kind.PHONE: b"ix_phone"}
+_PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
+
+
+def uuid_bytes(text: str) -> bytes:
+    """The 16-byte key of a customer uuid in canonical text form (ValueError if malformed)."""
+    return uuidlib.UUID(text).bytes
+
+
+def uuid_text(raw: bytes) -> str:
+    return str(uuidlib.UUID(bytes=bytes(raw)))
+
+
+class Store:
+    """The LMDB environment of one data directory. Thread-safe; not fork-safe (open after forking)."""
+
+    def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
+        path = Path(settings.data_dir)
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not (path / "data.mdb").exists():
+            raise StoreError(f"{path}: no resolver data here (data.mdb missing)")
+        self.path = path
+        self.env = lmdb.open(
+            str(path),
+            map_size=settings.map_size_mb * 1024 * 1024,
+            max_dbs=len(_PLAIN_DBS) + len(_INDEX_DBS) + 4,
+            max_readers=settings.max_readers,
+            max_spare_txns=64,
+            readonly=readonly,
+            sync=True,
+            metasync=True,
+            lock=True,
+        )
+        # A process killed mid-read leaves its reader slot behind; free them before serving.
+        self.env.reader_check()
+        with self.env.begin(write=not readonly) as txn:
+            self.db = {name.decode(): self.env.open_db(name, txn=txn, create=not readonly) for name in _PLAIN_DBS}
+            self.ix = {
+                kind: self.env.open_db(name, txn=txn, dupsort=True, dupfixed=True, create=not readonly)
+                for kind, name in _INDEX_DBS.items()
+            }
+            self._check_meta(txn, settings, readonly)
+        self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
+
+    def _check_meta(self, txn: lmdb.Transaction, settings: Settings, readonly: bool) -> None:
+        """Refuse a store written in another format or hashed with another algorithm or key."""
+        meta = self.db["meta"]
+        want = {
+            b"format": str(FORMAT_VERSION).encode(),
+            b"hash": settings.hash_algorithm.encode(),
+            b"key_id": settings.hash_key_id.encode(),
+        }
+        have = {k: txn.get(k, db=meta) for k in want}
+        if all(v is None for v in have.values()):
+            if txn.stat(self.db["records"])["entries"]:
+                raise StoreError(f"{self.path}: records without metadata; not a resolver store")
+            if not readonly:
+                for k, v in want.items():
+                    txn.put(k, v, db=meta)
+            return
+        problems = [
+            f"{k.decode()} is {have[k].decode() if have[k] is not None else '(unset)'}, configuration says {v.decode()}"
+            for k, v in want.items()
+            if have[k] != v
+        ]
+        if problems:
+            raise StoreError(
+                f"{self.path}: the store does not match the configuration: {'; '.join(problems)}. "
+                "Index keys depend on the hash algorithm and key: re-import into a new data directory to change them."
+            )
+
+    @contextmanager
+    def read(self) -> Iterator[View]:
+        """One read transaction: a consistent snapshot that sees every commit made before it began."""
+        with self.env.begin(buffers=False) as txn:
+            yield View(self, txn)
+
+    @contextmanager
+    def write(self) -> Iterator[View]:
+        """One write transaction: committed (and synced) when the block ends normally, aborted on any error."""
+        with self.env.begin(write=True) as txn:
+            yield View(self, txn)
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class View:
+    """Typed access to the databases inside one transaction. Cheap to create; never outlives its txn."""
+
+    __slots__ = ("store", "txn", "_records")
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+        self._records: dict[bytes, Record | None] = {}
+
+    # -- records -------------------------------------------------------------------------------------------
+    def record(self, uid: bytes) -> Record | None:
+        """The record stored under a 16-byte uuid, decoded once per transaction."""
+        try:
+            return self._records[uid]
+        except KeyError:
+            raw = self.txn.get(uid, db=self.store.db["records"])
+            rec = Record.decode(raw) if raw is not None else None
+            self._records[uid] = rec
+            return rec
+
+    def put_record(self, rec: Record) -> None:
+        uid = uuid_bytes(rec.uuid)
+        self.txn.put(uid, rec.encode(), db=self.store.db["records"])
+        self._records[uid] = rec
+
+    def survivor(self, uid: bytes) -> bytes:
+        """Follow merge aliases to the surviving customer's uuid (the uuid itself when not merged)."""
+        seen = 0
+        while (target := self.txn.get(uid, db=self.store.db["aliases"])) is not None:
+            uid = target
+            seen += 1
+            if seen > 64:
+                raise StoreError("alias chain longer than 64: the aliases database is damaged")
+        return uid
+
+    def put_alias(self, merged: bytes, survivor: bytes) -> None:
+        self.txn.put(merged, survivor, db=self.store.db["aliases"])
+
+    def iter_records(self) -> Iterator[Record]:
+        with self.txn.cursor(db=self.store.db["records"]) as cur:
+            for _, raw in cur:
+                yield Record.decode(raw)
+
+    def count(self, name: str) -> int:
+        """Entries in a named database (``records``, ``ledger``, ``ix_phone``, ...)."""
+        return int(self.txn.stat(self._named(name))["entries"])
+
+    def _named(self, name: str) -> Any:
+        if name in self.store.db:
+            return self.store.db[name]
+        return self.store.ix[{"ix_external": Kind.EXTERNAL_ID, "ix_email": Kind.EMAIL, "ix_phone": Kind.PHONE}[name]]
+
+    # -- identifier indexes --------------------------------------------------------------------------------
+    def key(self, kind: Kind, value: str) -> bytes:
+        return self.store.hasher.key(kind, value)
+
+    def probe(self, kind: Kind, value: str, limit: int) -> tuple[int, list[bytes]]:
+        """Customers holding `value`: (entries under its key, confirmed uuids).
+
+        When more than `limit` entries share the key, no record is read and ([count], []) is returned:
+        the caller treats the identifier as fanned-out.
+        """
+        with self.txn.cursor(db=self.store.ix[kind]) as cur:
+            if not cur.set_key(self.key(kind, value)):
+                return 0, []
+            n = cur.count()
+            if n > limit:
+                return n, []
+            uids = list(cur.iternext_dup())
+        confirmed = [u for u in uids if (rec := self.record(u)) is not None and rec.holds(kind, value)]
+        return n, confirmed
+
+    def index_add(self, kind: Kind, value: str, uid: bytes) -> None:
+        self.txn.put(self.key(kind, value), uid, db=self.store.ix[kind], dupdata=False)
+
+    def index_remove(self, kind: Kind, value: str, uid: bytes) -> None:
+        self.txn.delete(self.key(kind, value), uid, db=self.store.ix[kind])
+
+    def iter_index(self, kind: Kind) -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.store.ix[kind]) as cur:
+            yield from cur.iternext(keys=True, values=True)
+
+    # -- idempotency ledger ----------------------------------------------------------------------------------
+    def ledger_get(self, key: str) -> dict[str, Any] | None:
+        raw = self.txn.get(key.encode("utf-8"), db=self.store.db["ledger"])
+        return decode_json(raw) if raw is not None else None
+
+    def ledger_put(self, key: str, entry: dict[str, Any]) -> None:
+        k = key.encode("utf-8")
+        old = self.txn.get(k, db=self.store.db["ledger"])
+        if old is not None:
+            self.txn.delete(_U64.pack(decode_json(old)["exp_us"]) + k, db=self.store.db["ledger_exp"])
+        self.txn.put(k, encode_json(entry), db=self.store.db["ledger"])
+        self.txn.put(_U64.pack(entry["exp_us"]) + k, b"", db=self.store.db["ledger_exp"])
+
+    def ledger_sweep(self, now_us: int, limit: int) -> int:
+        """Delete up to `limit` ledger entries that expired before `now_us`; the number deleted."""
+        deleted = 0
+        with self.txn.cursor(db=self.store.db["ledger_exp"]) as cur:
+            if not cur.first():
+                return 0
+            while deleted < limit:
+                k = cur.key()
+                if not k or _U64.unpack_from(k)[0] >= now_us:
+                    break
+                self.txn.delete(k[8:], db=self.store.db["ledger"])
+                deleted += 1
+                if not cur.delete():  # moves to the next entry
+                    break
+        return deleted
+
+    # -- change log ------------------------------------------------------------------------------------------
+    def append_change(self, change: dict[str, Any]) -> int:
+        """Append a change with the next sequence number (1, 2, ...) and return that number."""
+        with self.txn.cursor(db=self.store.db["changes"]) as cur:
+            seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
+        self.txn.put(_U64.pack(seq), encode_json({"seq": seq, **change}), db=self.store.db["changes"], append=True)
+        return seq
+
+    def iter_changes(self, after: int = 0) -> Iterator[dict[str, Any]]:
+        with self.txn.cursor(db=self.store.db["changes"]) as cur:
+            if cur.set_range(_U64.pack(after + 1)):
+                for _, raw in cur:
+                    yield decode_json(raw)

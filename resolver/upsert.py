@@ -1,0 +1,352 @@
+"""Upsert (contract §4): validate and normalize -> build a command -> apply it in one write transaction.
+
+`prepare` does everything that does not depend on stored state (and reads the clock and makes the new
+uuid), so `apply` is deterministic: given the same command and the same store it does the same thing.
+That is the shape the replicated log of contract §10 needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from resolver.attributes import AttributeSchema
+from resolver.config import Settings
+from resolver.errors import (
+    AlreadyExists,
+    BlockedIdentifier,
+    FailedPrecondition,
+    FieldViolation,
+    IdempotencyKeyReused,
+    IdentifierError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    VersionMismatch,
+)
+from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
+from resolver.normalize import Kind, Policy, check_region
+from resolver.records import Record, encode_json
+from resolver.store import View, uuid_bytes, uuid_text
+
+MAX_KEY_LENGTH = 255
+MAX_DUPLICATES_REPORTED = 10
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertInput:
+    """An Upsert as the caller sent it (attributes: a partial update, None clears a field)."""
+
+    idempotency_key: str
+    identifiers: RawIdentifiers = RawIdentifiers()
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    customer_uuid: str = ""
+    source_system: str = ""
+    expected_version: int = 0
+    remove_identifiers: RawIdentifiers = RawIdentifiers()
+    default_region: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertCommand:
+    """A validated, normalized Upsert with its clock and new uuid fixed: the unit `apply` executes."""
+
+    idempotency_key: str
+    fingerprint: str
+    customer_uuid: str | None
+    add: Identifiers
+    remove: Identifiers
+    attributes: dict[str, Any]
+    source_system: str
+    expected_version: int
+    skipped: tuple[Skipped, ...]
+    new_uuid: str
+    now_us: int
+    expires_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    customer_uuid: str
+    action: str  # CREATED | UPDATED | UNCHANGED
+    version: int
+    identifiers: Identifiers
+    potential_duplicates: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "customer_uuid": self.customer_uuid,
+            "action": self.action,
+            "version": self.version,
+            "identifiers": self.identifiers.as_dict(),
+            "potential_duplicates": list(self.potential_duplicates),
+            "skipped": [[s.kind.value, s.masked, s.reason, s.detail] for s in self.skipped],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], *, replayed: bool) -> UpsertResult:
+        ids = d["identifiers"]
+        return cls(
+            customer_uuid=d["customer_uuid"],
+            action=d["action"],
+            version=d["version"],
+            identifiers=Identifiers(ids["external_id"], list(ids["emails"]), list(ids["phones"])),
+            potential_duplicates=tuple(d["potential_duplicates"]),
+            skipped=tuple(Skipped(Kind(k), m, r, t) for k, m, r, t in d["skipped"]),
+            replayed=replayed,
+        )
+
+
+def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, policy: Policy, *,
+            now_us: int, new_uuid: str | None = None) -> UpsertCommand:
+    """Validate and normalize everything; raise InvalidInput listing every bad field (or PermissionDenied)."""
+    violations: list[FieldViolation] = []
+    key = inp.idempotency_key
+    if not key:
+        violations.append(FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED"))
+    elif len(key) > MAX_KEY_LENGTH or any(unicodedata.category(c) == "Cc" for c in key):
+        violations.append(FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID"))
+    customer_uuid = None
+    if inp.customer_uuid:
+        try:
+            customer_uuid = str(uuidlib.UUID(inp.customer_uuid))
+        except ValueError:
+            violations.append(FieldViolation("customer_uuid", "not a UUID", "INVALID"))
+    region = None
+    try:
+        region = check_region(inp.default_region)
+    except IdentifierError as exc:
+        violations.append(FieldViolation("default_region", exc.message, exc.reason))
+    if len(inp.source_system) > 64 or any(not (c.isalnum() or c in "_.-") for c in inp.source_system):
+        violations.append(FieldViolation("source_system", "at most 64 letters, digits, '_', '.', '-'", "INVALID"))
+
+    add, failures = normalize_identifiers(inp.identifiers, region, policy, "identifiers")
+    skipped = []
+    for f in failures:
+        if isinstance(f.error, BlockedIdentifier):
+            skipped.append(f.skipped())  # a CRM placeholder is not an error, it is just never indexed
+        else:
+            violations.append(FieldViolation(f.field, f.error.message, f.error.reason))
+    remove, failures = normalize_identifiers(inp.remove_identifiers, region, policy, "remove_identifiers")
+    violations += [
+        FieldViolation(f.field, f.error.message, f.error.reason)
+        for f in failures
+        if not isinstance(f.error, BlockedIdentifier)
+    ]
+    if customer_uuid is None and not inp.customer_uuid and not (add.external_id or add.emails or add.phones):
+        violations.append(
+            FieldViolation("identifiers", "give customer_uuid or at least one usable identifier", "REQUIRED")
+        )
+    attributes, bad = schema.normalize(inp.attributes)
+    violations += bad
+    if violations:
+        raise InvalidInput(violations)
+    owned = schema.owned_by_others(list(attributes), inp.source_system)
+    if owned:
+        raise PermissionDenied(
+            f"attribute(s) {', '.join(owned)} are owned by another source system", fields=owned
+        )
+    fingerprint = hashlib.sha256(
+        encode_json(
+            {
+                "customer_uuid": customer_uuid,
+                "add": add.as_dict(),
+                "remove": remove.as_dict(),
+                "attributes": attributes,
+                "source_system": inp.source_system,
+                "expected_version": inp.expected_version,
+            }
+        )
+    ).hexdigest()
+    return UpsertCommand(
+        idempotency_key=key,
+        fingerprint=fingerprint,
+        customer_uuid=customer_uuid,
+        add=add,
+        remove=remove,
+        attributes=attributes,
+        source_system=inp.source_system,
+        expected_version=inp.expected_version,
+        skipped=tuple(skipped),
+        new_uuid=new_uuid or str(uuidlib.uuid4()),
+        now_us=now_us,
+        expires_us=now_us + int(settings.idempotency_retention_s * 1_000_000),
+    )
+
+
+def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
+    """Execute the command inside the caller's write transaction (ledger, record, indexes, change log).
+
+    Raises a domain error before anything is written when the request cannot be applied; the caller's
+    transaction then aborts, so the write is whole or nothing.
+    """
+    entry = view.ledger_get(cmd.idempotency_key)
+    if entry is not None and entry["exp_us"] > cmd.now_us:
+        if entry["fp"] != cmd.fingerprint:
+            raise IdempotencyKeyReused(
+                "this idempotency key was already used for a different request; use a new key for a new request"
+            )
+        return UpsertResult.from_json(entry["response"], replayed=True)
+
+    current = _target(view, cmd, settings)
+    ext = cmd.add.external_id
+    if ext is not None:
+        _, holders = view.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30)
+        others = [uuid_text(h) for h in holders if current is None or uuid_text(h) != current.uuid]
+        if others:
+            raise AlreadyExists(f"external_id is already held by customer {others[0]}", holder=others[0])
+        if current is not None and current.external_id not in (None, ext) and cmd.remove.external_id != current.external_id:
+            raise FailedPrecondition(
+                "the customer already has another external_id; remove it explicitly "
+                "(remove_identifiers.external_id) to replace it",
+                reason="EXTERNAL_ID_CHANGE",
+            )
+    if cmd.expected_version and (current is None or current.version != cmd.expected_version):
+        have = current.version if current is not None else 0
+        raise VersionMismatch(f"expected version {cmd.expected_version}, the customer is at {have}", current=have)
+
+    updated, changes = _merge(current, cmd)
+    if current is None:
+        action = "CREATED"
+    elif changes:
+        action = "UPDATED"
+    else:
+        action = "UNCHANGED"
+    if action != "UNCHANGED":
+        _reindex(view, current, updated)
+        view.put_record(updated)
+        view.append_change(
+            {
+                "at_us": cmd.now_us,
+                "customer_uuid": updated.uuid,
+                "action": action,
+                "version": updated.version,
+                "source_system": cmd.source_system,
+                **changes,
+            }
+        )
+    result = UpsertResult(
+        customer_uuid=updated.uuid,
+        action=action,
+        version=updated.version,
+        identifiers=Identifiers(updated.external_id, list(updated.emails), list(updated.phones)),
+        potential_duplicates=_potential_duplicates(view, updated, settings),
+        skipped=cmd.skipped,
+    )
+    view.ledger_put(cmd.idempotency_key, {"fp": cmd.fingerprint, "exp_us": cmd.expires_us, "response": result.to_json()})
+    return result
+
+
+def _target(view: View, cmd: UpsertCommand, settings: Settings) -> Record | None:
+    """Contract §4.3: the uuid given; else whom the external_id or the email resolves to; else nobody (create).
+
+    A phone alone never selects an existing customer (phones are shared). An email held by customers with
+    another external_id than the one in the request does not select them: the external_id says it is
+    someone else.
+    """
+    if cmd.customer_uuid is not None:
+        rec = view.record(view.survivor(uuid_bytes(cmd.customer_uuid)))
+        if rec is None:
+            raise NotFound(f"no customer {cmd.customer_uuid}")
+        return rec
+    ext = cmd.add.external_id
+    if ext is not None and "external_id" in settings.write_keys:
+        _, hits = view.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30)
+        if hits:
+            return view.record(hits[0])
+    if "email" in settings.write_keys:
+        found: dict[bytes, Record] = {}
+        for email in cmd.add.emails:
+            _, hits = view.probe(Kind.EMAIL, email, limit=settings.max_fanout)
+            for uid in hits:
+                rec = view.record(uid)
+                if rec is not None and (ext is None or rec.external_id in (None, ext)):
+                    found[uid] = rec
+        if len(found) > 1:
+            candidates = sorted(r.uuid for r in found.values())
+            raise FailedPrecondition(
+                f"the email is shared by {len(candidates)} customers; name the customer_uuid to update",
+                candidates=candidates,
+            )
+        if found:
+            return next(iter(found.values()))
+    return None
+
+
+def _merge(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[str, Any]]:
+    """The record after the command, and what changed (empty: nothing)."""
+    if current is None:
+        rec = Record(uuid=cmd.new_uuid, created_us=cmd.now_us)
+    else:
+        rec = Record(
+            uuid=current.uuid,
+            external_id=current.external_id,
+            emails=list(current.emails),
+            phones=list(current.phones),
+            attributes=dict(current.attributes),
+            version=current.version,
+            created_us=current.created_us,
+            updated_us=current.updated_us,
+        )
+    # removals first, so "remove X, add Y" replaces in one request
+    if cmd.remove.external_id is not None and rec.external_id == cmd.remove.external_id:
+        rec.external_id = None
+    rec.emails = [e for e in rec.emails if e not in cmd.remove.emails]
+    rec.phones = [p for p in rec.phones if p not in cmd.remove.phones]
+    if cmd.add.external_id is not None:
+        rec.external_id = cmd.add.external_id
+    rec.emails += [e for e in cmd.add.emails if e not in rec.emails]
+    rec.phones += [p for p in cmd.add.phones if p not in rec.phones]
+    changed_attrs: dict[str, Any] = {}
+    for name, value in cmd.attributes.items():
+        if value is None:
+            if name in rec.attributes:
+                del rec.attributes[name]
+                changed_attrs[name] = None
+        elif rec.attributes.get(name, _MISSING) != value or type(rec.attributes.get(name)) is not type(value):
+            rec.attributes[name] = value
+            changed_attrs[name] = value
+
+    before = set(current.identifiers()) if current is not None else set()
+    after = set(rec.identifiers())
+    changes: dict[str, Any] = {}
+    if current is None or before != after or changed_attrs:
+        changes = {
+            "added": sorted([k.value, v] for k, v in after - before),
+            "removed": sorted([k.value, v] for k, v in before - after),
+            "attributes": changed_attrs,
+        }
+        rec.version += 1
+        rec.updated_us = cmd.now_us
+    return rec, changes
+
+
+_MISSING = object()
+
+
+def _reindex(view: View, old: Record | None, new: Record) -> None:
+    uid = uuid_bytes(new.uuid)
+    before = set(old.identifiers()) if old is not None else set()
+    after = set(new.identifiers())
+    for kind, value in before - after:
+        view.index_remove(kind, value, uid)
+    for kind, value in after - before:
+        view.index_add(kind, value, uid)
+
+
+def _potential_duplicates(view: View, rec: Record, settings: Settings) -> tuple[str, ...]:
+    """Other customers sharing a phone or email with `rec` (bounded; fanned-out identifiers not expanded)."""
+    me = uuid_bytes(rec.uuid)
+    others: set[bytes] = set()
+    for kind, value in rec.identifiers():
+        if kind is Kind.EXTERNAL_ID:
+            continue
+        _, hits = view.probe(kind, value, limit=settings.max_fanout)
+        others.update(h for h in hits if h != me)
+    return tuple(sorted(uuid_text(u) for u in others)[:MAX_DUPLICATES_REPORTED])

@@ -1,0 +1,62 @@
+"""Build: gRPC stubs from proto/ (grpcio-tools + mypy-protobuf) and the Cython modules in ext/.
+
+Both are generated at build time and never committed. A missing Cython or compiler fails the build loudly:
+the pure-Python twins are an explicit opt-out at run time (RESOLVER_NO_EXTENSIONS=1), never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+ROOT = Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "proto"
+STUB_DIR = ROOT / "resolver" / "v1"
+
+
+def generate_stubs() -> None:
+    """Compile proto/resolver/v1/*.proto into resolver/v1 (pb2, pb2_grpc, .pyi) when stale."""
+    from grpc_tools import protoc  # build requirement: fails loudly if absent
+
+    protos = sorted((PROTO_ROOT / "resolver" / "v1").glob("*.proto"))
+    newest = max(p.stat().st_mtime for p in protos)
+    outputs = [STUB_DIR / (p.stem + suffix) for p in protos for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")]
+    if all(o.exists() and o.stat().st_mtime >= newest for o in outputs):
+        return
+    include = Path(protoc.__file__).resolve().parent / "_proto"
+    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        f"--mypy_out={ROOT}",
+    ]
+    if plugin.exists():
+        args.append(f"--plugin=protoc-gen-mypy={plugin}")
+    args += [str(p.relative_to(PROTO_ROOT)) for p in protos]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed on " + ", ".join(map(str, protos)))
+    (STUB_DIR / "__init__.py").touch()
+
+
+def extensions() -> list[Extension]:
+    from Cython.Build import cythonize  # build requirement: fails loudly if absent
+
+    modules = [
+        Extension(f"resolver.{pyx.stem}", [str(pyx.relative_to(ROOT))])
+        for pyx in sorted((ROOT / "ext").glob("*.pyx"))
+    ]
+    return cythonize(
+        modules,
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        annotate=bool(os.environ.get("RESOLVER_CYTHON_ANNOTATE")),
+    )
+
+
+generate_stubs()
+setup(ext_modules=extensions())

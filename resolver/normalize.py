@@ -61,7 +61,7 @@ class Policy:
         if self.phone_acceptance not in ("valid", "possible"):
             raise ValueError(f"phone_acceptance must be 'valid' or 'possible', not {self.phone_acceptance!r}")
         if self.default_region is not None and self.default_region not in phonenumbers.SUPPORTED_REGIONS:
-            raise ValueError(f"default_region {self.default_region!r} is not an upper-case region phonenumbers knows")
+            raise ValueError(f"default_region {self.default_region!r} is not an upper-case supported region")
         object.__setattr__(self, "blocked_values", frozenset(v.lower() for v in self.blocked_values))
         object.__setattr__(self, "blocked_patterns", tuple(self.blocked_patterns))
 
@@ -70,7 +70,10 @@ DEFAULT_POLICY = Policy()
 
 
 def _blocked_by_policy(normalized: str, policy: Policy) -> bool:
-    return normalized in policy.blocked_values or any(p.fullmatch(normalized) for p in policy.blocked_patterns)
+    if normalized in policy.blocked_values:
+        return True
+    return any(pattern.fullmatch(normalized) for pattern in policy.blocked_patterns)
+
 
 # Characters never allowed in an identifier: controls, invisible format characters (zero-width
 # joiners, BOM, bidi overrides), line/paragraph separators, and lone surrogates (Cs), which cannot be
@@ -251,7 +254,7 @@ def _preprocess_phone(value: str, policy: Policy) -> str:
 
 
 def _international_retry(value: str) -> str | None:
-    """"00..." / "011..." dialled from anywhere, as "+..." (None if the value does not start so).
+    """The value as "+<rest>" if its digits start with 00 or 011 (dialled from anywhere), else None.
 
     phonenumbers strips only the IDD of the region it is given, so "001 555 019 9888" under region US
     (whose IDD is 011), or with no region at all, would otherwise be rejected.

@@ -1,0 +1,162 @@
+"""Client helper: a deadline on every call, idempotency keys generated once per write, safe retries.
+
+Retries: the channel's service config retries UNAVAILABLE transparently (gRPC retry policy); on top of
+that every call is re-sent after DEADLINE_EXCEEDED or UNAVAILABLE up to `max_attempts` times, each
+attempt with its own deadline. An Upsert is re-sent with the *same* idempotency key, so the server
+executes it at most once (contract §4.2); reads are naturally idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+
+from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc
+
+T = TypeVar("T")
+SERVICE = "resolver.v1.IdentityResolver"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def service_config(max_attempts: int) -> str:
+    """The gRPC service config: transparent retries of UNAVAILABLE with exponential backoff."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(max_attempts, 5)),
+                        "initialBackoff": "0.02s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+class ResolverClient:
+    """A small, safe client for resolver.v1.IdentityResolver.
+
+    `resolve_timeout` is the call-setup budget for Resolve (seconds); `write_timeout` for Upsert and
+    GetCustomer. Use as a context manager or call close().
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        resolve_timeout: float = 0.2,
+        write_timeout: float = 2.0,
+        max_attempts: int = 3,
+        backoff: float = 0.02,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        options = [("grpc.service_config", service_config(max_attempts)), ("grpc.enable_retries", 1)]
+        self.channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=options)
+        )
+        self.stub = resolver_pb2_grpc.IdentityResolverStub(self.channel)
+        self.resolve_timeout = resolve_timeout
+        self.write_timeout = write_timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.attempts_made = 0  # total attempts sent by this client (observability and tests)
+
+    def __enter__(self) -> ResolverClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _with_retries(self, call: Callable[[float], T], timeout: float) -> T:
+        for attempt in range(1, self.max_attempts + 1):
+            self.attempts_made += 1
+            try:
+                return call(timeout)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.max_attempts:
+                    raise
+                time.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def resolve(
+        self,
+        *,
+        external_id: str = "",
+        emails: Iterable[str] = (),
+        phones: Iterable[str] = (),
+        default_region: str = "",
+        fields: Iterable[str] = (),
+        view: str = "",
+        explain: bool = False,
+        timeout: float | None = None,
+    ) -> pb.ResolveResponse:
+        request = pb.ResolveRequest(
+            identifiers=pb.Identifiers(external_id=external_id, emails=list(emails), phones=list(phones)),
+            default_region=default_region,
+            fields=list(fields),
+            view=view,
+            explain=explain,
+        )
+        return self._with_retries(lambda t: self.stub.Resolve(request, timeout=t), timeout or self.resolve_timeout)
+
+    def upsert(
+        self,
+        request: pb.UpsertRequest | None = None,
+        *,
+        idempotency_key: str | None = None,
+        customer_uuid: str = "",
+        external_id: str = "",
+        emails: Iterable[str] = (),
+        phones: Iterable[str] = (),
+        attributes: dict[str, Any] | None = None,
+        source_system: str = "",
+        expected_version: int = 0,
+        default_region: str = "",
+        timeout: float | None = None,
+    ) -> pb.UpsertResponse:
+        """Send an Upsert (a ready request, or built from the keywords); the key is generated once if absent."""
+        if request is None:
+            request = pb.UpsertRequest(
+                customer_uuid=customer_uuid,
+                identifiers=pb.Identifiers(external_id=external_id, emails=list(emails), phones=list(phones)),
+                source_system=source_system,
+                expected_version=expected_version,
+                default_region=default_region,
+            )
+            if attributes:
+                s = struct_pb2.Struct()
+                s.update(attributes)
+                request.attributes.CopyFrom(s)
+        else:
+            request = pb.UpsertRequest.FromString(request.SerializeToString())
+        if idempotency_key is not None:
+            request.idempotency_key = idempotency_key
+        if not request.idempotency_key:
+            request.idempotency_key = new_idempotency_key()
+        return self._with_retries(lambda t: self.stub.Upsert(request, timeout=t), timeout or self.write_timeout)
+
+    def get_customer(self, customer_uuid: str, *, timeout: float | None = None) -> pb.Customer:
+        request = pb.GetCustomerRequest(customer_uuid=customer_uuid)
+        return self._with_retries(lambda t: self.stub.GetCustomer(request, timeout=t), timeout or self.write_timeout)

@@ -1,0 +1,117 @@
+"""Shared fixtures: real settings on a temp LMDB directory, a real gRPC server on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from resolver.config import Settings, load_settings
+
+TEST_BLUEPRINT = textwrap.dedent(
+    """
+    version = 1
+    [server]
+    workers = 1
+    threads = 8
+    grace_period_s = 1
+    [storage]
+    map_size_mb = 256
+    [matching]
+    default_region = "US"
+    max_fanout = 4
+    max_candidates = 3
+    blocked_values = ["+16502530099"]
+    [attributes.name]
+    type = "string"
+    max_length = 50
+    [attributes.status]
+    type = "string"
+    enum = ["Active", "Churned"]
+    owner = "SALESFORCE"
+    [attributes.credit_limit]
+    type = "number"
+    minimum = 0
+    owner = "BILLING"
+    [attributes.tier]
+    type = "string"
+    [attributes.birth_date]
+    type = "date"
+    input_formats = ["%m/%d/%Y"]
+    [attributes.last_interaction_date]
+    type = "date-time"
+    [views.default]
+    fields = ["name", "status"]
+    [views.billing]
+    fields = ["name", "credit_limit"]
+    """
+)
+
+
+@pytest.fixture
+def blueprint_file(tmp_path: Path) -> Path:
+    path = tmp_path / "blueprint.toml"
+    path.write_text(TEST_BLUEPRINT)
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, blueprint_file: Path) -> Settings:
+    return load_settings(blueprint_file, data_dir=str(tmp_path / "data"), listen="127.0.0.1:0")
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[[Settings], object]]:
+    """Start real servers (in this process) for given settings; all stopped at the end."""
+    from resolver.server import start
+
+    running = []
+
+    def make(s: Settings):  # noqa: ANN202
+        r = start(s, sweeper=False)
+        running.append(r)
+        return r
+
+    yield make
+    for r in running:
+        r.stop(grace=0)
+
+
+@pytest.fixture
+def server(make_server, settings):  # noqa: ANN001, ANN201
+    return make_server(settings)
+
+
+@pytest.fixture
+def channel(server) -> Iterator[grpc.Channel]:  # noqa: ANN001
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield ch
+    ch.close()
+
+
+@pytest.fixture
+def stub(channel):  # noqa: ANN001, ANN201
+    from resolver.v1 import resolver_pb2_grpc
+
+    return resolver_pb2_grpc.IdentityResolverStub(channel)
+
+
+def status_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
+    """ErrorInfo and BadRequest (field, reason) pairs carried by a failed call."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "error without google.rpc.Status details"
+    info, violations = None, []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            violations += [(v.field, v.reason) for v in br.field_violations]
+    return info, violations

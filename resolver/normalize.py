@@ -230,7 +230,7 @@ def _telephone_subscriber(text: str) -> str:
     for param in params:
         name, _, context = param.partition("=")
         if name.strip().lower() == "phone-context":
-            return f"{number};phone-context={context}"
+            return number
     return number
 
 

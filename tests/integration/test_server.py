@@ -1,0 +1,169 @@
+"""Serving: health, reflection, bounded concurrency, graceful SIGTERM, workers sharing one LMDB environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from resolver.client import ResolverClient
+from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc
+from tests.integration.helpers import phone, resolve_req, upsert_req
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_health_reports_serving(channel):  # noqa: ANN001
+    h = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "resolver.v1.IdentityResolver"):
+        assert h.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(channel):  # noqa: ANN001
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"resolver.v1.IdentityResolver", "grpc.health.v1.Health"} <= names
+
+
+@contextmanager
+def write_lock_held(server) -> Iterator[None]:  # noqa: ANN001
+    """Hold the store's LMDB write lock, so every Upsert waits behind it (a real slow write)."""
+    txn = server.service.store.env.begin(write=True)
+    try:
+        yield
+    finally:
+        txn.abort()
+
+
+def test_past_max_concurrent_rpcs_is_resource_exhausted(make_server, settings):  # noqa: ANN001
+    server = make_server(settings.with_overrides(max_concurrent_rpcs=2))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = resolver_pb2_grpc.IdentityResolverStub(ch)
+        with ThreadPoolExecutor(2) as pool:
+            with write_lock_held(server):
+                blocked = [pool.submit(stub.Upsert, upsert_req(external_id=f"RE-{i}"), timeout=10) for i in range(2)]
+                # give both calls time to occupy the two slots
+                for _ in range(100):
+                    if server.server._state.active_rpc_count >= 2:  # noqa: SLF001 - observe, not drive
+                        break
+                    threading.Event().wait(0.02)
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Resolve(resolve_req(external_id="RE-0"), timeout=5)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [f.result().action for f in blocked] == [pb.ACTION_CREATED, pb.ACTION_CREATED]
+        assert stub.Resolve(resolve_req(external_id="RE-0")).outcome == pb.OUTCOME_MATCHED
+
+
+def test_client_retries_deadline_exceeded_with_the_same_key(server):  # noqa: ANN001
+    with ResolverClient(f"127.0.0.1:{server.port}", write_timeout=0.2, max_attempts=6, backoff=0.05) as client:
+        with write_lock_held(server):
+            release = threading.Timer(0.5, lambda: None)
+            release.start()
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.update(r=client.upsert(external_id="CL-1", phones=(phone(7),))))
+            t.start()
+            release.join()
+        t.join(10)
+        r = result["r"]
+        assert client.attempts_made >= 2
+        assert r.identifiers.external_id == "CL-1"
+        with server.service.store.read() as v:
+            assert v.count("records") == 1 and v.count("changes") == 1  # executed exactly once
+        assert client.resolve(phones=(phone(7),)).customer_uuid == r.customer_uuid
+
+
+def test_client_sets_a_deadline_and_does_not_retry_errors(server):  # noqa: ANN001
+    with ResolverClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(grpc.RpcError) as e:
+            client.upsert(idempotency_key="k", phones=("12",))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert client.attempts_made == 1
+
+
+# -- the real command line, in its own processes ------------------------------------------------------------
+@contextmanager
+def serve_process(data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resolver", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "serving on 127.0.0.1:" in line, line + proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("serving on 127.0.0.1:")[1].split()[0])
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_sigterm_stops_gracefully(tmp_path):  # noqa: ANN001
+    with serve_process(tmp_path / "data", "--workers", "1") as (proc, port):
+        with ResolverClient(f"127.0.0.1:{port}") as c:
+            c.upsert(external_id="G-1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    with serve_process(tmp_path / "data", "--workers", "1") as (_, port):  # reopens cleanly, data intact
+        with ResolverClient(f"127.0.0.1:{port}") as c:
+            assert c.resolve(external_id="G-1").outcome == pb.OUTCOME_MATCHED
+
+
+def test_workers_share_the_port_and_see_each_others_writes_at_once(tmp_path):  # noqa: ANN001
+    with serve_process(tmp_path / "data", "--workers", "2") as (proc, port):
+        # every channel is a new connection; the kernel spreads them over both workers, so with 24 write/read
+        # pairs on separate connections some pairs are certainly served by different workers
+        for i in range(24):
+            with ResolverClient(f"127.0.0.1:{port}") as writer:
+                w = writer.upsert(external_id=f"W-{i}", phones=(phone(200 + i),))
+            with ResolverClient(f"127.0.0.1:{port}") as reader:
+                r = reader.resolve(phones=(phone(200 + i),))
+            assert (r.outcome, r.customer_uuid) == (pb.OUTCOME_MATCHED, w.customer_uuid)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len([c for c in children if _is_worker(c)]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def _is_worker(pid: str) -> bool:
+    try:
+        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return False
+
+
+def test_two_server_processes_on_one_data_dir_read_each_others_writes(tmp_path):  # noqa: ANN001
+    data = tmp_path / "data"
+    with serve_process(data, "--workers", "1") as (_, p1), serve_process(data, "--workers", "1") as (_, p2):
+        with ResolverClient(f"127.0.0.1:{p1}") as a, ResolverClient(f"127.0.0.1:{p2}") as b:
+            for i in range(10):
+                w = a.upsert(external_id=f"X-{i}", attributes={"name": f"n{i}"})
+                r = b.resolve(external_id=f"X-{i}", fields=("name",))
+                assert (r.customer_uuid, r.version) == (w.customer_uuid, w.version)
+                w2 = b.upsert(external_id=f"X-{i}", attributes={"name": f"m{i}"})
+                assert a.resolve(external_id=f"X-{i}").version == w2.version == 2
+
+
+def test_bad_blueprint_is_a_clear_error_exit_2(tmp_path):  # noqa: ANN001
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[matching]\nmax_fanout = 1\n[views.default]\nfields = 3\n")
+    r = subprocess.run([sys.executable, "-m", "resolver", "serve", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ})
+    assert r.returncode == 2
+    assert "matching.max_fanout" in r.stderr and "views.default.fields" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -230,7 +230,7 @@ def _telephone_subscriber(text: str) -> str:
     for param in params:
         name, _, context = param.partition("=")
         if name.strip().lower() == "phone-context":
-            return number
+            return f"{number};phone-context={context}"
     return number
 
 
@@ -249,7 +249,6 @@ def _preprocess_phone(value: str, policy: Policy) -> str:
             raise _invalid_phone("sip URI has no user part")
         body = user.partition(":")[0]
     # "sip:anonymous@anonymous.invalid" (RFC 3323) is the usual withheld caller: block, not reject.
-    _check_placeholder_word(body.partition(";")[0], policy)
     return _telephone_subscriber(body)
 
 

@@ -29,12 +29,17 @@ class Record:
     version: int = 0
     created_us: int = 0
     updated_us: int = 0
+    # when each attribute was last set or cleared: merges keep the most recent value per field
+    field_us: dict[str, int] = field(default_factory=dict)
+    # external_ids of customers merged into this one: they keep resolving here (contract §7)
+    merged_external_ids: list[str] = field(default_factory=list)
 
     def identifiers(self) -> list[tuple[Kind, str]]:
         """Every identifier the record holds, as (kind, normalized value)."""
         out: list[tuple[Kind, str]] = []
         if self.external_id is not None:
             out.append((Kind.EXTERNAL_ID, self.external_id))
+        out += [(Kind.EXTERNAL_ID, x) for x in self.merged_external_ids]
         out += [(Kind.EMAIL, e) for e in self.emails]
         out += [(Kind.PHONE, p) for p in self.phones]
         return out
@@ -44,7 +49,22 @@ class Record:
             return value in self.phones
         if kind is Kind.EMAIL:
             return value in self.emails
-        return self.external_id == value
+        return self.external_id == value or value in self.merged_external_ids
+
+    def copy(self) -> Record:
+        """A deep-enough copy to edit without touching the original (lists and dicts are copied)."""
+        return Record(
+            uuid=self.uuid,
+            external_id=self.external_id,
+            emails=list(self.emails),
+            phones=list(self.phones),
+            attributes=dict(self.attributes),
+            version=self.version,
+            created_us=self.created_us,
+            updated_us=self.updated_us,
+            field_us=dict(self.field_us),
+            merged_external_ids=list(self.merged_external_ids),
+        )
 
     def encode(self) -> bytes:
         return _dumps(
@@ -57,6 +77,8 @@ class Record:
                 "version": self.version,
                 "created_us": self.created_us,
                 "updated_us": self.updated_us,
+                "field_us": self.field_us,
+                "merged_external_ids": self.merged_external_ids,
             }
         ).encode("utf-8")
 
@@ -72,6 +94,8 @@ class Record:
             version=d["version"],
             created_us=d["created_us"],
             updated_us=d["updated_us"],
+            field_us=d.get("field_us", {}),
+            merged_external_ids=d.get("merged_external_ids", []),
         )
 
 

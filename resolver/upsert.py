@@ -7,13 +7,13 @@ That is the shape the replicated log of contract §10 needs.
 
 from __future__ import annotations
 
-import hashlib
 import unicodedata
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from resolver import ledger
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import (
@@ -21,7 +21,6 @@ from resolver.errors import (
     BlockedIdentifier,
     FailedPrecondition,
     FieldViolation,
-    IdempotencyKeyReused,
     IdentifierError,
     InvalidInput,
     NotFound,
@@ -30,7 +29,7 @@ from resolver.errors import (
 )
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region
-from resolver.records import Record, encode_json
+from resolver.records import Record
 from resolver.store import View, uuid_bytes, uuid_text
 
 MAX_KEY_LENGTH = 255
@@ -152,18 +151,16 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         raise PermissionDenied(
             f"attribute(s) {', '.join(owned)} are owned by another source system", fields=owned
         )
-    fingerprint = hashlib.sha256(
-        encode_json(
-            {
-                "customer_uuid": customer_uuid,
-                "add": add.as_dict(),
-                "remove": remove.as_dict(),
-                "attributes": attributes,
-                "source_system": inp.source_system,
-                "expected_version": inp.expected_version,
-            }
-        )
-    ).hexdigest()
+    fingerprint = ledger.fingerprint(
+        {
+            "customer_uuid": customer_uuid,
+            "add": add.as_dict(),
+            "remove": remove.as_dict(),
+            "attributes": attributes,
+            "source_system": inp.source_system,
+            "expected_version": inp.expected_version,
+        }
+    )
     return UpsertCommand(
         idempotency_key=key,
         fingerprint=fingerprint,
@@ -186,13 +183,9 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
     Raises a domain error before anything is written when the request cannot be applied; the caller's
     transaction then aborts, so the write is whole or nothing.
     """
-    entry = view.ledger_get(cmd.idempotency_key)
-    if entry is not None and entry["exp_us"] > cmd.now_us:
-        if entry["fp"] != cmd.fingerprint:
-            raise IdempotencyKeyReused(
-                "this idempotency key was already used for a different request; use a new key for a new request"
-            )
-        return UpsertResult.from_json(entry["response"], replayed=True)
+    stored = ledger.replay(view, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+    if stored is not None:
+        return UpsertResult.from_json(stored, replayed=True)
 
     current = _target(view, cmd, settings)
     ext = cmd.add.external_id
@@ -201,7 +194,12 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
         others = [uuid_text(h) for h in holders if current is None or uuid_text(h) != current.uuid]
         if others:
             raise AlreadyExists(f"external_id is already held by customer {others[0]}", holder=others[0])
-        if current is not None and current.external_id not in (None, ext) and cmd.remove.external_id != current.external_id:
+        if (
+            current is not None
+            and current.external_id not in (None, ext)
+            and not current.holds(Kind.EXTERNAL_ID, ext)
+            and cmd.remove.external_id != current.external_id
+        ):
             raise FailedPrecondition(
                 "the customer already has another external_id; remove it explicitly "
                 "(remove_identifiers.external_id) to replace it",
@@ -211,7 +209,7 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
         have = current.version if current is not None else 0
         raise VersionMismatch(f"expected version {cmd.expected_version}, the customer is at {have}", current=have)
 
-    updated, changes = _merge(current, cmd)
+    updated, changes = _updated(current, cmd)
     if current is None:
         action = "CREATED"
     elif changes:
@@ -239,7 +237,7 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
         potential_duplicates=_potential_duplicates(view, updated, settings),
         skipped=cmd.skipped,
     )
-    view.ledger_put(cmd.idempotency_key, {"fp": cmd.fingerprint, "exp_us": cmd.expires_us, "response": result.to_json()})
+    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, result.to_json())
     return result
 
 
@@ -279,27 +277,20 @@ def _target(view: View, cmd: UpsertCommand, settings: Settings) -> Record | None
     return None
 
 
-def _merge(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[str, Any]]:
+def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[str, Any]]:
     """The record after the command, and what changed (empty: nothing)."""
     if current is None:
         rec = Record(uuid=cmd.new_uuid, created_us=cmd.now_us)
     else:
-        rec = Record(
-            uuid=current.uuid,
-            external_id=current.external_id,
-            emails=list(current.emails),
-            phones=list(current.phones),
-            attributes=dict(current.attributes),
-            version=current.version,
-            created_us=current.created_us,
-            updated_us=current.updated_us,
-        )
+        rec = current.copy()
     # removals first, so "remove X, add Y" replaces in one request
     if cmd.remove.external_id is not None and rec.external_id == cmd.remove.external_id:
         rec.external_id = None
     rec.emails = [e for e in rec.emails if e not in cmd.remove.emails]
     rec.phones = [p for p in rec.phones if p not in cmd.remove.phones]
-    if cmd.add.external_id is not None:
+    if cmd.remove.external_id in rec.merged_external_ids:
+        rec.merged_external_ids.remove(cmd.remove.external_id)
+    if cmd.add.external_id is not None and not rec.holds(Kind.EXTERNAL_ID, cmd.add.external_id):
         rec.external_id = cmd.add.external_id
     rec.emails += [e for e in cmd.add.emails if e not in rec.emails]
     rec.phones += [p for p in cmd.add.phones if p not in rec.phones]
@@ -309,9 +300,11 @@ def _merge(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[str
             if name in rec.attributes:
                 del rec.attributes[name]
                 changed_attrs[name] = None
+                rec.field_us[name] = cmd.now_us
         elif rec.attributes.get(name, _MISSING) != value or type(rec.attributes.get(name)) is not type(value):
             rec.attributes[name] = value
             changed_attrs[name] = value
+            rec.field_us[name] = cmd.now_us
 
     before = set(current.identifiers()) if current is not None else set()
     after = set(rec.identifiers())

@@ -1,0 +1,225 @@
+"""`resolver check`: verify, in one read transaction, that the identifier indexes and the records agree.
+
+What is checked:
+
+- every record decodes, is stored under its own uuid, and each of its identifiers is in the index of its
+  kind, under its key, with the record's uuid;
+- every index entry points to an existing record holding an identifier of that kind with that key;
+- no external_id is held by two records;
+- every alias leads (through at most a few hops, without a cycle) to an existing record.
+
+How, in bounded memory: one pass over the records looks each expected entry up in its index (a B-tree
+lookup, no set of a million keys in RAM) and counts them. An index then has exactly
+``entries - expected + missing`` entries that no record explains, so it is scanned entry by entry only when
+that number is above zero, and only until they are all found.
+
+Problems are readable lines; identifiers in them are masked (`resolver.normalize.mask`), never raw.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from resolver.config import Settings
+from resolver.normalize import Kind, mask
+from resolver.records import Record
+from resolver.store import Store, View, uuid_text
+
+KINDS = (Kind.EXTERNAL_ID, Kind.EMAIL, Kind.PHONE)
+KIND_NAMES = {Kind.EXTERNAL_ID: "external_id", Kind.EMAIL: "email", Kind.PHONE: "phone"}
+INDEX_NAMES = {Kind.EXTERNAL_ID: "ix_external", Kind.EMAIL: "ix_email", Kind.PHONE: "ix_phone"}
+MAX_ALIAS_HOPS = 64
+
+
+def run_check(settings: Settings) -> int:
+    """Check the store named in `settings` and print a summary and every problem: 0 if consistent, else 1.
+
+    The store is opened read-only: a missing data directory raises StoreError (the CLI reports it, exit 2).
+    """
+    started = time.monotonic()
+    store = Store(settings, readonly=True)
+    try:
+        with store.read() as view:
+            records = view.count("records")
+            aliases = view.count("aliases")
+            entries = {kind: view.count(INDEX_NAMES[kind]) for kind in KINDS}
+            problems = find_problems(view)
+    finally:
+        store.close()
+    elapsed = time.monotonic() - started
+    print(
+        f"check: {store.path}: {records} records, {aliases} aliases; index entries: "
+        + ", ".join(f"{KIND_NAMES[k]} {entries[k]}" for k in KINDS)
+        + f"; {len(problems)} problem(s) in {elapsed:.1f}s"
+    )
+    for line in problems:
+        print(f"  - {line}")
+    if problems:
+        print(f"check: FAILED: {len(problems)} problem(s): the indexes and the records disagree", file=sys.stderr)
+        return 1
+    print("check: OK: indexes, records and aliases agree")
+    return 0
+
+
+def find_problems(view: View) -> list[str]:
+    """Every inconsistency between records, indexes and aliases in `view`'s snapshot, one readable line each."""
+    problems: list[str] = []
+    txn = view.txn
+    store = view.store
+    key = store.hasher.key
+    expected = dict.fromkeys(KINDS, 0)
+    missing = dict.fromkeys(KINDS, 0)
+    # external_ids whose own index entry is missing: their other holders cannot be found through the index
+    unindexed_ext: dict[str, list[bytes]] = {}
+    shared_ext: dict[str, set[bytes]] = {}
+    cursors = {kind: txn.cursor(db=store.ix[kind]) for kind in KINDS}
+    try:
+        with txn.cursor(db=store.db["records"]) as records:
+            for raw_uid, raw in records:
+                uid = bytes(raw_uid)
+                rec, problem = _decode(uid, raw)
+                if rec is None:
+                    problems.append(problem)
+                    continue
+                if problem:
+                    problems.append(problem)
+                for kind, value, k in _keyed_identifiers(rec, key):
+                    expected[kind] += 1
+                    cur = cursors[kind]
+                    if not cur.set_key_dup(k, uid):
+                        missing[kind] += 1
+                        problems.append(
+                            f"customer {rec.uuid}: {KIND_NAMES[kind]} {mask(kind, value)} is not in {INDEX_NAMES[kind]}"
+                        )
+                        if kind is Kind.EXTERNAL_ID:
+                            unindexed_ext.setdefault(value, []).append(uid)
+                    elif kind is Kind.EXTERNAL_ID and cur.count() > 1:
+                        holders = _holders(view, cur, k, value)
+                        if len(holders) > 1:
+                            shared_ext.setdefault(value, set()).update(holders)
+        for value, uids in unindexed_ext.items():
+            holders = set(uids)
+            cur = cursors[Kind.EXTERNAL_ID]
+            k = key(Kind.EXTERNAL_ID, value)
+            if cur.set_key(k):
+                holders.update(_holders(view, cur, k, value))
+            if len(holders) > 1:
+                shared_ext.setdefault(value, set()).update(holders)
+        for value, holders in shared_ext.items():
+            names = ", ".join(sorted(uuid_text(u) for u in holders))
+            problems.append(
+                f"external_id {mask(Kind.EXTERNAL_ID, value)} is held by {len(holders)} customers ({names}); "
+                "it must be unique"
+            )
+        for kind in KINDS:
+            unexplained = view.count(INDEX_NAMES[kind]) - expected[kind] + missing[kind]
+            if unexplained > 0:
+                problems += _unexplained_entries(view, kind, unexplained)
+    finally:
+        for cur in cursors.values():
+            cur.close()
+    problems += _alias_problems(view)
+    return problems
+
+
+def _decode(uid: bytes, raw: bytes) -> tuple[Record | None, str]:
+    """The record (None if unusable) and a problem line ("" when none)."""
+    label = _uuid_label(uid)
+    try:
+        rec = Record.decode(raw)
+    except (ValueError, KeyError, TypeError):
+        return None, f"record {label}: cannot be decoded"
+    if not (
+        (rec.external_id is None or isinstance(rec.external_id, str))
+        and isinstance(rec.emails, list)
+        and isinstance(rec.phones, list)
+        and all(isinstance(v, str) for v in rec.emails + rec.phones)
+    ):
+        return None, f"record {label}: identifiers are malformed"
+    if rec.uuid != label:
+        return rec, f"record {label}: its uuid field says {rec.uuid!r}"
+    return rec, ""
+
+
+def _keyed_identifiers(rec: Record, key: Any) -> list[tuple[Kind, str, bytes]]:
+    """(kind, value, index key) for each distinct identifier of the record."""
+    seen: set[tuple[Kind, bytes]] = set()
+    out = []
+    for kind, value in rec.identifiers():
+        k = key(kind, value)
+        if (kind, k) not in seen:
+            seen.add((kind, k))
+            out.append((kind, value, k))
+    return out
+
+
+def _holders(view: View, cur: Any, k: bytes, value: str) -> set[bytes]:
+    """Customers under index key `k` (cursor on it) whose record really holds external_id `value`."""
+    cur.set_key(k)
+    found = set()
+    for other in cur.iternext_dup():
+        rec = _read(view, bytes(other))
+        if rec is not None and rec.external_id == value:
+            found.add(bytes(other))
+    return found
+
+
+def _read(view: View, uid: bytes) -> Record | None:
+    raw = view.txn.get(uid, db=view.store.db["records"])
+    if raw is None:
+        return None
+    rec, _ = _decode(uid, raw)
+    return rec
+
+
+def _unexplained_entries(view: View, kind: Kind, wanted: int) -> list[str]:
+    """Entries of `kind`'s index no record explains; the scan stops once `wanted` of them are found."""
+    problems: list[str] = []
+    key = view.store.hasher.key
+    where = INDEX_NAMES[kind]
+    for k, raw_uid in view.iter_index(kind):
+        uid = bytes(raw_uid)
+        rec = _read(view, uid)
+        entry = f"{where}: entry {bytes(k).hex()[:12]}… -> customer {_uuid_label(uid)}"
+        if rec is None:
+            target = view.txn.get(uid, db=view.store.db["aliases"])
+            merged = f" (an alias of {_uuid_label(bytes(target))})" if target is not None else ""
+            problems.append(f"{entry}: no such record{merged}")
+        elif all(k != kk for kd, _, kk in _keyed_identifiers(rec, key) if kd is kind):
+            problems.append(f"{entry}: the customer holds no {KIND_NAMES[kind]} with that key")
+        else:
+            continue
+        if len(problems) >= wanted:
+            break
+    return problems
+
+
+def _alias_problems(view: View) -> list[str]:
+    problems = []
+    aliases = view.store.db["aliases"]
+    records = view.store.db["records"]
+    txn = view.txn
+    with txn.cursor(db=aliases) as cur:
+        for merged, target in cur:
+            merged, uid = bytes(merged), bytes(target)
+            seen = {merged}
+            hops = 1
+            while (nxt := txn.get(uid, db=aliases)) is not None and uid not in seen and hops <= MAX_ALIAS_HOPS:
+                seen.add(uid)
+                uid = bytes(nxt)
+                hops += 1
+            head = f"alias {_uuid_label(merged)} -> {_uuid_label(bytes(target))}"
+            if uid in seen:
+                problems.append(f"{head}: the alias chain loops")
+            elif hops > MAX_ALIAS_HOPS:
+                problems.append(f"{head}: the alias chain is longer than {MAX_ALIAS_HOPS}")
+            elif txn.get(uid, db=records) is None:
+                problems.append(f"{head}: leads to {_uuid_label(uid)}, which has no record")
+    return problems
+
+
+def _uuid_label(raw: bytes) -> str:
+    """The uuid text of a 16-byte key (or its hex when it is not 16 bytes: a damaged key)."""
+    return uuid_text(raw) if len(raw) == 16 else f"<bad key {raw.hex()}>"

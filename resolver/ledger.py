@@ -1,0 +1,41 @@
+"""The idempotency ledger (contract §4.2): one entry per key, checked and written in the caller's write
+transaction, so concurrent duplicates execute exactly once.
+
+An entry holds the fingerprint of the normalized request and the response it produced; it expires after
+the configured retention (an expired entry counts as absent; the sweeper deletes it later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from resolver.errors import IdempotencyKeyReused
+from resolver.records import encode_json
+from resolver.store import View
+
+
+def fingerprint(normalized_request: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a normalized request: equal requests in any notation match."""
+    return hashlib.sha256(encode_json(normalized_request)).hexdigest()
+
+
+def replay(view: View, key: str, fp: str, now_us: int) -> dict[str, Any] | None:
+    """The stored response for `key` if this request ran before (None: run it).
+
+    Raises IdempotencyKeyReused when the key was used for a different request and has not expired.
+    """
+    entry = view.ledger_get(key)
+    if entry is None or entry["exp_us"] <= now_us:
+        return None
+    if entry["fp"] != fp:
+        raise IdempotencyKeyReused(
+            "this idempotency key was already used for a different request; use a new key for a new request"
+        )
+    response: dict[str, Any] = entry["response"]
+    return response
+
+
+def record(view: View, key: str, fp: str, expires_us: int, response: dict[str, Any]) -> None:
+    """Store the response of a request that just ran, in the same transaction as its writes."""
+    view.ledger_put(key, {"fp": fp, "exp_us": expires_us, "response": response})

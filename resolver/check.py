@@ -91,7 +91,8 @@ def find_problems(view: View) -> list[str]:
                     if not cur.set_key_dup(k, uid):
                         missing[kind] += 1
                         problems.append(
-                            f"customer {rec.uuid}: {KIND_NAMES[kind]} {mask(kind, value)} is not in {INDEX_NAMES[kind]}"
+                            f"customer {_uuid_label(uid)}: {KIND_NAMES[kind]} {mask(kind, value)} "
+                            f"is not in {INDEX_NAMES[kind]}"
                         )
                         if kind is Kind.EXTERNAL_ID:
                             unindexed_ext.setdefault(value, []).append(uid)
@@ -179,20 +180,21 @@ def _unexplained_entries(view: View, kind: Kind, wanted: int) -> list[str]:
     problems: list[str] = []
     key = view.store.hasher.key
     where = INDEX_NAMES[kind]
-    for k, raw_uid in view.iter_index(kind):
-        uid = bytes(raw_uid)
-        rec = _read(view, uid)
-        entry = f"{where}: entry {bytes(k).hex()[:12]}… -> customer {_uuid_label(uid)}"
-        if rec is None:
-            target = view.txn.get(uid, db=view.store.db["aliases"])
-            merged = f" (an alias of {_uuid_label(bytes(target))})" if target is not None else ""
-            problems.append(f"{entry}: no such record{merged}")
-        elif all(k != kk for kd, _, kk in _keyed_identifiers(rec, key) if kd is kind):
-            problems.append(f"{entry}: the customer holds no {KIND_NAMES[kind]} with that key")
-        else:
-            continue
-        if len(problems) >= wanted:
-            break
+    with view.txn.cursor(db=view.store.ix[kind]) as cur:
+        for raw_key, raw_uid in cur:
+            k, uid = bytes(raw_key), bytes(raw_uid)
+            rec = _read(view, uid)
+            entry = f"{where}: entry {k.hex()[:12]}… -> customer {_uuid_label(uid)}"
+            if rec is None:
+                target = view.txn.get(uid, db=view.store.db["aliases"])
+                merged = f" (an alias of {_uuid_label(bytes(target))})" if target is not None else ""
+                problems.append(f"{entry}: no such record{merged}")
+            elif all(k != kk for kd, _, kk in _keyed_identifiers(rec, key) if kd is kind):
+                problems.append(f"{entry}: the customer holds no {KIND_NAMES[kind]} with that key")
+            else:
+                continue
+            if len(problems) >= wanted:
+                break
     return problems
 
 

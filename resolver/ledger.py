@@ -8,11 +8,23 @@ the configured retention (an expired entry counts as absent; the sweeper deletes
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from typing import Any
 
-from resolver.errors import IdempotencyKeyReused
+from resolver.errors import FieldViolation, IdempotencyKeyReused
 from resolver.records import encode_json
 from resolver.store import View
+
+MAX_KEY_LENGTH = 255
+
+
+def check_key(key: str) -> FieldViolation | None:
+    """The violation of a missing or malformed idempotency key (None: the key is fine)."""
+    if not key:
+        return FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED")
+    if len(key) > MAX_KEY_LENGTH or any(unicodedata.category(c) == "Cc" for c in key):
+        return FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID")
+    return None
 
 
 def fingerprint(normalized_request: dict[str, Any]) -> str:

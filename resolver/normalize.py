@@ -63,7 +63,9 @@ class Policy:
         if self.default_region is not None and self.default_region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"default_region {self.default_region!r} is not an upper-case supported region")
         object.__setattr__(self, "blocked_values", frozenset(v.lower() for v in self.blocked_values))
-        object.__setattr__(self, "blocked_patterns", tuple(self.blocked_patterns))
+        # The blueprint holds pattern strings; compiling them here keeps a str from failing per call.
+        patterns = tuple(re.compile(p) if isinstance(p, str) else p for p in self.blocked_patterns)
+        object.__setattr__(self, "blocked_patterns", patterns)
 
 
 DEFAULT_POLICY = Policy()
@@ -113,9 +115,7 @@ def normalize_external_id(raw: str) -> str:
     if not value:
         raise IdentifierError("external_id is empty", reason="INVALID_EXTERNAL_ID")
     if len(value) > MAX_EXTERNAL_ID_LENGTH:
-        raise IdentifierError(
-            f"external_id is longer than {MAX_EXTERNAL_ID_LENGTH} characters", reason="INVALID_EXTERNAL_ID"
-        )
+        raise IdentifierError(f"external_id is longer than {MAX_EXTERNAL_ID_LENGTH} characters", reason="INVALID_EXTERNAL_ID")
     if _has_forbidden_char(value):
         raise IdentifierError("external_id contains a control character", reason="INVALID_EXTERNAL_ID")
     return value
@@ -124,9 +124,7 @@ def normalize_external_id(raw: str) -> str:
 # --- email --------------------------------------------------------------------------------------
 
 _PLACEHOLDER_EMAIL_LOCALS = frozenset({"noemail", "no-email", "no_email", "nomail"})
-_PLACEHOLDER_EMAILS = frozenset(
-    {"none@none.com", "na@na.com", "test@test.com", "email@email.com", "noone@nowhere.com"}
-)
+_PLACEHOLDER_EMAILS = frozenset({"none@none.com", "na@na.com", "test@test.com", "email@email.com", "noone@nowhere.com"})
 _DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # 1-63 chars, no '-' at either end
 
 
@@ -249,6 +247,7 @@ def _preprocess_phone(value: str, policy: Policy) -> str:
             raise _invalid_phone("sip URI has no user part")
         body = user.partition(":")[0]
     # "sip:anonymous@anonymous.invalid" (RFC 3323) is the usual withheld caller: block, not reject.
+    _check_placeholder_word(body.partition(";")[0], policy)
     return _telephone_subscriber(body)
 
 

@@ -67,20 +67,21 @@ class Record:
         )
 
     def encode(self) -> bytes:
-        return _dumps(
-            {
-                "uuid": self.uuid,
-                "external_id": self.external_id,
-                "emails": self.emails,
-                "phones": self.phones,
-                "attributes": self.attributes,
-                "version": self.version,
-                "created_us": self.created_us,
-                "updated_us": self.updated_us,
-                "field_us": self.field_us,
-                "merged_external_ids": self.merged_external_ids,
-            }
-        ).encode("utf-8")
+        return _dumps(self.to_json()).encode("utf-8")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "external_id": self.external_id,
+            "emails": self.emails,
+            "phones": self.phones,
+            "attributes": self.attributes,
+            "version": self.version,
+            "created_us": self.created_us,
+            "updated_us": self.updated_us,
+            "field_us": self.field_us,
+            "merged_external_ids": self.merged_external_ids,
+        }
 
     @classmethod
     def decode(cls, data: bytes) -> Record:

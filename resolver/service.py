@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from resolver import merge as merging
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import DeadlineExceeded
@@ -42,6 +43,15 @@ class Service:
             raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
         with self.store.write() as view:
             return apply(view, cmd, self.settings)
+
+    def merge(self, key: str, survivor: str, merged: list[str], source_system: str = "",
+              deadline: float | None = None) -> merging.MergeResult:
+        """Merge `merged` into `survivor` in one durable write transaction (contract §7)."""
+        cmd = merging.prepare(key, survivor, merged, source_system, self.settings, now_us=now_us())
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the merge started; nothing was written")
+        with self.store.write() as view:
+            return merging.apply(view, cmd)
 
     def sweep_ledger(self, now: int | None = None, batch: int = 1000) -> int:
         """Delete expired idempotency entries in write transactions of up to `batch`; how many were deleted."""

@@ -157,6 +157,10 @@ class View:
         self.txn.put(uid, rec.encode(), db=self.store.db["records"])
         self._records[uid] = rec
 
+    def delete_record(self, uid: bytes) -> None:
+        self.txn.delete(uid, db=self.store.db["records"])
+        self._records[uid] = None
+
     def survivor(self, uid: bytes) -> bytes:
         """Follow merge aliases to the surviving customer's uuid (the uuid itself when not merged)."""
         seen = 0

@@ -7,7 +7,6 @@ That is the shape the replicated log of contract §10 needs.
 
 from __future__ import annotations
 
-import unicodedata
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from resolver.normalize import Kind, Policy, check_region
 from resolver.records import Record
 from resolver.store import View, uuid_bytes, uuid_text
 
-MAX_KEY_LENGTH = 255
 MAX_DUPLICATES_REPORTED = 10
 
 
@@ -107,10 +105,8 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
     """Validate and normalize everything; raise InvalidInput listing every bad field (or PermissionDenied)."""
     violations: list[FieldViolation] = []
     key = inp.idempotency_key
-    if not key:
-        violations.append(FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED"))
-    elif len(key) > MAX_KEY_LENGTH or any(unicodedata.category(c) == "Cc" for c in key):
-        violations.append(FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID"))
+    if (bad_key := ledger.check_key(key)) is not None:
+        violations.append(bad_key)
     customer_uuid = None
     if inp.customer_uuid:
         try:

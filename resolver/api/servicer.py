@@ -135,3 +135,14 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
             return c
 
         return self._call(context, "GetCustomer", run)
+
+    def Merge(self, request: pb.MergeRequest, context: grpc.ServicerContext) -> pb.MergeResponse:
+        deadline = _deadline(context)
+
+        def run() -> pb.MergeResponse:
+            r = self.service.merge(request.idempotency_key, request.survivor_uuid, list(request.merged_uuids),
+                                   request.source_system, deadline)
+            return pb.MergeResponse(customer_uuid=r.customer_uuid, version=r.version, replayed=r.replayed,
+                                    merged_uuids=r.merged_uuids, identifiers=_ids_pb(r.identifiers))
+
+        return self._call(context, "Merge", run)

@@ -166,7 +166,7 @@ def check_corpus(numbers: list[phonenumbers.PhoneNumber], region: str | None) ->
                 checked += 1
         # Invalid variants (one digit short, one too many): whatever phonenumbers says, we say.
         national = phonenumbers.format_number(number, PhoneNumberFormat.NATIONAL)
-        variants = [(e164[:-1], None), (e164 + "5", None)]
+        variants: list[tuple[str, str | None]] = [(e164[:-1], None), (e164 + "5", None)]
         if region is not None:
             variants += [(national[:-1], region), (national + "5", region)]
         for raw, call_region in variants:
@@ -208,6 +208,7 @@ GOOGLE_FORMS = [
     "sip:+16502530000@carrier.example;user=phone",
     "SIPS:+16502530000@carrier.example",
     "sip:6502530000;foo=bar@carrier.example;user=phone",
+    "sip:+16502530000:secret@carrier.example",  # user:password@host
     "(650) 253-0000",
     "  650.253.0000  ",
     "1-650-253-0000",
@@ -299,6 +300,25 @@ def test_invalid_phones(raw: str, region: str | None) -> None:
         normalize_phone(raw, region)
     assert caught.value.reason == "INVALID_PHONE"
     assert type(caught.value) is IdentifierError
+
+
+@pytest.mark.parametrize(
+    ("normalizer", "raw", "message"),
+    [
+        (lambda raw: normalize_phone(raw, "US"), "+1 555 019 9888", "phone number is not valid for country code +1"),
+        (lambda raw: normalize_phone(raw, None, POSSIBLE), "+1 650 253", "impossible length for country code +1"),
+        (normalize_phone, "020 7946 0958", "no recognisable country code"),
+        (lambda raw: normalize_phone(raw, "US"), "anonymous", "withheld or placeholder"),
+        (normalize_email, "jane.example.com", "email has no '@'"),
+        (normalize_email, "jane@localhost", "email domain has no dot"),
+        (normalize_external_id, "x" * 300, "longer than 255 characters"),
+    ],
+)
+def test_error_messages_say_what_is_wrong(normalizer, raw: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(IdentifierError) as caught:
+        normalizer(raw)
+    assert message in caught.value.message
+    assert str(caught.value) == caught.value.message
 
 
 @pytest.mark.parametrize("region", ["ZZ", "XX", "001", "United Kingdom", "ıt", "G B"])
@@ -559,9 +579,7 @@ def test_phone_on_arbitrary_text_is_the_contract_answer(raw: str, region: str | 
 
 
 @FAST
-@given(
-    URI_PREFIX, PHONEISH, st.sampled_from(["", "@carrier.example;user=phone", "@h"]), REGION_OR_NONE, POLICY
-)
+@given(URI_PREFIX, PHONEISH, st.sampled_from(["", "@carrier.example;user=phone", "@h"]), REGION_OR_NONE, POLICY)
 def test_phone_on_uri_like_text_is_the_contract_answer(
     prefix: str, body: str, suffix: str, region: str | None, policy: Policy
 ) -> None:
@@ -674,9 +692,7 @@ def error_message(normalizer, raw: str) -> str | None:  # type: ignore[no-untype
 
 @FAST
 @given(URI_PREFIX, dialled(), st.sampled_from(["", "9", " ext 12", "@h", "abc"]), REGION_OR_NONE)
-def test_phone_errors_never_repeat_the_input(
-    prefix: str, digits: str, suffix: str, region: str | None
-) -> None:
+def test_phone_errors_never_repeat_the_input(prefix: str, digits: str, suffix: str, region: str | None) -> None:
     raw = prefix + digits + suffix
     assume(len(raw.strip()) >= 6)
     message = error_message(lambda value: normalize_phone(value, region), raw)

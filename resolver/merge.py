@@ -1,0 +1,143 @@
+"""Merge (contract §7): duplicates fold into a survivor, in one write transaction.
+
+The merged-away customers' identifiers move to the survivor (their external_ids too: they keep resolving
+to it), per attribute the most recently set value wins (ties: the survivor's), and each merged uuid
+becomes an alias of the survivor. The change log records the merged records whole, so the merge can be
+undone exactly (unmerge is a later piece of work; the data it needs is kept from the first merge on).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Any
+
+from resolver import ledger
+from resolver.config import Settings
+from resolver.errors import FieldViolation, InvalidInput, NotFound
+from resolver.identifiers import Identifiers
+from resolver.normalize import Kind
+from resolver.records import Record
+from resolver.store import View, uuid_bytes
+
+MAX_MERGED = 50
+
+
+@dataclass(frozen=True, slots=True)
+class MergeCommand:
+    idempotency_key: str
+    fingerprint: str
+    survivor_uuid: str
+    merged_uuids: tuple[str, ...]
+    source_system: str
+    now_us: int
+    expires_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    customer_uuid: str
+    version: int
+    merged_uuids: tuple[str, ...]
+    identifiers: Identifiers
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"customer_uuid": self.customer_uuid, "version": self.version, "merged_uuids": list(self.merged_uuids),
+                "identifiers": self.identifiers.as_dict()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, replayed: bool) -> MergeResult:
+        ids = d["identifiers"]
+        return cls(d["customer_uuid"], d["version"], tuple(d["merged_uuids"]),
+                   Identifiers(ids["external_id"], list(ids["emails"]), list(ids["phones"])), replayed)
+
+
+def prepare(key: str, survivor: str, merged: list[str], source_system: str, settings: Settings, *,
+            now_us: int) -> MergeCommand:
+    """Validate the request (every bad field listed) and fix its clock."""
+    violations: list[FieldViolation] = []
+    if (bad_key := ledger.check_key(key)) is not None:
+        violations.append(bad_key)
+    canonical: list[str] = []
+    for i, text in enumerate([survivor, *merged]):
+        where = "survivor_uuid" if i == 0 else f"merged_uuids[{i - 1}]"
+        try:
+            canonical.append(str(uuidlib.UUID(text)))
+        except ValueError:
+            violations.append(FieldViolation(where, "not a UUID", "INVALID"))
+    if not merged:
+        violations.append(FieldViolation("merged_uuids", "name at least one customer to merge", "REQUIRED"))
+    elif len(merged) > MAX_MERGED:
+        violations.append(FieldViolation("merged_uuids", f"at most {MAX_MERGED} at once", "INVALID"))
+    elif len(set(canonical)) != len(canonical) and not violations:
+        violations.append(FieldViolation("merged_uuids", "each customer once, and never the survivor", "INVALID"))
+    if violations:
+        raise InvalidInput(violations)
+    fp = ledger.fingerprint({"op": "merge", "survivor": canonical[0], "merged": canonical[1:], "source_system": source_system})
+    return MergeCommand(key, fp, canonical[0], tuple(canonical[1:]), source_system, now_us,
+                        now_us + int(settings.idempotency_retention_s * 1_000_000))
+
+
+def apply(view: View, cmd: MergeCommand) -> MergeResult:
+    """Execute the merge inside the caller's write transaction; NotFound before any write if a party is missing."""
+    stored = ledger.replay(view, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+    if stored is not None:
+        return MergeResult.from_json(stored, replayed=True)
+    survivor_id = view.survivor(uuid_bytes(cmd.survivor_uuid))
+    survivor = view.record(survivor_id)
+    if survivor is None:
+        raise NotFound(f"no customer {cmd.survivor_uuid}")
+    others: list[Record] = []
+    for text in cmd.merged_uuids:
+        uid = view.survivor(uuid_bytes(text))
+        rec = view.record(uid)
+        if rec is None:
+            raise NotFound(f"no customer {text}")
+        if uid != survivor_id and rec not in others:
+            others.append(rec)
+
+    result = survivor.copy()
+    for rec in others:
+        for kind, value in rec.identifiers():
+            view.index_remove(kind, value, uuid_bytes(rec.uuid))
+            if kind is Kind.EXTERNAL_ID:
+                if result.external_id is None:
+                    result.external_id = value
+                elif not result.holds(kind, value):
+                    result.merged_external_ids.append(value)
+            elif kind is Kind.EMAIL and value not in result.emails:
+                result.emails.append(value)
+            elif kind is Kind.PHONE and value not in result.phones:
+                result.phones.append(value)
+        for name, value in rec.attributes.items():
+            # most recent per field; a field the survivor cleared later than this value was set stays cleared
+            theirs = rec.field_us.get(name, rec.updated_us)
+            ours = result.field_us.get(name, survivor.updated_us if name in result.attributes else -1)
+            if theirs > ours:
+                result.attributes[name] = value
+                result.field_us[name] = theirs
+        view.delete_record(uuid_bytes(rec.uuid))
+        view.put_alias(uuid_bytes(rec.uuid), survivor_id)
+    uid = uuid_bytes(result.uuid)
+    for kind, value in set(result.identifiers()) - set(survivor.identifiers()):
+        view.index_add(kind, value, uid)
+    if others:
+        result.version += 1
+        result.updated_us = cmd.now_us
+        view.put_record(result)
+        view.append_change({
+            "at_us": cmd.now_us,
+            "customer_uuid": result.uuid,
+            "action": "MERGED",
+            "version": result.version,
+            "source_system": cmd.source_system,
+            "survivor_before": survivor.to_json(),
+            "merged": [r.to_json() for r in others],
+        })
+    out = MergeResult(result.uuid, result.version, tuple(r.uuid for r in others),
+                      Identifiers(result.external_id, list(result.emails), list(result.phones)))
+    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())
+    return out
+
+

@@ -8,12 +8,19 @@ DATA   ?= ./data
 LISTEN ?= 127.0.0.1:50051
 BLUEPRINT ?= examples/blueprint.toml
 PYTEST_ARGS ?=
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all install build compile run demo test test-compiled test-pure lint bench clean
 
 all: build
 
-$(STAMP): pyproject.toml setup.py
+# System packages the build needs: the xxHash C header (ext/ inlines it). Installed with apt-get when missing.
+SYSDEPS := /usr/include/xxhash.h
+$(SYSDEPS):
+	@command -v apt-get >/dev/null || { echo "install the xxHash headers (libxxhash-dev / xxhash-devel)"; exit 1; }
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libxxhash-dev || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libxxhash-dev; }
+
+$(STAMP): pyproject.toml setup.py | $(SYSDEPS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# build requirements first, so the project itself installs without build isolation (fast, offline-safe)
@@ -24,7 +31,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 # Stubs from proto/ and the Cython modules from ext/, in place (fails loudly if either cannot be built).
-build compile: $(STAMP)
+build compile: $(STAMP) | $(SYSDEPS)
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
@@ -48,7 +55,7 @@ lint: build
 	$(VENV)/bin/mypy resolver
 
 bench: build
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds -p no:randomly
+	$(PY) -m pytest bench -o testpaths=bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds --benchmark-group-by=group
 
 clean:
 	rm -rf build dist *.egg-info resolver/*.so resolver/v1/*_pb2* ext/*.c .pytest_cache .benchmarks

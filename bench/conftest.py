@@ -1,0 +1,38 @@
+"""Benchmarks share one store of N customers (BENCH_CUSTOMERS, default 20,000) in a temp directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from resolver.config import load_settings
+from resolver.identifiers import RawIdentifiers
+from resolver.service import Service
+from resolver.upsert import UpsertInput
+
+N = int(os.environ.get("BENCH_CUSTOMERS", "20000"))
+
+
+def phone(i: int) -> str:
+    """Valid, distinct US numbers (i < 80,000) over eight area codes."""
+    area = (201, 212, 305, 415, 617, 650, 713, 917)[i % 8]
+    return f"+1{area}253{i // 8 % 10000:04d}"
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    data = Path(tmp_path_factory.mktemp("bench")) / "data"
+    svc = Service(load_settings(None, data_dir=str(data), default_region="US"))
+    from resolver.service import now_us
+    from resolver.upsert import apply, prepare
+
+    with svc.store.write() as view:  # one transaction: loading is not what is measured here
+        for i in range(N):
+            inp = UpsertInput(f"bench-{i}", RawIdentifiers(f"EXT-{i}", (f"user{i}@example.com",), (phone(i),)),
+                              {"name": f"Customer {i}", "tier": "gold"})
+            apply(view, prepare(inp, svc.settings, svc.schema, svc.policy, now_us=now_us()), svc.settings)
+    yield svc
+    svc.close()

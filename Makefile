@@ -42,7 +42,7 @@ run: demo
 
 # The whole suite, against the compiled modules and again against the pure-Python twins.
 # pytest exit code 5 (no tests collected) is a failure here, never a silent pass.
-test: test-compiled test-pure
+test: lint test-compiled test-pure
 
 test-compiled: build
 	$(PY) -m pytest $(PYTEST_ARGS)

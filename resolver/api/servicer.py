@@ -47,19 +47,23 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def _skipped_pb(items: list[Skipped] | tuple[Skipped, ...]) -> list[pb.SkippedIdentifier]:
-    return [pb.SkippedIdentifier(kind=s.kind.value, masked_value=s.masked, reason=s.reason, detail=s.detail) for s in items]
+    return [
+        pb.SkippedIdentifier(kind=pb.MatchKind.ValueType(s.kind.value), masked_value=s.masked, reason=s.reason, detail=s.detail)
+        for s in items
+    ]
 
 
 def resolve_response(r: ResolveResult) -> pb.ResolveResponse:
     return pb.ResolveResponse(
         outcome=_OUTCOMES[r.outcome],
         customer_uuid=r.customer_uuid,
-        matched_on=r.matched_on.value if r.matched_on is not None else 0,
+        matched_on=pb.MatchKind.ValueType(r.matched_on.value if r.matched_on is not None else 0),
         version=r.version,
         attributes=_struct(r.attributes),
         candidates=[pb.Candidate(customer_uuid=u, attributes=_struct(a)) for u, a in r.candidates],
         conflicts=r.conflicts,
-        probes=[pb.Probe(kind=p.kind.value, masked_value=p.masked, result=p.result, hits=p.hits) for p in r.probes],
+        probes=[pb.Probe(kind=pb.MatchKind.ValueType(p.kind.value), masked_value=p.masked,
+                         result=pb.ProbeResult.ValueType(p.result), hits=p.hits) for p in r.probes],
         skipped=_skipped_pb(r.skipped),
     )
 

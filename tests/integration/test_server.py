@@ -167,3 +167,22 @@ def test_bad_blueprint_is_a_clear_error_exit_2(tmp_path):  # noqa: ANN001
     assert r.returncode == 2
     assert "matching.max_fanout" in r.stderr and "views.default.fields" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_client_retries_unavailable_until_the_server_is_up(settings):  # noqa: ANN001
+    from resolver.server import reserve_port, start
+
+    with reserve_port("127.0.0.1:0") as port:
+        pass  # a free port, released: nobody listens there yet
+    box: dict = {}
+    with ResolverClient(f"127.0.0.1:{port}", write_timeout=1.0, max_attempts=8, backoff=0.1) as client:
+        t = threading.Thread(target=lambda: box.update(r=client.upsert(idempotency_key="late-1", external_id="L-1")))
+        t.start()
+        threading.Event().wait(0.4)  # the first attempts find no server: UNAVAILABLE
+        running = start(settings.with_overrides(listen=f"127.0.0.1:{port}"), sweeper=False)
+        try:
+            t.join(30)
+            assert box["r"].action == pb.ACTION_CREATED
+            assert client.attempts_made >= 2
+        finally:
+            running.stop(grace=0)

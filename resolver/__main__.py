@@ -4,4 +4,5 @@ import sys
 
 from resolver.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned worker imports this module too: only the real entry point runs main
+    sys.exit(main())

@@ -18,7 +18,6 @@ Problems are readable lines; identifiers in them are masked (`resolver.normalize
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -36,10 +35,10 @@ MAX_ALIAS_HOPS = 64
 def run_check(settings: Settings) -> int:
     """Check the store named in `settings` and print a summary and every problem: 0 if consistent, else 1.
 
-    The store is opened read-only: a missing data directory raises StoreError (the CLI reports it, exit 2).
+    A data directory without a store raises StoreError (the CLI reports it, exit 2); nothing is created.
     """
     started = time.monotonic()
-    store = Store(settings, readonly=True)
+    store = Store(settings, readonly=True)  # StoreError when there is no store: nothing is created
     try:
         with store.read() as view:
             records = view.count("records")
@@ -57,7 +56,7 @@ def run_check(settings: Settings) -> int:
     for line in problems:
         print(f"  - {line}")
     if problems:
-        print(f"check: FAILED: {len(problems)} problem(s): the indexes and the records disagree", file=sys.stderr)
+        print(f"check: FAILED: {len(problems)} problem(s): the indexes and the records disagree")
         return 1
     print("check: OK: indexes, records and aliases agree")
     return 0
@@ -125,35 +124,31 @@ def find_problems(view: View) -> list[str]:
     return problems
 
 
-def _decode(uid: bytes, raw: bytes) -> tuple[Record | None, str]:
+def _decode(uid: bytes, raw: bytes | memoryview) -> tuple[Record | None, str]:
     """The record (None if unusable) and a problem line ("" when none)."""
-    label = _uuid_label(uid)
     try:
-        rec = Record.decode(raw)
+        rec = Record.decode(bytes(raw))  # no copy: the store's read transactions hand out bytes
     except (ValueError, KeyError, TypeError):
-        return None, f"record {label}: cannot be decoded"
+        return None, f"record {_uuid_label(uid)}: cannot be decoded"
     if not (
         (rec.external_id is None or isinstance(rec.external_id, str))
         and isinstance(rec.emails, list)
         and isinstance(rec.phones, list)
-        and all(isinstance(v, str) for v in rec.emails + rec.phones)
+        and isinstance(rec.merged_external_ids, list)
+        and all(isinstance(v, str) for v in rec.emails + rec.phones + rec.merged_external_ids)
     ):
-        return None, f"record {label}: identifiers are malformed"
-    if rec.uuid != label:
-        return rec, f"record {label}: its uuid field says {rec.uuid!r}"
+        return None, f"record {_uuid_label(uid)}: identifiers are malformed"
+    if not isinstance(rec.uuid, str) or rec.uuid.replace("-", "") != uid.hex():  # cheaper than parsing a UUID
+        return rec, f"record {_uuid_label(uid)}: its uuid field says {rec.uuid!r}"
     return rec, ""
 
 
 def _keyed_identifiers(rec: Record, key: Any) -> list[tuple[Kind, str, bytes]]:
     """(kind, value, index key) for each distinct identifier of the record."""
-    seen: set[tuple[Kind, bytes]] = set()
-    out = []
-    for kind, value in rec.identifiers():
-        k = key(kind, value)
-        if (kind, k) not in seen:
-            seen.add((kind, k))
-            out.append((kind, value, k))
-    return out
+    ids = rec.identifiers()
+    if len(set(ids)) != len(ids):
+        ids = list(dict.fromkeys(ids))
+    return [(kind, value, key(kind, value)) for kind, value in ids]
 
 
 def _holders(view: View, cur: Any, k: bytes, value: str) -> set[bytes]:
@@ -162,7 +157,7 @@ def _holders(view: View, cur: Any, k: bytes, value: str) -> set[bytes]:
     found = set()
     for other in cur.iternext_dup():
         rec = _read(view, bytes(other))
-        if rec is not None and rec.external_id == value:
+        if rec is not None and rec.holds(Kind.EXTERNAL_ID, value):
             found.add(bytes(other))
     return found
 
@@ -183,12 +178,15 @@ def _unexplained_entries(view: View, kind: Kind, wanted: int) -> list[str]:
     with view.txn.cursor(db=view.store.ix[kind]) as cur:
         for raw_key, raw_uid in cur:
             k, uid = bytes(raw_key), bytes(raw_uid)
-            rec = _read(view, uid)
+            raw = view.txn.get(uid, db=view.store.db["records"])
+            rec = _decode(uid, raw)[0] if raw is not None else None
             entry = f"{where}: entry {k.hex()[:12]}… -> customer {_uuid_label(uid)}"
-            if rec is None:
+            if raw is None:
                 target = view.txn.get(uid, db=view.store.db["aliases"])
                 merged = f" (an alias of {_uuid_label(bytes(target))})" if target is not None else ""
                 problems.append(f"{entry}: no such record{merged}")
+            elif rec is None:
+                problems.append(f"{entry}: its record cannot be read")
             elif all(k != kk for kd, _, kk in _keyed_identifiers(rec, key) if kd is kind):
                 problems.append(f"{entry}: the customer holds no {KIND_NAMES[kind]} with that key")
             else:
@@ -213,6 +211,8 @@ def _alias_problems(view: View) -> list[str]:
                 uid = bytes(nxt)
                 hops += 1
             head = f"alias {_uuid_label(merged)} -> {_uuid_label(bytes(target))}"
+            if txn.get(merged, db=records) is not None:
+                problems.append(f"{head}: the merged-away customer still has a record")
             if uid in seen:
                 problems.append(f"{head}: the alias chain loops")
             elif hops > MAX_ALIAS_HOPS:

@@ -5,6 +5,9 @@ are applied in batches: one durable write transaction per batch, each row in a n
 that cannot be applied (NOT_FOUND, ALREADY_EXISTS, ...) is rolled back alone and the rest of its batch
 commits. Rejected rows go to a rejects file with their reasons and their original text, to fix and re-import.
 
+Validation and normalization need no stored state (contract §10), so on a large file they run in worker
+processes, forked before the store is opened, while this process applies the prepared commands in file order.
+
 A row without an idempotency_key gets one derived from the file's digest, the row's line number and the
 row's content (with the command-line defaults applied). So re-running the same file, after a crash or by
 mistake, replays every committed row and creates nothing twice; and two rows that happen to be equal (a
@@ -16,14 +19,22 @@ Exit codes: 0 every row was applied, 1 some were rejected, 2 the file, its heade
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import hashlib
 import json
+import math
+import multiprocessing
+import os
 import re
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,9 +57,8 @@ from resolver.errors import (
     ResolverError,
     VersionMismatch,
 )
-from resolver.identifiers import RawIdentifiers
+from resolver.identifiers import RawIdentifiers, policy_from
 from resolver.normalize import check_region
-from resolver.records import encode_json
 from resolver.service import Service, now_us
 from resolver.store import View
 from resolver.upsert import UpsertCommand, UpsertInput, apply, prepare
@@ -56,22 +66,35 @@ from resolver.v1 import resolver_pb2 as pb
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 KEY_PREFIX = "import:"
+CHUNK_ROWS = 500  # rows handed to a worker at a time
+POOL_MIN_ROWS = 5000  # below this, forking workers costs more than it saves
+MAX_WORKERS = 8
 
-Original = str | dict[str, str]
+Original = str | dict[str, str]  # a JSON line as read, or a CSV row as {column: cell}
+Payload = str | list[str]  # what a parser turns into an UpsertInput: the line, or the CSV cells
 Reason = dict[str, str]
+Outcome = UpsertCommand | list[Reason]  # a prepared command, or why the row is refused
 
 
 class FileProblem(Exception):
     """The input cannot be read as the format says (bad header, not UTF-8, ...): exit 2."""
 
 
+class RowProblem(Exception):
+    """A row that is no Upsert at all (not JSON, wrong shape): rejected with these reasons."""
+
+    def __init__(self, reasons: list[Reason]) -> None:
+        super().__init__(reasons[0]["description"])
+        self.reasons = reasons
+
+
 @dataclass(slots=True)
-class Row:
-    """One input row: its (first) line number, the original as read, and the Upsert or why there is none."""
+class Raw:
+    """One row as read: its (first) line number, the original, and the payload to parse (None: refused)."""
 
     line: int
     original: Original
-    inp: UpsertInput | None = None
+    payload: Payload | None
     reasons: list[Reason] | None = None
 
 
@@ -102,32 +125,37 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
     rejects = Path(args.rejects) if args.rejects else path.with_name(path.name + ".rejected.jsonl")
     if rejects.resolve() == path.resolve():
         return _fail(f"{rejects}: the rejects file cannot be the input file")
+    if not rejects.parent.is_dir():
+        return _fail(f"{rejects}: no such directory for the rejects file")
 
+    started = time.monotonic()
     lines, digest = _scan(path)
-    defaults = (region, args.source_system)
-    with open(path, "rb") as raw:
-        text = None
-        try:
-            if fmt == "csv":
-                text = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed below
-                reader = CsvRows(text, AttributeSchema(settings), settings, digest, defaults)
-                rows: Iterator[Row] = reader.rows()
-                lines -= 1  # the header is no row
-            else:
-                rows = jsonl_rows(raw, digest, defaults)
-        except FileProblem as exc:
-            if text is not None:
-                text.close()
-            return _fail(f"{path}: {exc}")
-        try:
-            service = Service(settings)
+    keys = KeyMaker(digest, region, args.source_system)
+    with ExitStack() as stack:
+        raws: Iterator[Raw]
+        parse: Callable[[int, Any], UpsertInput]
+        if fmt == "csv":
+            # surrogateescape: a row with bytes that are not UTF-8 is refused alone, not the whole file
+            text = stack.enter_context(open(path, encoding="utf-8-sig", errors="surrogateescape", newline=""))
             try:
-                return Importer(service, rejects, progress=not args.no_progress).run(rows, lines, path)
-            finally:
-                service.close()
-        finally:
-            if text is not None:
-                text.close()
+                reader = CsvReader(text, settings, keys)
+            except FileProblem as exc:
+                return _fail(f"{path}: {exc}")
+            raws, parse, header_lines = reader.rows(), reader.parse, 1
+        else:
+            raws, parse, header_lines = read_jsonl(stack.enter_context(open(path, "rb"))), JsonParser(keys), 0
+        preparer = Preparer(settings, parse)
+        # Fork the workers first: an LMDB environment must never cross a fork.
+        pool, workers = _start_pool(preparer, lines)
+        if pool is not None:
+            stack.callback(pool.join)
+            stack.callback(pool.terminate)  # every result is in (or no longer wanted) by the time this runs
+        service = Service(settings)
+        stack.callback(service.close)
+        importer = Importer(service, preparer, pool, workers, rejects, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+        return importer.run(raws, total=lines - header_lines, skip=header_lines, name=path, started=started)
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow exceptions
 
 
 def _fail(message: str) -> int:
@@ -148,57 +176,186 @@ def _scan(path: Path) -> tuple[int, bytes]:
     return lines + (last != b"\n"), digest.digest()
 
 
-def _key_salt(digest: bytes) -> Any:
-    return hashlib.sha256(b"resolver-import\0" + digest)
+class KeyMaker:
+    """Fills in what a row leaves empty: the command-line region and source system, and an idempotency key.
+
+    The key hashes the file's digest, the row's line number and the row's content with those defaults;
+    31 characters (`ledger.check_key` reads every one of them).
+    """
+
+    def __init__(self, digest: bytes, region: str, source: str) -> None:
+        self._salt = hashlib.sha256(b"resolver-import\0" + digest)
+        self.region = region
+        self.source = source
+
+    def complete(self, inp: UpsertInput, line: int) -> UpsertInput:
+        region = inp.default_region or self.region
+        source = inp.source_system or self.source
+        key = inp.idempotency_key
+        if key and region == inp.default_region and source == inp.source_system:
+            return inp
+        ids, rm = inp.identifiers, inp.remove_identifiers
+        if not key:
+            h = self._salt.copy()
+            h.update(b"%d\0" % line)
+            # repr, a few times cheaper than canonical JSON; attributes sorted (a Struct's order is not defined)
+            attributes = sorted(inp.attributes.items())
+            h.update(repr((inp.customer_uuid, ids, attributes, source, inp.expected_version, rm, region)).encode())
+            key = KEY_PREFIX + base64.urlsafe_b64encode(h.digest()[:18]).decode("ascii")
+        return UpsertInput(idempotency_key=key, identifiers=ids, attributes=inp.attributes,
+                           customer_uuid=inp.customer_uuid, source_system=source,
+                           expected_version=inp.expected_version, remove_identifiers=rm, default_region=region)
+
+
+def _reason(field: str, description: str, reason: str, code: str = "INVALID_ARGUMENT") -> Reason:
+    return {"field": field, "description": description, "reason": reason, "code": code}
 
 
 # -- JSON lines ------------------------------------------------------------------------------------------
 
 
-def jsonl_rows(raw: Any, digest: bytes, defaults: tuple[str, str]) -> Iterator[Row]:
-    """Rows of a JSON-lines file of UpsertRequest (proto3 JSON); blank lines are skipped."""
-    region, source = defaults
-    salt = _key_salt(digest)
-    parse = json_format.Parse
-    request = pb.UpsertRequest
+def read_jsonl(raw: Iterable[bytes]) -> Iterator[Raw]:
+    """The non-blank lines of a JSON-lines file, as text."""
     for number, data in enumerate(raw, 1):
         try:
             line = data.decode("utf-8")
         except UnicodeDecodeError:
-            yield Row(number, data.decode("utf-8", "replace").rstrip("\r\n"),
-                      reasons=[_reason("", "the line is not UTF-8", "INVALID_ENCODING")])
+            original = data.decode("utf-8", "replace").rstrip("\r\n")
+            yield Raw(number, original, None, [_reason("", "the line is not UTF-8", "INVALID_ENCODING")])
             continue
         if number == 1:
             line = line.removeprefix("\ufeff")
-        if not line.strip():
+        if line.isspace() or not line:
             continue
         line = line.rstrip("\r\n")
-        try:
-            msg = parse(line, request())
-        except (json_format.ParseError, ValueError, RecursionError) as exc:
-            yield Row(number, line, reasons=[_reason("", f"not an UpsertRequest in proto3 JSON: {exc}", "INVALID_JSON")])
-            continue
-        if not msg.default_region:
-            msg.default_region = region
-        if not msg.source_system:
-            msg.source_system = source
-        if not msg.idempotency_key:
-            h = salt.copy()
-            h.update(b"%d\0" % number)
-            h.update(msg.SerializeToString(deterministic=True))
-            msg.idempotency_key = KEY_PREFIX + h.hexdigest()
-        yield Row(number, line, upsert_input(msg))
+        yield Raw(number, line, line)
+
+
+class JsonParser:
+    """A JSON line -> UpsertInput, as json_format.Parse + resolver.api.servicer.upsert_input build it."""
+
+    def __init__(self, keys: KeyMaker) -> None:
+        self.keys = keys
+
+    def __call__(self, line_number: int, line: str) -> UpsertInput:
+        inp = simple_input(line)
+        if inp is None:
+            try:
+                inp = upsert_input(json_format.Parse(line, pb.UpsertRequest()))
+            except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+                raise RowProblem([_reason("", f"not an UpsertRequest in proto3 JSON: {exc}", "INVALID_JSON")]) from None
+        return self.keys.complete(inp, line_number)
+
+
+# The fast path: json.loads and a direct mapping for the plain shapes rows nearly always have (a third of
+# the cost of json_format). It builds the UpsertInput json_format.Parse + upsert_input would build; anything
+# else (other spellings of numbers, nulls, nested attribute values, \u escapes, unknown or repeated fields)
+# returns None and takes the official way, which also words the error.
+_REQUEST_FIELDS = {f.json_name: f.name for f in pb.UpsertRequest.DESCRIPTOR.fields} | {
+    f.name: f.name for f in pb.UpsertRequest.DESCRIPTOR.fields
+}
+_IDENTIFIER_FIELDS = {"externalId": "external_id", "external_id": "external_id", "emails": "emails", "phones": "phones"}
+_TEXT_FIELDS = frozenset({"idempotency_key", "customer_uuid", "source_system", "default_region"})
+_MAX_EXACT_INT = 2**53
+_MAX_UINT64 = 2**64 - 1
+_NO_IDS = RawIdentifiers()
+
+
+class _Unusual(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Unusual  # json_format refuses a repeated key; let it say so
+    return d
+
+
+def simple_input(line: str) -> UpsertInput | None:
+    """The UpsertInput of a plain JSON line, exactly as the official parser would build it; None: not plain."""
+    if "\\u" in line:
+        return None
+    try:
+        obj = json.loads(line, object_pairs_hook=_no_repeats)
+    except (_Unusual, ValueError, RecursionError):
+        return None
+    if type(obj) is not dict:
+        return None
+    fields: dict[str, Any] = {}
+    for name, value in obj.items():
+        field = _REQUEST_FIELDS.get(name)
+        if field is None or field in fields or value is None:
+            return None
+        if field in _TEXT_FIELDS:
+            if type(value) is not str:
+                return None
+        elif field == "expected_version":
+            if type(value) is not int or not 0 <= value <= _MAX_UINT64:
+                return None
+        elif field == "attributes":
+            value = _simple_attributes(value)
+        elif field in ("identifiers", "remove_identifiers"):
+            value = _simple_identifiers(value)
+        else:
+            return None  # a field this fast path does not know
+        if value is None:
+            return None
+        fields[field] = value
+    return UpsertInput(
+        idempotency_key=fields.get("idempotency_key", ""),
+        identifiers=fields.get("identifiers", _NO_IDS),
+        attributes=fields.get("attributes", {}),
+        customer_uuid=fields.get("customer_uuid", ""),
+        source_system=fields.get("source_system", ""),
+        expected_version=fields.get("expected_version", 0),
+        remove_identifiers=fields.get("remove_identifiers", _NO_IDS),
+        default_region=fields.get("default_region", ""),
+    )
+
+
+def _simple_identifiers(value: Any) -> RawIdentifiers | None:
+    if type(value) is not dict:
+        return None
+    external_id = ""
+    lists: dict[str, tuple[str, ...]] = {}
+    for name, item in value.items():
+        field = _IDENTIFIER_FIELDS.get(name)
+        if field is None or field in lists or item is None:
+            return None
+        if field == "external_id":
+            if type(item) is not str:
+                return None
+            external_id = item
+            lists[field] = ()
+        elif type(item) is list and all(type(v) is str for v in item):
+            lists[field] = tuple(item)
+        else:
+            return None
+    return RawIdentifiers(external_id, lists.get("emails", ()), lists.get("phones", ()))
+
+
+def _simple_attributes(value: Any) -> dict[str, Any] | None:
+    """A Struct's values as MessageToDict gives them back: every number a float (Struct holds doubles)."""
+    if type(value) is not dict:
+        return None
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            out[name] = item
+        elif kind is int and -_MAX_EXACT_INT <= item <= _MAX_EXACT_INT:
+            out[name] = float(item)
+        elif kind is float and math.isfinite(item):
+            out[name] = item
+        else:
+            return None  # lists, objects, huge or non-finite numbers
+    return out
 
 
 # -- CSV -------------------------------------------------------------------------------------------------
 
-_IDENTIFIER_COLUMNS = {
-    "external_id": "external_id",
-    "email": "emails",
-    "emails": "emails",
-    "phone": "phones",
-    "phones": "phones",
-}
+_IDENTIFIER_COLUMNS = {"external_id": "external_id", "email": "emails", "emails": "emails", "phone": "phones", "phones": "phones"}
 _MULTI = re.compile(r"[;|]")
 _URI = re.compile(r"\s*(tel|sips?):", re.IGNORECASE | re.ASCII)
 _URI_PARAM = re.compile(r"\s*[A-Za-z][A-Za-z0-9-]*(=.*)?", re.ASCII | re.DOTALL)
@@ -253,14 +410,13 @@ def _as_text(cell: str) -> Any:
 _COERCE: dict[str, Callable[[str], Any]] = {"integer": _as_integer, "number": _as_number, "boolean": _as_boolean}
 
 
-class CsvRows:
-    """Rows of a CSV file with a header: external_id, email(s), phone(s); every other column an attribute."""
+class CsvReader:
+    """A CSV file with a header: external_id, email(s), phone(s) columns; every other column is an attribute,
+    its cells coerced to the blueprint's declared type (kept as text in an open schema)."""
 
-    def __init__(self, text: TextIO, schema: AttributeSchema, settings: Settings, digest: bytes,
-                 defaults: tuple[str, str]) -> None:
+    def __init__(self, text: Iterable[str], settings: Settings, keys: KeyMaker) -> None:
         self.reader = csv.reader(text)
-        self.salt = _key_salt(digest)
-        self.region, self.source = defaults
+        self.keys = keys
         try:
             header = next(self.reader)
         except StopIteration:
@@ -273,50 +429,55 @@ class CsvRows:
         seen: set[str] = set()
         for i, name in enumerate(self.header, 1):
             role = _IDENTIFIER_COLUMNS.get(name.lower(), "attribute")
+            unique = name.lower() if role != "attribute" else name
             if not name:
                 problems.append(f"column {i} has no name")
-            elif (name.lower() if role != "attribute" else name) in seen:
+            elif unique in seen:
                 problems.append(f"column {name!r} appears twice")
-            seen.add(name.lower() if role != "attribute" else name)
+            seen.add(unique)
             spec = settings.attributes.get(name)
             self.columns.append((role, name, _COERCE.get(spec.type, _as_text) if spec else _as_text))
-        if {"emails"} <= seen and "email" in seen:
-            pass  # both spellings may be given: their values add up
         if not any(role != "attribute" for role, _, _ in self.columns):
             problems.append("no identifier column (external_id, email, emails, phone or phones)")
         attributes = [name for role, name, _ in self.columns if role == "attribute" and name]
-        _, bad = schema.normalize(dict.fromkeys(attributes))
+        _, bad = AttributeSchema(settings).normalize(dict.fromkeys(attributes))
         problems += [f"column {v.field.removeprefix('attributes.')!r}: {v.description}" for v in bad]
         if problems:
             raise FileProblem("bad CSV header: " + "; ".join(problems))
 
-    def rows(self) -> Iterator[Row]:
+    def rows(self) -> Iterator[Raw]:
+        """The data rows (blank ones skipped); a row with more or fewer cells than the header is refused."""
         reader = self.reader
         width = len(self.header)
         start = reader.line_num + 1
         try:
             for cells in reader:
                 line, start = start, reader.line_num + 1
-                original = dict(zip(self.header, cells, strict=False))
-                if not any(c.strip() for c in cells):
-                    continue  # a blank line
-                if len(cells) != width:
-                    original = {**original, **{f"(extra {i})": c for i, c in enumerate(cells[width:], 1)}}
-                    yield Row(line, original, reasons=[_reason(
-                        "", f"the row has {len(cells)} cells, the header has {width}", "BAD_ROW_SHAPE")])
+                if not any(c and not c.isspace() for c in cells):
                     continue
-                yield Row(line, original, self._input(line, cells))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise FileProblem(f"line {reader.line_num + 1}: cannot read the CSV: {exc}") from None
+                original = dict(zip(self.header, cells, strict=False))
+                if not _is_utf8(cells):
+                    cells = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in cells]
+                    original = dict(zip(self.header, cells, strict=False))
+                    yield Raw(line, original, None, [_reason("", "the row is not UTF-8", "INVALID_ENCODING")])
+                    continue
+                if len(cells) != width:
+                    original |= {f"(extra {i})": c for i, c in enumerate(cells[width:], 1)}
+                    reason = _reason("", f"the row has {len(cells)} cells, the header has {width}", "BAD_ROW_SHAPE")
+                    yield Raw(line, original, None, [reason])
+                    continue
+                yield Raw(line, original, cells)
+        except csv.Error as exc:
+            raise FileProblem(f"line {reader.line_num}: cannot read the CSV: {exc}") from None
 
-    def _input(self, line: int, cells: list[str]) -> UpsertInput:
+    def parse(self, line: int, cells: list[str]) -> UpsertInput:
         external_id = ""
         emails: list[str] = []
         phones: list[str] = []
         attributes: dict[str, Any] = {}
         for (role, name, coerce), cell in zip(self.columns, cells, strict=True):
             if not cell or cell.isspace():
-                continue
+                continue  # an empty cell: absent
             if role == "phones":
                 phones += split_phones(cell)
             elif role == "emails":
@@ -326,23 +487,18 @@ class CsvRows:
             else:
                 attributes[name] = coerce(cell)
         ids = RawIdentifiers(external_id, tuple(emails), tuple(phones))
-        h = self.salt.copy()
-        h.update(b"%d\0" % line)
-        h.update(encode_json([external_id, emails, phones, attributes, self.region, self.source]))
-        return UpsertInput(
-            idempotency_key=KEY_PREFIX + h.hexdigest(),
-            identifiers=ids,
-            attributes=attributes,
-            source_system=self.source,
-            default_region=self.region,
-        )
+        return self.keys.complete(UpsertInput(idempotency_key="", identifiers=ids, attributes=attributes), line)
 
 
-# -- applying --------------------------------------------------------------------------------------------
+def _is_utf8(cells: list[str]) -> bool:
+    try:
+        "".join(cells).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: an undecodable byte, escaped
+        return False
+    return True
 
 
-def _reason(field: str, description: str, reason: str, code: str = "INVALID_ARGUMENT") -> Reason:
-    return {"field": field, "description": description, "reason": reason, "code": code}
+# -- preparing -------------------------------------------------------------------------------------------
 
 
 def reasons_for(exc: ResolverError) -> list[Reason]:
@@ -366,34 +522,90 @@ def reasons_for(exc: ResolverError) -> list[Reason]:
     return [_reason(field, exc.message, exc.reason, code)]
 
 
-class Importer:
-    """Validates rows, applies the accepted ones in batches, writes the rejected ones, keeps the tally."""
+class Preparer:
+    """Payload -> UpsertInput -> validated UpsertCommand (or the reasons it is refused). No store access, so
+    it runs the same here or in a worker process."""
 
-    def __init__(self, service: Service, rejects: Path, *, batch_size: int = 2000, progress: bool = True) -> None:
-        self.service = service
+    def __init__(self, settings: Settings, parse: Callable[[int, Any], UpsertInput]) -> None:
+        self.settings = settings
+        self.parse = parse
+        self.schema = AttributeSchema(settings)
+        self.policy = policy_from(settings)
+
+    def __call__(self, items: list[tuple[int, Payload]]) -> list[Outcome]:
+        settings, schema, policy, parse = self.settings, self.schema, self.policy, self.parse
+        out: list[Outcome] = []
+        for line, payload in items:
+            try:
+                out.append(prepare(parse(line, payload), settings, schema, policy, now_us=now_us()))
+            except RowProblem as exc:
+                out.append(exc.reasons)
+            except ResolverError as exc:
+                out.append(reasons_for(exc))
+        return out
+
+
+_worker_preparer: Preparer | None = None
+
+
+def _worker_init(preparer: Preparer) -> None:
+    global _worker_preparer
+    _worker_preparer = preparer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
+
+
+def _worker_prepare(items: list[tuple[int, Payload]]) -> list[Outcome]:
+    assert _worker_preparer is not None
+    return _worker_preparer(items)
+
+
+def _start_pool(preparer: Preparer, lines: int) -> tuple[Pool | None, int]:
+    """Worker processes for a large file on a machine with several CPUs, and how many (None, 0: prepare here)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus < 2 or lines < POOL_MIN_ROWS:
+        return None, 0
+    workers = min(cpus, MAX_WORKERS)
+    # fork: the preparer (parser, compiled schema) is inherited, not pickled; nothing here holds LMDB yet
+    return multiprocessing.get_context("fork").Pool(workers, _worker_init, (preparer,)), workers
+
+
+# -- applying --------------------------------------------------------------------------------------------
+
+
+class Importer:
+    """Prepares rows (here or in the pool), applies the accepted ones in batches, writes the refused ones."""
+
+    def __init__(self, service: Service, preparer: Preparer, pool: Pool | None, workers: int, rejects: Path, *,
+                 batch_size: int = 2000, progress: bool = True) -> None:
         self.store = service.store
         self.settings = service.settings
+        self.preparer = preparer
+        self.pool = pool
+        self.window = 3 * workers  # chunks in flight
         self.rejects_path = rejects
         self.batch_size = batch_size
         self.progress = progress
         self.tally = Tally()
         self._rejects: TextIO | None = None
-        self._last_line = 0  # every row up to here is committed or in the rejects file
+        self._done_line = 0  # every row up to this line is committed or in the rejects file
 
-    def run(self, rows: Iterator[Row], total: int, name: Path) -> int:
-        started = time.monotonic()
+    def run(self, raws: Iterator[Raw], *, total: int, skip: int, name: Path, started: float) -> int:
+        """Import every row; print the summary; 0 (all applied), 1 (some refused) or 2 (stopped early).
+
+        `total` rows are expected (the progress bar's end); `skip` lines precede the first (a CSV header).
+        """
         bar = tqdm(total=total, unit="rows", desc=f"import {name.name}", file=sys.stderr,
                    disable=True if not self.progress else None, mininterval=0.5, smoothing=0.1, dynamic_ncols=True)
         code = 0
         try:
-            self._consume(rows, bar)
+            self._consume(raws, bar, total, skip)
         except FileProblem as exc:
-            code = _fail(f"{name}: {exc}; every row before it was committed or rejected")
+            code = _fail(f"{name}: {exc}; every row before it is committed or rejected")
         except KeyboardInterrupt:
-            code = _fail(f"interrupted; rows up to line {self._last_line} are committed or rejected "
+            code = _fail(f"interrupted; rows up to line {self._done_line} are committed or rejected "
                          "(run the same import again to finish: committed rows replay)")
         except lmdb.Error as exc:
-            code = _fail(f"storage error: {exc}; rows up to line {self._last_line} are committed or rejected")
+            code = _fail(f"storage error: {exc}; rows up to line {self._done_line} are committed or rejected")
         finally:
             bar.close()
             if self._rejects is not None:
@@ -407,31 +619,59 @@ class Importer:
             print(f"import: {t.rejected} row(s) rejected: see {self.rejects_path}", flush=True)
         return code or (1 if t.rejected else 0)
 
-    def _consume(self, rows: Iterator[Row], bar: tqdm) -> None:
-        settings = self.settings
-        schema = self.service.schema
-        policy = self.service.policy
+    def _consume(self, raws: Iterator[Raw], bar: tqdm, total: int, skip: int) -> None:
         batch: list[tuple[int, Original, UpsertCommand]] = []
         refused: list[tuple[int, Original, list[Reason]]] = []
         shown = 0
         line = 0
-        for row in rows:
-            line = row.line
-            self.tally.rows += 1
-            if row.inp is None:
-                refused.append((line, row.original, row.reasons or []))
-            else:
-                try:
-                    batch.append((line, row.original, prepare(row.inp, settings, schema, policy, now_us=now_us())))
-                except ResolverError as exc:
-                    refused.append((line, row.original, reasons_for(exc)))
-            if len(batch) + len(refused) >= self.batch_size:
-                self._commit(batch, refused, line)
-                batch, refused = [], []
-                bar.update(line - shown)
-                shown = line
+        try:
+            for chunk, outcomes in self._prepared(raws):
+                for raw in chunk:
+                    line = raw.line
+                    self.tally.rows += 1
+                    outcome = raw.reasons if raw.payload is None else next(outcomes)
+                    if isinstance(outcome, UpsertCommand):
+                        batch.append((line, raw.original, outcome))
+                    else:
+                        refused.append((line, raw.original, outcome or []))
+                    if len(batch) + len(refused) >= self.batch_size:
+                        self._commit(batch, refused, line)
+                        batch, refused = [], []
+                        bar.update(line - skip - shown)
+                        shown = line - skip
+        except FileProblem:
+            self._commit(batch, refused, line)  # every row read before the unreadable part is applied
+            raise
         self._commit(batch, refused, line)
-        bar.update(max(bar.total - shown, 0) if bar.total else 0)
+        bar.update(max(total - shown, 0))
+
+    def _prepared(self, raws: Iterator[Raw]) -> Iterator[tuple[list[Raw], Iterator[Outcome]]]:
+        """Chunks of rows with the outcomes of their payloads, in file order; with a pool, a few chunks
+        are in flight at a time (enough to keep every worker busy, never the whole file in memory)."""
+        pending: deque[tuple[list[Raw], AsyncResult[list[Outcome]]]] = deque()
+        problem: FileProblem | None = None
+        chunks = _chunks(raws, CHUNK_ROWS)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            except FileProblem as exc:  # the rows read before it still go through
+                problem = exc
+                break
+            items = [(r.line, r.payload) for r in chunk if r.payload is not None]
+            if self.pool is None:
+                yield chunk, iter(self.preparer(items))
+                continue
+            pending.append((chunk, self.pool.apply_async(_worker_prepare, (items,))))
+            if len(pending) >= self.window:
+                done, result = pending.popleft()
+                yield done, iter(result.get())
+        while pending:
+            done, result = pending.popleft()
+            yield done, iter(result.get())
+        if problem is not None:
+            raise problem
 
     def _commit(self, batch: list[tuple[int, Original, UpsertCommand]],
                 refused: list[tuple[int, Original, list[Reason]]], line: int) -> None:
@@ -463,7 +703,7 @@ class Importer:
                         counts.updated += 1
                     else:
                         counts.unchanged += 1
-        # committed: now the counts and the rejects are true
+        # committed: the counts and the refusals are now true
         t = self.tally
         t.created += counts.created
         t.updated += counts.updated
@@ -476,9 +716,26 @@ class Importer:
                 out.write(json.dumps({"line": number, "reasons": reasons, "input": original}, ensure_ascii=False))
                 out.write("\n")
             out.flush()
-        self._last_line = line
+        self._done_line = line
 
     def _rejects_file(self) -> TextIO:
         if self._rejects is None:
-            self._rejects = open(self.rejects_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in run()
+            self._rejects = open(self.rejects_path, "w", encoding="utf-8")
         return self._rejects
+
+
+def _chunks(items: Iterator[Raw], size: int) -> Iterator[list[Raw]]:
+    """Lists of `size` items; when reading fails, the partial list first, then the error."""
+    chunk: list[Raw] = []
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    except FileProblem:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk

@@ -53,6 +53,11 @@ def uuid_text(raw: bytes) -> str:
     return str(uuidlib.UUID(bytes=bytes(raw)))
 
 
+@contextmanager
+def _no_txn() -> Iterator[None]:
+    yield None
+
+
 class Store:
     """The LMDB environment of one data directory. Thread-safe; not fork-safe (open after forking)."""
 
@@ -76,12 +81,14 @@ class Store:
         )
         # A process killed mid-read leaves its reader slot behind; free them before serving.
         self.env.reader_check()
-        with self.env.begin(write=not readonly) as txn:
+        # Database handles opened inside a read-only transaction die with it: read-only opens without one.
+        with self.env.begin(write=True) if not readonly else _no_txn() as txn:
             self.db = {name.decode(): self.env.open_db(name, txn=txn, create=not readonly) for name in _PLAIN_DBS}
             self.ix = {
                 kind: self.env.open_db(name, txn=txn, dupsort=True, dupfixed=True, create=not readonly)
                 for kind, name in _INDEX_DBS.items()
             }
+        with self.env.begin(write=not readonly) as txn:
             self._check_meta(txn, settings, readonly)
         self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
 

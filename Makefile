@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py | $(SYSDEPS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# build requirements first, so the project itself installs without build isolation (fast, offline-safe)
-	$(PIP) install -q setuptools==84.2.1 wheel cython==3.3.1 grpcio-tools==1.85.1 mypy-protobuf==5.1.0
+	$(PIP) install -q setuptools==84.2.1 wheel cython==3.3.1 grpcio-tools==1.85.1 mypy-protobuf==5.1.0 googleapis-common-protos==1.76.0
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 

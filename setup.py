@@ -27,11 +27,16 @@ def generate_stubs() -> None:
     if all(o.exists() and o.stat().st_mtime >= newest for o in outputs):
         return
     include = Path(protoc.__file__).resolve().parent / "_proto"
+    # google/rpc/*.proto ship with googleapis-common-protos (a grpcio-status dependency)
+    import google.rpc.status_pb2 as rpc_status
+
+    googleapis = Path(rpc_status.__file__).resolve().parents[2]
     plugin = Path(sys.executable).parent / "protoc-gen-mypy"
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={ROOT}",
         f"--grpc_python_out={ROOT}",
         f"--mypy_out={ROOT}",

@@ -12,11 +12,11 @@ from typing import Any
 
 from resolver.attributes import AttributeSchema
 from resolver.config import DEFAULT_VIEW, Settings
-from resolver.errors import DeadlineExceeded, FieldViolation, IdentifierError, InvalidInput, NotFound
-from resolver.identifiers import RawIdentifiers, Skipped, normalize_identifiers
+from resolver.errors import DeadlineExceeded, FieldViolation, IdentifierError, InvalidInput, NotFound, ResolverError
+from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region, mask
 from resolver.records import Record
-from resolver.store import Store, uuid_bytes
+from resolver.store import Store, View, uuid_bytes
 
 # Probe results, numbered as the proto's ProbeResult.
 HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
@@ -29,6 +29,16 @@ class ResolveInput:
     fields: tuple[str, ...] = ()
     view: str = ""
     explain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated, normalized Resolve, ready to probe."""
+
+    ids: Identifiers
+    fields: tuple[str, ...] | None
+    explain: bool
+    skipped: list[Skipped]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +90,8 @@ class Resolver:
             return fields
         return self.default_fields
 
-    def resolve(self, req: ResolveInput, deadline: float | None = None) -> ResolveResult:
-        """Answer one Resolve. `deadline` is a time.monotonic() instant; no work starts past it."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the deadline passed before the lookup started")
+    def prepare(self, req: ResolveInput) -> Prepared:
+        """Validate and normalize a request (no storage touched); InvalidInput for a malformed one."""
         if not req.identifiers:
             raise InvalidInput([FieldViolation("identifiers", "give at least one identifier", "REQUIRED")])
         try:
@@ -92,57 +100,80 @@ class Resolver:
             raise InvalidInput([FieldViolation("default_region", exc.message, exc.reason)]) from None
         fields = self.projection(req.fields, req.view)
         ids, failures = normalize_identifiers(req.identifiers, region, self.policy, "identifiers")
-        result = ResolveResult(outcome="NOT_FOUND", skipped=[f.skipped() for f in failures])
+        return Prepared(ids, fields, req.explain, [f.skipped() for f in failures])
 
+    def resolve(self, req: ResolveInput, deadline: float | None = None) -> ResolveResult:
+        """Answer one Resolve. `deadline` is a time.monotonic() instant; no work starts past it."""
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the lookup started")
-        limit = self.settings.max_fanout
+        prepared = self.prepare(req)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the lookup started")
         with self.store.read() as view:
-            winner: Record | None = None
-            for kind, values in ids.by_kind():
-                kind_hits: list[bytes] = []
-                for value in values:
-                    n, hits = view.probe(kind, value, limit)
-                    if n > limit:
-                        state = FAN_OUT
-                        result.skipped.append(Skipped(kind, mask(kind, value), "FAN_OUT_LIMIT",
-                                                      f"held by more than {limit} customers; never decides a match"))
-                    else:
-                        state = HIT if len(hits) == 1 else SHARED if hits else MISS
-                    if req.explain:
-                        result.probes.append(Probe(kind, mask(kind, value), state, n if state == FAN_OUT else len(hits)))
-                    if state == FAN_OUT:
-                        continue
-                    if winner is not None:
-                        # A lower kind pointing only at someone else: a possible duplicate or a ported number.
-                        # A shared line that includes the matched customer is no conflict.
-                        me = uuid_bytes(winner.uuid)
-                        if hits and me not in hits:
-                            result.conflicts += [r.uuid for h in hits if (r := view.record(h)) and r.uuid not in result.conflicts]
-                        continue
-                    kind_hits += [h for h in hits if h not in kind_hits]
-                if winner is not None or not kind_hits:
-                    continue
-                records = [r for h in kind_hits if (r := view.record(h)) is not None]
-                if len(records) == 1:
-                    winner = records[0]
-                    result.outcome = "MATCHED"
-                    result.customer_uuid = winner.uuid
-                    result.matched_on = kind
-                    result.version = winner.version
-                    result.attributes = self.schema.project(winner.attributes, fields)
+            return self.lookup(view, prepared)
+
+    def resolve_many(self, reqs: list[ResolveInput]) -> list[ResolveResult | ResolverError]:
+        """The batch loop: normalize every request, then probe all of them inside ONE read transaction.
+
+        Answers come in request order; a request that fails validation gets its error in its place, so
+        one bad row never fails a bulk lookup. The snapshot is taken after every request was read, so each
+        answer sees every write acknowledged before its request arrived.
+        """
+        prepared: list[Prepared | ResolverError] = []
+        for req in reqs:
+            try:
+                prepared.append(self.prepare(req))
+            except ResolverError as exc:
+                prepared.append(exc)
+        with self.store.read() as view:
+            return [p if isinstance(p, ResolverError) else self.lookup(view, p) for p in prepared]
+
+    def lookup(self, view: View, p: Prepared) -> ResolveResult:
+        """Probe the indexes for a prepared request inside the caller's read transaction (contract §3)."""
+        result = ResolveResult(outcome="NOT_FOUND", skipped=list(p.skipped))
+        limit = self.settings.max_fanout
+        fields = p.fields
+        winner: Record | None = None
+        for kind, values in p.ids.by_kind():
+            kind_hits: list[bytes] = []
+            for value in values:
+                n, hits = view.probe(kind, value, limit)
+                if n > limit:
+                    state = FAN_OUT
+                    detail = f"held by more than {limit} customers; never decides a match"
+                    result.skipped.append(Skipped(kind, mask(kind, value), "FAN_OUT_LIMIT", detail))
                 else:
-                    records.sort(key=lambda r: (-r.updated_us, r.uuid))
-                    result.outcome = "AMBIGUOUS"
-                    result.matched_on = kind
-                    result.candidates = [
-                        (r.uuid, self.schema.project(r.attributes, fields))
-                        for r in records[: self.settings.max_candidates]
-                    ]
-                    if req.explain:
-                        result.probes += [Probe(k, mask(k, v), NOT_PROBED, 0)
-                                          for k, vs in ids.by_kind() if k > kind for v in vs]
-                    break
+                    state = HIT if len(hits) == 1 else SHARED if hits else MISS
+                if p.explain:
+                    result.probes.append(Probe(kind, mask(kind, value), state, n if state == FAN_OUT else len(hits)))
+                if state == FAN_OUT:
+                    continue
+                if winner is not None:
+                    # A lower kind pointing only at someone else: a possible duplicate or a ported number.
+                    # A shared line that includes the matched customer is no conflict.
+                    if hits and uuid_bytes(winner.uuid) not in hits:
+                        result.conflicts += [r.uuid for h in hits if (r := view.record(h)) and r.uuid not in result.conflicts]
+                    continue
+                kind_hits += [h for h in hits if h not in kind_hits]
+            if winner is not None or not kind_hits:
+                continue
+            records = [r for h in kind_hits if (r := view.record(h)) is not None]
+            if len(records) == 1:
+                winner = records[0]
+                result.outcome = "MATCHED"
+                result.customer_uuid = winner.uuid
+                result.matched_on = kind
+                result.version = winner.version
+                result.attributes = self.schema.project(winner.attributes, fields)
+            else:
+                records.sort(key=lambda r: (-r.updated_us, r.uuid))
+                result.outcome = "AMBIGUOUS"
+                result.matched_on = kind
+                shown = records[: self.settings.max_candidates]
+                result.candidates = [(r.uuid, self.schema.project(r.attributes, fields)) for r in shown]
+                if p.explain:
+                    result.probes += [Probe(k, mask(k, v), NOT_PROBED, 0) for k, vs in p.ids.by_kind() if k > kind for v in vs]
+                break
         return result
 
     def get_customer(self, customer_uuid: str) -> Record:

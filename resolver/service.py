@@ -32,6 +32,7 @@ class Service:
         self.policy = policy_from(settings)
         self.resolver = Resolver(self.store, settings, self.schema, self.policy)
         self.resolve = self.resolver.resolve
+        self.resolve_many = self.resolver.resolve_many
         self.get_customer = self.resolver.get_customer
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from resolver.api.status import internal_status, to_status
+from resolver.api.status import internal_status, to_rpc_status, to_status
 from resolver.errors import ResolverError
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped
 from resolver.resolve import ResolveInput, ResolveResult
@@ -20,6 +23,9 @@ from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 
 log = logging.getLogger("resolver.api")
+STREAM_BATCH = 256  # requests resolved together in one read transaction
+STREAM_QUEUE = 1024  # requests read ahead of the responses at most: past it, HTTP/2 flow control pushes back
+_END = object()
 T = TypeVar("T")
 
 _OUTCOMES = {"MATCHED": pb.OUTCOME_MATCHED, "AMBIGUOUS": pb.OUTCOME_AMBIGUOUS, "NOT_FOUND": pb.OUTCOME_NOT_FOUND}
@@ -80,6 +86,16 @@ def upsert_response(r: UpsertResult) -> pb.UpsertResponse:
     )
 
 
+def resolve_input(req: pb.ResolveRequest) -> ResolveInput:
+    return ResolveInput(
+        identifiers=_raw_ids(req.identifiers),
+        default_region=req.default_region,
+        fields=tuple(req.fields),
+        view=req.view,
+        explain=req.explain,
+    )
+
+
 def upsert_input(req: pb.UpsertRequest) -> UpsertInput:
     return UpsertInput(
         idempotency_key=req.idempotency_key,
@@ -109,15 +125,59 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
         raise AssertionError("unreachable: abort_with_status raises")
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
-        inp = ResolveInput(
-            identifiers=_raw_ids(request.identifiers),
-            default_region=request.default_region,
-            fields=tuple(request.fields),
-            view=request.view,
-            explain=request.explain,
-        )
+        inp = resolve_input(request)
         deadline = _deadline(context)
         return self._call(context, "Resolve", lambda: resolve_response(self.service.resolve(inp, deadline)))
+
+    def ResolveStream(self, request_iterator: Iterator[pb.ResolveRequest],
+                      context: grpc.ServicerContext) -> Iterator[pb.ResolveResponse]:
+        """Bulk Resolve: responses in request order, batches through one read transaction each.
+
+        A reader thread moves requests into a bounded queue; when the client stops reading responses, this
+        generator stops, the queue fills, the reader stops reading, and HTTP/2 flow control holds the client:
+        memory stays bounded on both sides.
+        """
+        pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_QUEUE)
+
+        def read() -> None:
+            try:
+                for req in request_iterator:
+                    while context.is_active():
+                        try:
+                            pending.put(req, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    else:
+                        return
+            except Exception:  # the client cancelled or broke the stream: end it
+                pass
+            finally:
+                while context.is_active():
+                    try:
+                        pending.put(_END, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+
+        threading.Thread(target=read, name="resolve-stream-reader", daemon=True).start()
+        while True:
+            batch = [pending.get()]
+            while len(batch) < STREAM_BATCH and batch[-1] is not _END:
+                try:
+                    batch.append(pending.get_nowait())
+                except queue.Empty:
+                    break
+            done = batch[-1] is _END
+            reqs = [resolve_input(r) for r in batch if r is not _END]
+            results = self._call(context, "ResolveStream", functools.partial(self.service.resolve_many, reqs))
+            for result in results:
+                if isinstance(result, ResolverError):
+                    yield pb.ResolveResponse(error=to_rpc_status(result))
+                else:
+                    yield resolve_response(result)
+            if done:
+                return
 
     def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertResponse:
         deadline = _deadline(context)

@@ -31,6 +31,11 @@ def _pack(msg: object) -> any_pb2.Any:
 
 def to_status(exc: errors.ResolverError) -> grpc.Status:
     """The gRPC status for a domain error: code, message, ErrorInfo and (when fields are bad) BadRequest."""
+    return rpc_status.to_status(to_rpc_status(exc))
+
+
+def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error (also carried per item in ResolveStream responses)."""
     code = next((c for t, c in _CODES if isinstance(exc, t)), code_pb2.INTERNAL)
     metadata: dict[str, str] = {}
     details = []
@@ -62,9 +67,7 @@ def to_status(exc: errors.ResolverError) -> grpc.Status:
     elif isinstance(exc, errors.PermissionDenied):
         metadata["fields"] = ",".join(exc.fields)
     details.insert(0, error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
-    return rpc_status.to_status(
-        status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
-    )
+    return status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
 
 
 def internal_status() -> grpc.Status:

@@ -20,6 +20,7 @@ from resolver.config import AttributeSpec, Settings
 from resolver.errors import FieldViolation
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_INT64 = 2**63  # integers are stored exactly, as 64-bit values
 OPEN_SCHEMA_MAX_TEXT = 4096
 
 
@@ -41,6 +42,8 @@ def _integer(value: Any) -> int:
         if not value.is_integer():
             raise _Bad("must be an integer")
         value = int(value)
+    if not -_INT64 <= value < _INT64:
+        raise _Bad("integer out of the 64-bit range")
     return value
 
 
@@ -52,6 +55,8 @@ def _number(value: Any) -> int | float:
             raise _Bad("must be a finite number")
         if value.is_integer() and abs(value) < 2**53:
             return int(value)
+    elif not -_INT64 <= value < _INT64:
+        raise _Bad("integer out of the 64-bit range (send it as a decimal number)")
     return value
 
 

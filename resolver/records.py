@@ -1,20 +1,25 @@
 """The customer record as stored, and the change-log entry: plain data plus their byte encodings.
 
-Records are stored as compact JSON: readable with `resolver check`-style tooling, exact for numbers,
-and cheap enough (a few µs) beside the gRPC transport. Times are integer microseconds since the epoch,
+Records are stored as compact, key-sorted JSON (orjson: about 3x the standard library's speed, which
+matters on the Resolve path): readable with any tool, exact for numbers (integers are bounded to 64 bits
+by attribute validation). Times are integer microseconds since the epoch,
 fixed in the command before it is applied (contract §10: no clock reads inside the apply step).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from resolver.normalize import Kind
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode
-_loads = json.loads
+_loads = orjson.loads
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(slots=True)
@@ -67,7 +72,7 @@ class Record:
         )
 
     def encode(self) -> bytes:
-        return _dumps(self.to_json()).encode("utf-8")
+        return _dumps(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,7 +107,7 @@ class Record:
 
 def encode_json(value: Any) -> bytes:
     """Compact, key-sorted JSON bytes (ledger entries, change-log entries, fingerprints)."""
-    return _dumps(value).encode("utf-8")
+    return _dumps(value)
 
 
 def decode_json(data: bytes) -> Any:

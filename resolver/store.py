@@ -119,17 +119,15 @@ class Store:
                 "Index keys depend on the hash algorithm and key: re-import into a new data directory to change them."
             )
 
-    @contextmanager
-    def read(self) -> Iterator[View]:
-        """One read transaction: a consistent snapshot that sees every commit made before it began."""
-        with self.env.begin(buffers=False) as txn:
-            yield View(self, txn)
+    def read(self) -> View:
+        """One read transaction (use as `with store.read() as view`): a consistent snapshot that sees every
+        commit made before it began."""
+        return View(self, self.env.begin(buffers=False))
 
-    @contextmanager
-    def write(self) -> Iterator[View]:
-        """One write transaction: committed (and synced) when the block ends normally, aborted on any error."""
-        with self.env.begin(write=True) as txn:
-            yield View(self, txn)
+    def write(self) -> View:
+        """One write transaction (`with store.write() as view`): committed, and synced, when the block ends
+        normally; aborted on any error."""
+        return View(self, self.env.begin(write=True))
 
     def sync(self) -> None:
         self.env.sync(True)
@@ -139,7 +137,11 @@ class Store:
 
 
 class View:
-    """Typed access to the databases inside one transaction. Cheap to create; never outlives its txn."""
+    """Typed access to the databases inside one transaction. Cheap to create; never outlives its txn.
+
+    As a context manager it owns the transaction: commit on a normal exit, abort on an exception (a plain
+    class, not contextlib: this sits on the Resolve path).
+    """
 
     __slots__ = ("store", "txn", "_records")
 
@@ -147,6 +149,15 @@ class View:
         self.store = store
         self.txn = txn
         self._records: dict[bytes, Record | None] = {}
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            self.txn.commit()
+        else:
+            self.txn.abort()
 
     # -- records -------------------------------------------------------------------------------------------
     def record(self, uid: bytes) -> Record | None:

@@ -67,8 +67,14 @@ def settings(tmp_path: Path, blueprint_file: Path) -> Settings:
 
 @pytest.fixture
 def make_server() -> Iterator[Callable[[Settings], object]]:
-    """Start real servers (in this process) for given settings; all stopped at the end."""
+    """Start real servers (in this process) for given settings; all stopped at the end.
+
+    After they stop, `resolver check` runs over every data directory the test wrote: whatever a test did,
+    indexes and records must agree.
+    """
+    from resolver.check import find_problems
     from resolver.server import start
+    from resolver.store import Store
 
     running = []
 
@@ -79,7 +85,14 @@ def make_server() -> Iterator[Callable[[Settings], object]]:
 
     yield make
     for r in running:
-        r.stop(grace=0)
+        r.stop(grace=0)  # idempotent: some tests stop their server themselves
+    for s in {str(r.service.settings.data_dir): r.service.settings for r in running}.values():
+        store = Store(s, readonly=True)
+        try:
+            with store.read() as view:
+                assert find_problems(view) == [], f"resolver check fails after the test's writes in {s.data_dir}"
+        finally:
+            store.close()
 
 
 @pytest.fixture

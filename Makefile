@@ -10,7 +10,7 @@ BLUEPRINT ?= examples/blueprint.toml
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all install build compile run demo test test-compiled test-pure lint bench clean
+.PHONY: all install build compile run demo test test-compiled test-pure lint bench bench-full bench-micro bench-deps clean
 
 all: build
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py | $(SYSDEPS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# build requirements first, so the project itself installs without build isolation (fast, offline-safe)
-	$(PIP) install -q setuptools==84.2.1 wheel cython==3.3.1 grpcio-tools==1.85.1 mypy-protobuf==5.1.0 googleapis-common-protos==1.76.0
+	$(PIP) install -q setuptools==84.2.1 wheel cython==3.3.1 grpcio-tools==1.85.1 mypy-protobuf==5.1.0 googleapis-common-protos==1.76.0 phonenumbers==9.0.43
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
@@ -54,8 +54,21 @@ lint: build
 	$(VENV)/bin/ruff check resolver tests bench
 	$(VENV)/bin/mypy resolver
 
-bench: build
+# Micro suites (pytest-benchmark, in process), then the load benchmark: dataset, import, PostgreSQL peer,
+# open-loop load against Resolve, the health-check floor and the peer; report and plots in bench/out/ (git-ignored).
+BENCH_ARGS ?=
+bench: bench-micro bench-deps
+	$(PY) -m bench.run --customers 200000 --out bench/out/quick $(BENCH_ARGS)
+
+bench-full: bench-deps
+	$(PY) -m bench.run --customers 1000000 --queries 100000 --duration 60 --windows 12 --step 4 \
+		--rates 500,1000,1500,2000,2500,3000,3500,4000,5000,6000 --out bench/out/full $(BENCH_ARGS)
+
+bench-micro: build
 	$(PY) -m pytest bench -o testpaths=bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds --benchmark-group-by=group
 
+bench-deps: build
+	$(PY) -c "import hdrh, matplotlib, psycopg" 2>/dev/null || $(PIP) install -q --no-build-isolation -e ".[dev,bench]"
+
 clean:
-	rm -rf build dist *.egg-info resolver/*.so resolver/v1/*_pb2* ext/*.c .pytest_cache .benchmarks
+	rm -rf build dist *.egg-info resolver/*.so resolver/v1/*_pb2* resolver/_phonemeta.py ext/*.c .pytest_cache .benchmarks

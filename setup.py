@@ -49,6 +49,14 @@ def generate_stubs() -> None:
     (STUB_DIR / "__init__.py").touch()
 
 
+def generate_phone_metadata() -> None:
+    """Write resolver/_phonemeta.py (the fast phone path's tables) from the installed phonenumbers."""
+    import runpy
+
+    # by path: importing the resolver package here would import its runtime dependencies
+    runpy.run_path(str(ROOT / "resolver" / "_phonemeta_gen.py"))["generate"](ROOT / "resolver" / "_phonemeta.py")
+
+
 def extensions() -> list[Extension]:
     from Cython.Build import cythonize  # build requirement: fails loudly if absent
 
@@ -64,4 +72,5 @@ def extensions() -> list[Extension]:
 
 
 generate_stubs()
+generate_phone_metadata()
 setup(ext_modules=extensions())

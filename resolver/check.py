@@ -6,7 +6,8 @@ What is checked:
   kind, under its key, with the record's uuid;
 - every index entry points to an existing record holding an identifier of that kind with that key;
 - no external_id is held by two records;
-- every alias leads (through at most a few hops, without a cycle) to an existing record.
+- every alias leads (through at most a few hops, without a cycle) to an existing record;
+- change events are conserved: accepted = applied + dead-lettered + in inbox (resolver.events.counters).
 
 How, in bounded memory: one pass over the records looks each expected entry up in its index (a B-tree
 lookup, no set of a million keys in RAM) and counts them. An index then has exactly
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 from resolver.config import Settings
+from resolver.events import counters
 from resolver.normalize import Kind, mask
 from resolver.records import Record
 from resolver.store import Store, View, uuid_text
@@ -45,6 +47,7 @@ def run_check(settings: Settings) -> int:
             aliases = view.count("aliases")
             entries = {kind: view.count(INDEX_NAMES[kind]) for kind in KINDS}
             problems = find_problems(view)
+            events = counters.snapshot(view.txn, store)
     finally:
         store.close()
     elapsed = time.monotonic() - started
@@ -53,6 +56,19 @@ def run_check(settings: Settings) -> int:
         + ", ".join(f"{KIND_NAMES[k]} {entries[k]}" for k in KINDS)
         + f"; {len(problems)} problem(s) in {elapsed:.1f}s"
     )
+    c = events["counters"]
+    print(
+        f"events: received {c['received']}, rejected unsigned {c['rejected_unsigned']}, throttled {c['throttled']}, "
+        f"duplicates {c['duplicates']}, accepted {c['accepted']} = applied {c['applied']} + dead-lettered "
+        f"{c['dead_lettered']} + in inbox {events['in_inbox']} (DLQ holds {events['in_dlq']}, "
+        f"{c['discarded']} discarded); {c['conflicts']} conflict(s)"
+    )
+    if not events["conserved"]:
+        problems.append(
+            f"event counters do not conserve: accepted {c['accepted']} != applied {c['applied']} + dead-lettered "
+            f"{c['dead_lettered']} + in inbox {events['in_inbox']}, or dead-lettered != in DLQ {events['in_dlq']} "
+            f"+ discarded {c['discarded']}"
+        )
     for line in problems:
         print(f"  - {line}")
     if problems:

@@ -1,4 +1,4 @@
-"""Command line: argv -> Settings -> run. `resolver serve | import | check | blueprint check`."""
+"""Command line: argv -> Settings -> run. `resolver serve | import | check | dlq | blueprint check`."""
 
 from __future__ import annotations
 
@@ -48,14 +48,53 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify that indexes and records agree (exit 1 if not)")
     _store_args(check)
 
+    dlq = sub.add_parser("dlq", help="dead-letter queue of CRM change events: list, show, replay, discard")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    for name, text in (("list", "list dead letters (payloads masked)"), ("show", "one dead letter, PII masked"),
+                       ("replay", "re-run validation, mapping and apply with the current blueprint"),
+                       ("discard", "delete a dead letter for good")):
+        cmd = dlq_sub.add_parser(name, help=text)
+        _store_args(cmd)
+        if name != "list":
+            cmd.add_argument("id", type=int, help="dead-letter id (from `resolver dlq list`)")
+        else:
+            cmd.add_argument("--after", type=int, default=0, metavar="ID", help="start after this id")
+            cmd.add_argument("--limit", type=int, default=100, metavar="N")
+
     bp = sub.add_parser("blueprint", help="blueprint tools")
     bp_sub = bp.add_subparsers(dest="blueprint_command", required=True)
     bp_check = bp_sub.add_parser("check", help="validate a blueprint and print a summary")
     bp_check.add_argument("file")
+
+    bench = sub.add_parser("bench", help="benchmark tools (from a source checkout)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = bench_sub.add_parser("load", help="open-loop load generator (bench/loadgen); --help for its options",
+                                add_help=False)
+    load.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
+def run_bench_load(argv: list[str]) -> int:
+    """`resolver bench load ...`: the load generator lives in the source checkout's bench/, not the package."""
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):  # the checkout: here, or where we are installed from
+        if (root / "bench" / "loadgen").is_dir() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
+    try:
+        from bench.loadgen.__main__ import main as load_main
+    except ImportError as exc:
+        print(f"resolver: bench load needs a source checkout of resolver (run it from the repository root) "
+              f"with the bench extras installed (pip install -e '.[bench]'): {exc}", file=sys.stderr)
+        return 2
+    return load_main(argv, prog="resolver bench load")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "load"]:  # every option after it is the load generator's
+        return run_bench_load(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "blueprint":
@@ -80,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.check import run_check
 
             return run_check(settings)
+        if args.command == "dlq":
+            from resolver.events.cli import run_dlq
+
+            return run_dlq(settings, args)
     except ConfigError as exc:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2

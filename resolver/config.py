@@ -7,6 +7,7 @@ schema). Secrets are referenced (environment variable or file), never written in
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tomllib
@@ -143,6 +144,19 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "events": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+                "rate_per_s": {"type": "number", "exclusiveMinimum": 0},
+                "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "high_water": {"type": "integer", "minimum": 1},
+                "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
+            },
+        },
     },
 }
 
@@ -162,6 +176,33 @@ class AttributeSpec:
     input_formats: tuple[str, ...] = ()
     sensitive: bool = False
     owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A CRM source system: how its field names map to attributes, and its webhook secrets (resolved).
+
+    `secrets` are the raw HMAC keys (a `whsec_<base64>` value is decoded); `unresolved` names the
+    references that could not be read at load time (the source's webhooks are then refused, 401).
+    """
+
+    name: str
+    field_map: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    unresolved: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """CRM change events (contract §5): the HTTP endpoint, admission and the applier's pace."""
+
+    enabled: bool = True
+    http_listen: str = "127.0.0.1:8081"  # "" : no HTTP endpoint (gRPC IngestEvents only)
+    rate_per_s: float = 500.0  # events applied per second at most
+    batch: int = 100  # events per applier write transaction
+    high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED
+    timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future
+    max_body_bytes: int = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +236,8 @@ class Settings:
     idempotency_retention_s: float = 24 * 3600.0
     log_payload: str = "masked"
     log_level: str = "INFO"
-    sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    sources: Mapping[str, SourceSpec] = field(default_factory=dict)
+    events: EventSettings = field(default_factory=EventSettings)
 
     @property
     def open_schema(self) -> bool:
@@ -258,6 +300,21 @@ def settings_from_document(doc: Mapping[str, Any], environ: Mapping[str, str],
         secret, problem = _read_secret(index["secret"], environ, "index.secret")
         if problem:
             problems.append(problem)
+    sources: dict[str, SourceSpec] = {}
+    for name, spec in doc.get("sources", {}).items():
+        secrets: list[bytes] = []
+        unresolved: list[str] = []
+        for i, ref in enumerate(spec.get("secrets", ())):
+            value, _ = _read_secret(ref, environ, f"sources.{name}.secrets[{i}]")
+            if value is None:
+                unresolved.append(f"env {ref['env']}" if "env" in ref else f"file {ref['file']}")
+                continue
+            key, problem = _webhook_key(value, f"sources.{name}.secrets[{i}]")
+            if problem:
+                problems.append(problem)
+            else:
+                secrets.append(key)
+        sources[name] = SourceSpec(name, dict(spec.get("field_map", {})), tuple(secrets), tuple(unresolved))
     attributes = {
         name: AttributeSpec(
             name=name,
@@ -302,7 +359,8 @@ def settings_from_document(doc: Mapping[str, Any], environ: Mapping[str, str],
         idempotency_retention_s=float(reliability.get("idempotency_retention_s", base.idempotency_retention_s)),
         log_payload=logging_.get("payload", base.log_payload),
         log_level=logging_.get("level", base.log_level),
-        sources=doc.get("sources", {}),
+        sources=sources,
+        events=_events(doc.get("events", {}), base.events, bool(sources)),
     )
     if "precedence" in matching and tuple(matching["precedence"]) != PRECEDENCE:
         problems.append("matching.precedence: only external_id > email > phone is supported (contract §3)")
@@ -322,6 +380,29 @@ def _read_secret(ref: Mapping[str, str], environ: Mapping[str, str], where: str)
         return Path(ref["file"]).read_bytes().strip(), ""
     except OSError as exc:
         return None, f"{where}: cannot read {ref['file']}: {exc.strerror}"
+
+
+def _webhook_key(value: bytes, where: str) -> tuple[bytes, str]:
+    """The HMAC key of a Standard Webhooks secret: `whsec_<base64>` is decoded, anything else used raw."""
+    if value.startswith(b"whsec_"):
+        try:
+            return base64.b64decode(value[6:], validate=True), ""
+        except ValueError:
+            return b"", f"{where}: a whsec_ secret must be base64 after the prefix"
+    return value, ""
+
+
+def _events(doc: Mapping[str, Any], base: EventSettings, has_sources: bool) -> EventSettings:
+    """Event settings; enabled by default only when a source is declared (no port opened otherwise)."""
+    return EventSettings(
+        enabled=doc.get("enabled", has_sources),
+        http_listen=doc.get("http_listen", base.http_listen),
+        rate_per_s=float(doc.get("rate_per_s", base.rate_per_s)),
+        batch=doc.get("batch", base.batch),
+        high_water=doc.get("high_water", base.high_water),
+        timestamp_tolerance_s=float(doc.get("timestamp_tolerance_s", base.timestamp_tolerance_s)),
+        max_body_bytes=doc.get("max_body_bytes", base.max_body_bytes),
+    )
 
 
 def _check_settings(s: Settings) -> list[str]:
@@ -348,6 +429,17 @@ def _check_settings(s: Settings) -> list[str]:
             problems.append(f"matching.blocked_patterns: {pattern!r} is not a regular expression: {exc}")
     for name, spec in s.attributes.items():
         problems += _check_attribute(name, spec)
+    for source in s.sources.values():
+        targets = list(source.field_map.values())
+        problems += [
+            f"sources.{source.name}.field_map: {crm} maps to {attr!r}, which is not a declared attribute"
+            for crm, attr in source.field_map.items()
+            if s.attributes and attr not in s.attributes
+        ]
+        problems += [
+            f"sources.{source.name}.field_map: several CRM fields map to {attr!r}"
+            for attr in sorted({a for a in targets if targets.count(a) > 1})
+        ]
     for view, fields in s.views.items():
         unknown = [f for f in fields if s.attributes and f not in s.attributes]
         if unknown:
@@ -404,6 +496,12 @@ def describe(s: Settings) -> str:
         f"idempotency retention {s.idempotency_retention_s:g}s"
     )
     lines.append(f"logging: payload {s.log_payload}, level {s.log_level}")
-    if s.sources:
-        lines.append("sources: " + ", ".join(sorted(s.sources)))
+    for src in sorted(s.sources.values(), key=lambda x: x.name):
+        missing = f"; UNRESOLVED: {', '.join(src.unresolved)} (its webhooks are refused)" if src.unresolved else ""
+        lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), {len(src.secrets)} secret(s){missing}")
+    ev = s.events
+    lines.append(
+        f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; apply {ev.rate_per_s:g}/s "
+        f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s"
+    )
     return "\n".join(lines)

@@ -107,6 +107,54 @@ class DeadlineExceeded(ResolverError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(ResolverError):
+    """A change event without a valid signature (missing headers, bad signature, stale or future timestamp)."""
+
+    reason = "INVALID_SIGNATURE"
+
+
+class UnknownSource(NotFound):
+    """A change event for a source system the blueprint does not declare."""
+
+    reason = "UNKNOWN_SOURCE"
+
+
+class InboxFull(ResolverError):
+    """The event inbox is above its high-water mark: retry after `retry_after_s` (back off)."""
+
+    reason = "INBOX_FULL"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EventRejected(ResolverError):
+    """A signed change event that cannot be applied: schema, mapping, value or apply failure.
+
+    `reason` is SCHEMA_INVALID, MAPPING_FAILED, INVALID_VALUE, UNKNOWN_RECORD, FIELD_OWNED_BY_OTHER_SOURCE,
+    RECORD_DELETED, ...; `dlq_id` is the dead letter it became (0 until stored).
+    """
+
+    reason = "EVENT_REJECTED"
+
+    def __init__(self, message: str, *, reason: str, violations: list[FieldViolation] | None = None,
+                 dlq_id: int = 0) -> None:
+        super().__init__(message, reason=reason)
+        self.violations = list(violations or [])
+        self.dlq_id = dlq_id
+
+
+class DeadLetterNotFound(NotFound):
+    reason = "DEAD_LETTER_NOT_FOUND"
+
+
+class Unavailable(ResolverError):
+    """The server is shutting down or cannot take the request now; retry (with the same key / webhook-id)."""
+
+    reason = "UNAVAILABLE"
+
+
 class ConfigError(Exception):
     """The blueprint (or command line) is invalid; `problems` lists every one, for a readable report."""
 

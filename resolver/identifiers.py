@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from resolver._hotpath import normalize_email, normalize_phone
 from resolver.config import Settings
 from resolver.errors import IdentifierError
-from resolver.normalize import Kind, Policy, mask, normalize_email, normalize_external_id, normalize_phone
+from resolver.normalize import Kind, Policy, mask, normalize_external_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from resolver.api.servicer import IdentityResolverServicer
 from resolver.config import Settings
+from resolver.events.runtime import Events
 from resolver.service import Service
 from resolver.v1 import resolver_pb2, resolver_pb2_grpc
 
@@ -40,23 +41,38 @@ class Running:
     service: Service
     health: health.HealthServicer
     port: int
+    events: Events | None = None
+
+    @property
+    def http_port(self) -> int:
+        """The webhook endpoint's port (0: none)."""
+        return self.events.http_port if self.events is not None else 0
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, let in-flight calls finish within `grace`, then close storage."""
         self.health.enter_graceful_shutdown()
+        if self.events is not None:
+            self.events.stop_intake()
         self.server.stop(self.service.settings.grace_period_s if grace is None else grace).wait()
+        if self.events is not None:
+            self.events.stop()
         self.service.close()
 
 
-def start(settings: Settings, *, sweeper: bool = True) -> Running:
-    """Open the store and start serving on settings.listen (port 0 picks a free port)."""
+def start(settings: Settings, *, sweeper: bool = True, applier: bool | None = None) -> Running:
+    """Open the store and start serving on settings.listen (port 0 picks a free port).
+
+    With events enabled, the webhook endpoint starts too; the event applier runs where the sweeper runs (one
+    per data directory) unless `applier` says otherwise.
+    """
     service = Service(settings)
+    events = Events(service) if settings.events.enabled else None
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[("grpc.so_reuseport", 1)],
     )
-    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service), server)
+    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service, events), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -65,17 +81,28 @@ def start(settings: Settings, *, sweeper: bool = True) -> Running:
     except RuntimeError as exc:
         service.close()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+    if events is not None:
+        try:
+            events.start(applier=sweeper if applier is None else applier)
+        except BaseException:
+            events.stop()
+            service.close()
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if sweeper:
         service.start_sweeper()
-    return Running(server, service, health_servicer, port)
+    return Running(server, service, health_servicer, port, events)
 
 
 def _host_port(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @contextmanager
@@ -129,16 +156,25 @@ def serve(settings: Settings, announce: Any = print) -> int:
     if settings.workers == 1:
         running = start(settings)
         host, _ = _host_port(settings.listen)
-        announce(f"resolver: serving on {host}:{running.port} (1 worker, data {settings.data_dir})")
+        hooks = ""
+        if running.http_port:
+            hooks = f", webhooks on http://{_host_port(settings.events.http_listen)[0]}:{running.http_port}"
+        announce(f"resolver: serving on {host}:{running.port} (1 worker, data {settings.data_dir}){hooks}")
         signum = _wait_for_signal()
         log.info("signal %d: shutting down (grace %.1fs)", signum, settings.grace_period_s)
         running.stop()
         return 0
 
     ctx = multiprocessing.get_context("spawn")
-    with reserve_port(settings.listen) as port:
+    http_listen = settings.events.http_listen if settings.events.enabled else ""
+    with reserve_port(settings.listen) as port, reserve_port(http_listen or "127.0.0.1:0") as http_port:
         host, _ = _host_port(settings.listen)
         pinned = settings.with_overrides(listen=f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        hooks = ""
+        if http_listen:  # every worker serves webhooks on the same port too
+            http_host, _ = _host_port(http_listen)
+            pinned = pinned.with_overrides(events=replace(settings.events, http_listen=_join(http_host, http_port)))
+            hooks = f", webhooks on http://{http_host}:{http_port}"
         ready = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(pinned, ready, i), name=f"resolver-worker-{i}")
                  for i in range(settings.workers)]
@@ -150,7 +186,7 @@ def serve(settings: Settings, announce: Any = print) -> int:
                 p.terminate()
             print(f"resolver: a worker failed to start: {failures[0]}", file=sys.stderr)
             return 1
-        announce(f"resolver: serving on {host}:{port} ({settings.workers} workers, data {settings.data_dir})")
+        announce(f"resolver: serving on {host}:{port} ({settings.workers} workers, data {settings.data_dir}){hooks}")
         signum = _wait_for_signal()
         log.info("signal %d: stopping %d workers", signum, len(procs))
         for p in procs:

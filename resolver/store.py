@@ -13,6 +13,13 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 | ledger      | idempotency key (UTF-8)           | {fp, exp_us, response} JSON    |
 | ledger_exp  | exp_us (8, big-endian) + key      | empty: the sweeper's order     |
 | changes     | sequence (8, big-endian)          | change JSON                    |
+| ev_inbox    | sequence (8, big-endian)          | event envelope (resolver.events.envelope) |
+| ev_dlq      | dead-letter id (8, big-endian)    | event envelope + reason        |
+| ev_ids      | source + NUL + webhook-id         | first outcome JSON (dedupe)    |
+| ev_ids_exp  | accepted µs (8, big-endian) + key | empty: the dedupe sweep's order |
+| ev_fields   | uuid (16) + attribute name        | event time of the value (8, big-endian µs) |
+| ev_tombs    | uuid (16)                         | tombstone JSON (DELETE events) |
+| ev_counters | counter name                      | count (8, big-endian)          |
 
 Index keys are hashes (resolver._hotpath.KeyHasher); every hit is confirmed against the identifiers
 stored in the candidate record, so a hash collision can never return a wrong customer.
@@ -42,6 +49,8 @@ FORMAT_VERSION = 1
 _U64 = struct.Struct(">Q")
 _INDEX_DBS = {Kind.EXTERNAL_ID: b"ix_external", Kind.EMAIL: b"ix_email", Kind.PHONE: b"ix_phone"}
 _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
+# CRM change events (resolver.events); a read-only open of an older store simply lacks them.
+EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_counters")
 
 
 def uuid_bytes(text: str) -> bytes:
@@ -71,7 +80,7 @@ class Store:
         self.env = lmdb.open(
             str(path),
             map_size=settings.map_size_mb * 1024 * 1024,
-            max_dbs=len(_PLAIN_DBS) + len(_INDEX_DBS) + 4,
+            max_dbs=len(_PLAIN_DBS) + len(EVENT_DBS) + len(_INDEX_DBS) + 4,
             max_readers=settings.max_readers,
             max_spare_txns=64,
             readonly=readonly,
@@ -88,6 +97,11 @@ class Store:
                 kind: self.env.open_db(name, txn=txn, dupsort=True, dupfixed=True, create=not readonly)
                 for kind, name in _INDEX_DBS.items()
             }
+            for name in EVENT_DBS:
+                try:
+                    self.db[name.decode()] = self.env.open_db(name, txn=txn, create=not readonly)
+                except lmdb.NotFoundError:
+                    pass  # read-only open of a store written before events existed
         with self.env.begin(write=not readonly) as txn:
             self._check_meta(txn, settings, readonly)
         self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)

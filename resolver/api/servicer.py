@@ -14,7 +14,8 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from resolver.api.status import internal_status, to_rpc_status, to_status
-from resolver.errors import ResolverError
+from resolver.errors import FailedPrecondition, ResolverError
+from resolver.events.runtime import Events
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped
 from resolver.resolve import ResolveInput, ResolveResult
 from resolver.service import Service
@@ -109,9 +110,30 @@ def upsert_input(req: pb.UpsertRequest) -> UpsertInput:
     )
 
 
+def dead_letter_pb(meta: dict[str, Any], body: bytes | None = None) -> pb.DeadLetter:
+    """A dead letter for the API: masked payload; the original bytes only when asked for."""
+    from resolver.events.dlq import masked_payload
+
+    d = pb.DeadLetter(id=meta["id"], source=meta["source"], reason=meta["reason"], detail=meta.get("detail", ""),
+                      webhook_id=meta["webhook_id"], headers=meta.get("headers", {}),
+                      masked_payload=meta.get("masked_payload") or (masked_payload(body) if body is not None else ""),
+                      attempts=meta.get("attempts", 1), origin=meta.get("origin", ""))
+    d.dead_lettered_at.FromMicroseconds(meta["dead_lettered_us"])
+    if body is not None:
+        d.body = body
+    return d
+
+
 class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, events: Events | None = None) -> None:
         self.service = service
+        self.events = events
+
+    def _events(self) -> Events:
+        if self.events is None:
+            raise FailedPrecondition("change events are disabled in this server's blueprint ([events] enabled)",
+                                     reason="EVENTS_DISABLED")
+        return self.events
 
     def _call(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
         try:
@@ -210,3 +232,54 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
                                     merged_uuids=r.merged_uuids, identifiers=_ids_pb(r.identifiers))
 
         return self._call(context, "Merge", run)
+
+    def IngestEvents(self, request: pb.IngestRequest, context: grpc.ServicerContext) -> pb.IngestResponse:
+        def run() -> pb.IngestResponse:
+            adm = self._events().admit(request.source, dict(request.headers), request.body)
+            return pb.IngestResponse(webhook_id=adm.webhook_id, duplicate=adm.duplicate,
+                                     inbox_sequence=adm.inbox_sequence)
+
+        return self._call(context, "IngestEvents", run)
+
+    def ListDeadLetters(self, request: pb.ListDeadLettersRequest,
+                        context: grpc.ServicerContext) -> pb.ListDeadLettersResponse:
+        def run() -> pb.ListDeadLettersResponse:
+            items = self._events().list_dead_letters(request.after_id, request.limit or 100)
+            return pb.ListDeadLettersResponse(dead_letters=[dead_letter_pb(m) for m in items])
+
+        return self._call(context, "ListDeadLetters", run)
+
+    def GetDeadLetter(self, request: pb.GetDeadLetterRequest, context: grpc.ServicerContext) -> pb.DeadLetter:
+        def run() -> pb.DeadLetter:
+            meta, body = self._events().get_dead_letter(request.id)
+            d = dead_letter_pb(meta, body)
+            if not request.include_body:
+                d.ClearField("body")
+            return d
+
+        return self._call(context, "GetDeadLetter", run)
+
+    def ReplayDeadLetter(self, request: pb.ReplayDeadLetterRequest,
+                         context: grpc.ServicerContext) -> pb.ReplayDeadLetterResponse:
+        def run() -> pb.ReplayDeadLetterResponse:
+            r = self._events().replay(request.id)
+            return pb.ReplayDeadLetterResponse(applied=r.applied, reason=r.reason, detail=r.detail,
+                                               customer_uuid=r.customer_uuid)
+
+        return self._call(context, "ReplayDeadLetter", run)
+
+    def DiscardDeadLetter(self, request: pb.DiscardDeadLetterRequest,
+                          context: grpc.ServicerContext) -> pb.DiscardDeadLetterResponse:
+        def run() -> pb.DiscardDeadLetterResponse:
+            self._events().discard(request.id)
+            return pb.DiscardDeadLetterResponse()
+
+        return self._call(context, "DiscardDeadLetter", run)
+
+    def GetEventCounters(self, request: pb.GetEventCountersRequest, context: grpc.ServicerContext) -> pb.EventCounters:
+        def run() -> pb.EventCounters:
+            snap = self._events().counters()
+            return pb.EventCounters(counters=snap["counters"], in_inbox=snap["in_inbox"], in_dlq=snap["in_dlq"],
+                                    conserved=snap["conserved"])
+
+        return self._call(context, "GetEventCounters", run)

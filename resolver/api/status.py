@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -20,6 +20,10 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.VersionMismatch, code_pb2.ABORTED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.InboxFull, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.EventRejected, code_pb2.INVALID_ARGUMENT),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
 ]
 
 
@@ -66,6 +70,20 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
         metadata["current_version"] = str(exc.current)
     elif isinstance(exc, errors.PermissionDenied):
         metadata["fields"] = ",".join(exc.fields)
+    elif isinstance(exc, errors.InboxFull):
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=exc.retry_after_s)))
+    elif isinstance(exc, errors.EventRejected):
+        if exc.dlq_id:
+            metadata["dead_letter_id"] = str(exc.dlq_id)
+        if exc.violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+                        for v in exc.violations
+                    ]
+                )
+            )
     details.insert(0, error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
     return status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
 

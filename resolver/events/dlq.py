@@ -1,0 +1,90 @@
+"""The dead-letter queue (contract §6): events that failed schema, mapping or apply, kept with their original
+bytes, redacted headers, source, reason and time; listed, shown masked, replayed or discarded by operators."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from resolver.errors import DeadLetterNotFound, EventRejected
+from resolver.events import counters, envelope
+from resolver.normalize import Kind, mask
+
+_U64 = struct.Struct(">Q")
+
+
+def key(dlq_id: int) -> bytes:
+    return _U64.pack(dlq_id)
+
+
+def put(txn: Any, db: Any, meta: dict[str, Any], body: bytes, exc: EventRejected, *, origin: str,
+        now_us: int) -> int:
+    """Store a dead letter in the caller's write transaction; its id (1, 2, ...)."""
+    with txn.cursor(db=db) as cur:
+        dlq_id = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
+    entry = {**meta, "id": dlq_id, "reason": exc.reason, "detail": _detail(exc), "dead_lettered_us": now_us,
+             "origin": origin, "attempts": meta.get("attempts", 0) + 1}
+    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body), db=db, append=True)
+    return dlq_id
+
+
+def _detail(exc: EventRejected) -> str:
+    parts = [exc.message] + [f"{v.field}: {v.description}" for v in exc.violations]
+    return "; ".join(parts)
+
+
+def get(txn: Any, db: Any, dlq_id: int) -> tuple[dict[str, Any], bytes]:
+    raw = txn.get(_U64.pack(dlq_id), db=db)
+    if raw is None:
+        raise DeadLetterNotFound(f"no dead letter {dlq_id} (never existed, replayed or discarded)")
+    return envelope.decode(raw)
+
+
+def iterate(txn: Any, db: Any, after: int = 0) -> Iterator[tuple[dict[str, Any], bytes]]:
+    with txn.cursor(db=db) as cur:
+        if cur.set_range(_U64.pack(after + 1)):
+            for _, raw in cur:
+                yield envelope.decode(raw)
+
+
+def discard(txn: Any, store: Any, dlq_id: int) -> None:
+    get(txn, store.db["ev_dlq"], dlq_id)
+    txn.delete(_U64.pack(dlq_id), db=store.db["ev_dlq"])
+    counters.add(txn, store.db["ev_counters"], {"discarded": 1})
+
+
+def update(txn: Any, db: Any, dlq_id: int, meta: dict[str, Any], body: bytes, exc: EventRejected, now_us: int) -> None:
+    """A replay failed again: keep the entry with the new reason and one more attempt."""
+    entry = {**meta, "reason": exc.reason, "detail": _detail(exc), "dead_lettered_us": now_us,
+             "attempts": meta.get("attempts", 1) + 1}
+    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body), db=db)
+
+
+def masked_payload(body: bytes) -> str:
+    """The payload with record_id and every value masked (never a raw identifier or attribute value)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"(not JSON: {len(body)} bytes)"
+    if not isinstance(doc, dict):
+        return f"(JSON {type(doc).__name__}: {len(body)} bytes)"
+    out = {k: (v if k in ("event_type", "source_system", "timestamp", "object_type") else _mask(v))
+           for k, v in doc.items() if k != "change_set"}
+    cs = doc.get("change_set")
+    if isinstance(cs, dict):
+        out["change_set"] = {f: ({k: _mask(x) for k, x in v.items()} if isinstance(v, dict) else _mask(v))
+                             for f, v in cs.items()}
+    elif cs is not None:
+        out["change_set"] = _mask(cs)
+    return orjson.dumps(out).decode()
+
+
+def _mask(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return mask(Kind.EXTERNAL_ID, value)
+    return "***"

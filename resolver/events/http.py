@@ -1,0 +1,145 @@
+"""The HTTP transport: `POST /v1/webhooks/{source}` on its own port, served by aiohttp in a background thread
+with its own event loop (so it never holds the gRPC threads). The blocking admission (an LMDB write
+transaction, synced) runs in a small thread pool; the answer is sent only after it committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+
+from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
+from resolver.events.inbox import Ingestor
+
+log = logging.getLogger("resolver.events.http")
+ADMISSION_THREADS = 4
+COUNTER_FLUSH_S = 1.0
+
+
+def _json(code: int, /, **body: Any) -> web.Response:
+    return web.json_response(body, status=code)
+
+
+class HttpEndpoint:
+    """Start with `start()` (returns once listening; `port` is the bound port), stop with `stop()`."""
+
+    def __init__(self, ingestor: Ingestor, listen: str, max_body_bytes: int) -> None:
+        self.ingestor = ingestor
+        self.listen = listen
+        self.max_body_bytes = max_body_bytes
+        self.port = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=ADMISSION_THREADS, thread_name_prefix="webhook")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        source = request.match_info["source"]
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _json(413, error="TOO_LARGE", message=f"at most {self.max_body_bytes} bytes")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        loop = asyncio.get_running_loop()
+        try:
+            adm = await loop.run_in_executor(self._pool, self.ingestor.admit, source, headers, body)
+        except Unauthenticated as exc:
+            return _json(401, error=exc.reason, message=exc.message)
+        except UnknownSource as exc:
+            return _json(404, error=exc.reason, message=exc.message)
+        except Unavailable as exc:
+            return _json(503, error=exc.reason, message=exc.message)
+        except InboxFull as exc:
+            resp = _json(429, error=exc.reason, message=exc.message, retry_after_s=exc.retry_after_s)
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+            return resp
+        except EventRejected as exc:
+            return _json(413 if exc.reason == "TOO_LARGE" else 400, error=exc.reason, message=exc.message,
+                         dead_letter_id=exc.dlq_id,
+                         violations=[{"field": v.field, "reason": v.reason, "description": v.description}
+                                     for v in exc.violations])
+        except Exception:
+            log.exception("webhook admission failed")
+            return _json(500, error="INTERNAL", message="internal error")
+        return _json(adm.http_status, status="duplicate" if adm.duplicate else "accepted", webhook_id=adm.webhook_id,
+                     inbox_sequence=adm.inbox_sequence)
+
+    async def _flush_counters(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(COUNTER_FLUSH_S)
+            try:
+                await loop.run_in_executor(self._pool, self.ingestor.flush)
+            except Exception:
+                log.exception("flushing event counters failed")
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        host, _, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen for webhooks on {self.listen}: {exc.strerror}") from None
+        self.port = sock.getsockname()[1]
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_post("/v1/webhooks/{source}", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+            flusher = asyncio.create_task(self._flush_counters())
+            self._ready.set()
+            await self._stopping.wait()
+            flusher.cancel()
+            try:
+                await flusher
+            except asyncio.CancelledError:
+                pass
+        finally:
+            await runner.cleanup()
+            sock.close()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._ready.set()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread = threading.Thread(target=self._run, name="webhook-http", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise OSError(f"the webhook endpoint did not start within {timeout:g}s")
+        if self._error is not None:
+            self._pool.shutdown()
+            raise self._error
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._pool.shutdown(wait=True)
+        self.ingestor.flush()

@@ -1,0 +1,86 @@
+"""The events subsystem of one server process: admission (both transports), the applier, DLQ administration."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from resolver.errors import DeadLetterNotFound
+from resolver.events import counters, dlq
+from resolver.events.applier import Applier, ReplayResult, replay
+from resolver.events.http import HttpEndpoint
+from resolver.events.inbox import Admission, Ingestor
+from resolver.service import Service
+
+log = logging.getLogger("resolver.events")
+
+
+class Events:
+    """Built by the server from the Service; `start(applier=...)` / `stop()` with it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.store = service.store
+        self.settings = service.settings
+        self.ingestor = Ingestor(self.store, self.settings, service.schema)
+        self.applier: Applier | None = None
+        self.http: HttpEndpoint | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
+
+    def start(self, *, applier: bool) -> None:
+        for src in self.settings.sources.values():
+            if src.unresolved or not src.secrets:
+                log.warning("source %s has no usable webhook secret (unresolved: %s): its events are refused",
+                            src.name, ", ".join(src.unresolved) or "none configured")
+        if self.settings.events.http_listen:
+            self.http = HttpEndpoint(self.ingestor, self.settings.events.http_listen, self.settings.events.max_body_bytes)
+            self.http.start()
+        if applier:
+            self.applier = Applier(self.store, self.settings, self.service.schema, on_idle=self.ingestor.flush)
+            self.applier.start()
+
+    def stop_intake(self) -> None:
+        """Stop accepting webhooks (before the gRPC server stops)."""
+        if self.http is not None:
+            self.http.stop()
+
+    def stop(self) -> None:
+        self.stop_intake()
+        self.ingestor.close()
+        if self.applier is not None:
+            self.applier.stop()
+        self.ingestor.flush()
+
+    # -- the use cases the transports and the CLI share ---------------------------------------------------------
+    def admit(self, source: str, headers: dict[str, str], body: bytes) -> Admission:
+        return self.ingestor.admit(source, headers, body)
+
+    def replay(self, dlq_id: int) -> ReplayResult:
+        return replay(self.store, self.settings, self.service.schema, dlq_id)
+
+    def discard(self, dlq_id: int) -> None:
+        with self.store.write() as view:
+            dlq.discard(view.txn, self.store, dlq_id)
+
+    def list_dead_letters(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        out = []
+        with self.store.read() as view:
+            for meta, body in dlq.iterate(view.txn, self.store.db["ev_dlq"], after):
+                out.append({**meta, "masked_payload": dlq.masked_payload(body), "size": len(body)})
+                if len(out) >= limit:
+                    break
+        return out
+
+    def get_dead_letter(self, dlq_id: int) -> tuple[dict[str, Any], bytes]:
+        with self.store.read() as view:
+            if "ev_dlq" not in self.store.db:
+                raise DeadLetterNotFound(f"no dead letter {dlq_id}")
+            return dlq.get(view.txn, self.store.db["ev_dlq"], dlq_id)
+
+    def counters(self) -> dict[str, Any]:
+        self.ingestor.flush()
+        with self.store.read() as view:
+            return counters.snapshot(view.txn, self.store)

@@ -44,24 +44,7 @@ SEED_ID = "a1B2c3D4e5F6g7H8"
 WAIT_S = 15.0
 
 # The seed's example payload, byte for byte.
-SEED_PAYLOAD = b"""{
-  "event_type": "UPDATE",
-  "source_system": "SALESFORCE",
-  "timestamp": "2023-10-27T14:30:00Z",
-  "record_id": "a1B2c3D4e5F6g7H8",
-  "object_type": "Account",
-  "change_set": {
-    "Customer_Status__c": {
-      "old_value": "Active",
-      "new_value": "Churned"
-    },
-    "Credit_Limit__c": {
-      "old_value": 5000,
-      "new_value": 0
-    }
-  },
-  "signature": "SHA256_HASH_STRING_HERE"
-}"""
+SEED_PAYLOAD = (Path(__file__).resolve().parents[1] / "fixtures" / "seed_event.json").read_bytes()
 
 
 def blueprint(*, field_map: str = "", rate: int = 500, batch: int = 50, high_water: int = 1000) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from resolver.attributes import AttributeSchema
@@ -11,24 +13,7 @@ from resolver.events import envelope
 from resolver.events.dlq import masked_payload
 from resolver.events.format import interpret
 
-SEED = b"""{
-  "event_type": "UPDATE",
-  "source_system": "SALESFORCE",
-  "timestamp": "2023-10-27T14:30:00Z",
-  "record_id": "a1B2c3D4e5F6g7H8",
-  "object_type": "Account",
-  "change_set": {
-    "Customer_Status__c": {
-      "old_value": "Active",
-      "new_value": "Churned"
-    },
-    "Credit_Limit__c": {
-      "old_value": 5000,
-      "new_value": 0
-    }
-  },
-  "signature": "SHA256_HASH_STRING_HERE"
-}"""
+SEED = (Path(__file__).resolve().parents[1] / "fixtures" / "seed_event.json").read_bytes()  # the seed's example, byte for byte
 
 DOC = {
     "attributes": {"status": {"type": "string", "enum": ["Active", "Churned"]}, "credit_limit": {"type": "number"}},

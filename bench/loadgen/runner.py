@@ -1,0 +1,332 @@
+"""Run phases of open-loop load from client processes; merge their histograms; read the server's CPU.
+
+A phase is (target, scenario, rate, duration, schedule). Every client process runs every phase at rate/N,
+on one shared timeline of absolute CLOCK_MONOTONIC times set by the parent, so phases of different
+scenarios (a Resolve window, then a health window, ...) alternate against the same server in one run.
+Each request's latency is its completion time minus its *intended* send time; a client that falls behind
+sends late and the lateness is charged to the request, never skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from bench.loadgen.procstat import tree_cpu_seconds
+from bench.loadgen.schedule import intended_offsets
+from bench.loadgen.workload import Data
+
+# latencies in µs, 1 µs .. 60 s, 3 significant digits
+LOWEST, HIGHEST, DIGITS = 1, 60_000_000, 3
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+CURVE = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)
+PR_SET_TIMERSLACK = 29
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST, HIGHEST, DIGITS)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One window of load. `record=False` phases (warm-up) are sent but not reported."""
+
+    label: str
+    scenario: str
+    rate: float
+    duration_s: float
+    target: str = "127.0.0.1:50051"
+    schedule: str = "uniform"
+    server_pid: int = 0  # whose CPU to read (and its descendants); 0: not measured
+    timeout_s: float = 1.0
+    record: bool = True
+    gap_s: float | None = None  # pause after this phase for in-flight calls to drain (None: the run's default)
+
+
+@dataclass
+class PhaseResult:
+    """What one phase (or several phases merged under one label) measured, across every client process."""
+
+    label: str
+    scenario: str
+    offered_rate: float
+    duration_s: float
+    intended: int = 0  # requests the schedule called for
+    sent: int = 0
+    completed: int = 0  # answered, with any status
+    ok: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    server_cpu_s: float | None = None
+    late_sends: int = 0  # sends more than 1 ms after their intended time (the client fell behind)
+    send_span_s: float = 0.0  # from the phase start to the last send plus one interval (the slowest client's)
+    histogram: str = ""  # encoded HdrHistogram of latency (µs, from intended send time)
+    lag_histogram: str = ""  # encoded HdrHistogram of send lag (µs): pacing accuracy
+    phases: int = 1
+
+    # -- derived figures ---------------------------------------------------------------------------------
+
+    def hist(self) -> HdrHistogram:
+        return HdrHistogram.decode(self.histogram) if self.histogram else new_histogram()
+
+    def lag(self) -> HdrHistogram:
+        return HdrHistogram.decode(self.lag_histogram) if self.lag_histogram else new_histogram()
+
+    @property
+    def achieved_rate(self) -> float:
+        """Completed requests per second of the intended duration, or of the time sending really took if the
+        clients fell behind (then the rate is lower than offered, as it should be)."""
+        span = max(self.duration_s, self.send_span_s)
+        return self.completed / span if span else 0.0
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return {k: v for k, v in self.codes.items() if k != "OK"}
+
+    @property
+    def cpu_per_request_us(self) -> float | None:
+        if self.server_cpu_s is None or not self.completed:
+            return None
+        return self.server_cpu_s / self.completed * 1e6
+
+    def summary(self) -> dict[str, Any]:
+        """The machine-readable figures (latencies in ms), with the percentile curve for plots."""
+        h, lag = self.hist(), self.lag()
+        ms = {f"p{p:g}": h.get_value_at_percentile(p) / 1000 for p in PERCENTILES}
+        return {
+            "label": self.label, "scenario": self.scenario, "phases": self.phases,
+            "offered_rate": self.offered_rate, "achieved_rate": round(self.achieved_rate, 1),
+            "duration_s": self.duration_s, "send_span_s": round(self.send_span_s, 3), "intended": self.intended,
+            "sent": self.sent,
+            "completed": self.completed, "ok": self.ok, "errors": self.errors,
+            "latency_ms": ms | {"max": h.get_max_value() / 1000, "mean": round(h.get_mean_value() / 1000, 4)},
+            "curve_ms": [[p, h.get_value_at_percentile(p) / 1000 if p < 100 else h.get_max_value() / 1000]
+                         for p in CURVE],
+            "send_lag_us": {"p50": lag.get_value_at_percentile(50), "p99": lag.get_value_at_percentile(99),
+                            "p99.9": lag.get_value_at_percentile(99.9), "max": lag.get_max_value()},
+            "late_sends": self.late_sends,
+            "server_cpu_s": self.server_cpu_s,
+            "server_cpu_per_request_us": None if self.cpu_per_request_us is None else round(self.cpu_per_request_us, 1),
+        }
+
+    def merge(self, other: PhaseResult) -> None:
+        """Fold another result of the same label into this one (histograms added, counts summed)."""
+        h = self.hist()
+        h.add(other.hist())
+        lag = self.lag()
+        lag.add(other.lag())
+        self.histogram, self.lag_histogram = h.encode().decode(), lag.encode().decode()
+        self.duration_s += other.duration_s
+        self.intended += other.intended
+        self.sent += other.sent
+        self.completed += other.completed
+        self.ok += other.ok
+        self.late_sends += other.late_sends
+        self.send_span_s += other.send_span_s
+        self.codes = dict(Counter(self.codes) + Counter(other.codes))
+        if self.server_cpu_s is not None and other.server_cpu_s is not None:
+            self.server_cpu_s += other.server_cpu_s
+        else:
+            self.server_cpu_s = None
+        self.phases += other.phases
+
+
+# -- the client process ----------------------------------------------------------------------------------
+
+
+def _fine_timer_slack() -> None:
+    """Ask Linux for 1 µs timer slack on this thread (default 50 µs), so sleeps end when asked."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str, seed: int,
+            ready: Any, start: Any, results: Any) -> None:
+    """One client process: connect, report ready, wait for the timeline, send every phase, report."""
+    import grpc
+
+    from bench.loadgen.workload import CODECS, requests
+
+    _fine_timer_slack()
+    channels: dict[str, Any] = {}
+    calls: dict[tuple[str, str], Any] = {}
+    streams: dict[str, Any] = {}
+    try:
+        for ph in phases:
+            if ph.target not in channels:
+                ch = grpc.insecure_channel(ph.target)
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=15)
+                except grpc.FutureTimeoutError:
+                    raise ConnectionError(f"cannot connect to {ph.target} within 15 s") from None
+                channels[ph.target] = ch
+            if ph.scenario not in streams:
+                streams[ph.scenario] = requests(ph.scenario, data, part=part, parts=parts, run_id=run_id,
+                                                seed=seed * 1000 + part)
+        for target, ch in channels.items():
+            for method, (ser, de) in CODECS.items():
+                calls[target, method] = ch.unary_unary(method, request_serializer=ser, response_deserializer=de)
+        # one warm call per target and method in use, so the first measured request pays no connection setup
+        for ph in phases:
+            method, req = next(streams[ph.scenario])
+            try:
+                calls[ph.target, method](req, timeout=5)
+            except grpc.RpcError:
+                pass
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        ready.put((part, f"{type(exc).__name__}: {exc}"))
+        return
+    ready.put((part, None))
+    t0, gaps = start.get()  # absolute monotonic ns of the first phase, gap between phases (ns)
+
+    done: list[tuple[int, int, int, Any]] = []  # (phase index, intended ns, done ns, code) appended by callbacks
+    outstanding = [0]
+    lock = threading.Condition()
+
+    def finished(fut: Any, index: int, intended: int) -> None:
+        now = time.monotonic_ns()
+        done.append((index, intended, now, fut.code()))
+        with lock:
+            outstanding[0] -= 1
+            if outstanding[0] == 0:
+                lock.notify_all()
+
+    sent = [0] * len(phases)
+    spans = [0.0] * len(phases)
+    intended_counts = [0] * len(phases)
+    lag = [new_histogram() for _ in phases]
+    late = [0] * len(phases)
+    begin = t0
+    for index, ph in enumerate(phases):
+        offsets = intended_offsets(ph.rate / parts, ph.duration_s, ph.schedule, seed=seed * 7919 + part * 31 + index,
+                                   phase=part / parts if ph.schedule == "uniform" else 1.0)
+        intended_counts[index] = len(offsets)
+        stream = streams[ph.scenario]
+        timeout = ph.timeout_s
+        h_lag, sleep, clock = lag[index], time.sleep, time.monotonic_ns
+        for off in offsets:
+            when = begin + off
+            method, req = next(stream)
+            now = clock()
+            if when > now:
+                sleep((when - now) / 1e9)
+                now = clock()
+            late_ns = now - when
+            if late_ns > 1_000_000:
+                late[index] += 1
+            h_lag.record_value(max(late_ns // 1000, LOWEST))
+            with lock:
+                outstanding[0] += 1
+            fut = calls[ph.target, method].future(req, timeout=timeout)
+            fut.add_done_callback(lambda f, i=index, w=when: finished(f, i, w))
+            sent[index] += 1
+        if sent[index]:
+            spans[index] = (clock() - begin) / 1e9 + parts / ph.rate
+        begin += int(ph.duration_s * 1e9) + (gaps if ph.gap_s is None else int(ph.gap_s * 1e9))
+    with lock:
+        lock.wait_for(lambda: outstanding[0] == 0, timeout=max(p.timeout_s for p in phases) + 5)
+
+    out = []
+    hists = [new_histogram() for _ in phases]
+    codes: list[Counter[str]] = [Counter() for _ in phases]
+    for index, intended, finish, code in list(done):
+        hists[index].record_value(max((finish - intended) // 1000, LOWEST))
+        codes[index][code.name] += 1
+    for index, ph in enumerate(phases):
+        c = codes[index]
+        out.append(PhaseResult(
+            label=ph.label, scenario=ph.scenario, offered_rate=ph.rate, duration_s=ph.duration_s,
+            intended=intended_counts[index], sent=sent[index], completed=sum(c.values()), ok=c.get("OK", 0),
+            codes=dict(c), late_sends=late[index], send_span_s=spans[index], histogram=hists[index].encode().decode(),
+            lag_histogram=lag[index].encode().decode(),
+        ))
+    results.put((part, out))
+    for ch in channels.values():
+        ch.close()
+
+
+# -- the parent ------------------------------------------------------------------------------------------
+
+
+def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = None, gap_s: float = 0.3,
+               seed: int = 1, run_id: str | None = None, lead_s: float = 0.5) -> list[PhaseResult]:
+    """Run `phases` back to back (with `gap_s` between them for in-flight calls to drain) from `clients`
+    processes; return one merged result per recorded phase, with the server's CPU seconds read around it."""
+    if not phases:
+        return []
+    ctx = multiprocessing.get_context("spawn")
+    ready, results = ctx.Queue(), ctx.Queue()
+    starts = [ctx.Queue() for _ in range(clients)]
+    run_id = run_id or uuid.uuid4().hex[:8]
+    procs = [ctx.Process(target=_client, name=f"loadgen-{i}",
+                         args=(i, clients, phases, data or Data(), run_id, seed, ready, starts[i], results))
+             for i in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        problems = [err for _, err in (ready.get(timeout=120) for _ in procs) if err]
+        if problems:
+            raise RuntimeError(f"a load client failed to start: {problems[0]}")
+        gap = int(gap_s * 1e9)
+        t0 = time.monotonic_ns() + int(lead_s * 1e9)
+        for q in starts:
+            q.put((t0, gap))
+        cpu: list[float | None] = []
+        at = t0
+        for ph in phases:
+            _sleep_until(at)
+            before = tree_cpu_seconds(ph.server_pid) if ph.server_pid else None
+            after_gap = gap if ph.gap_s is None else int(ph.gap_s * 1e9)
+            at += int(ph.duration_s * 1e9) + after_gap
+            _sleep_until(at - after_gap // 10)
+            after = tree_cpu_seconds(ph.server_pid) if ph.server_pid else None
+            cpu.append(None if before is None or after is None else after - before)
+        deadline = max(p.timeout_s for p in phases) + 60
+        parts = [results.get(timeout=deadline) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    merged: list[PhaseResult] = []
+    for index in range(len(phases)):
+        per_client = [out[index] for _, out in sorted(parts, key=lambda x: x[0])]
+        first = per_client[0]
+        for other in per_client[1:]:
+            span = max(first.send_span_s, other.send_span_s)
+            first.merge(other)
+            first.phases, first.duration_s, first.send_span_s = 1, phases[index].duration_s, span
+        first.server_cpu_s = cpu[index]
+        merged.append(first)
+    return [r for r, ph in zip(merged, phases, strict=True) if ph.record]
+
+
+def by_label(results: list[PhaseResult]) -> dict[str, PhaseResult]:
+    """Merge recorded phases that share a label (e.g. alternating Resolve and health windows)."""
+    out: dict[str, PhaseResult] = {}
+    for r in results:
+        if r.label in out:
+            out[r.label].merge(r)
+        else:
+            out[r.label] = PhaseResult(**asdict(r))
+    return out
+
+
+def _sleep_until(t_ns: int) -> None:
+    delay = (t_ns - time.monotonic_ns()) / 1e9
+    if delay > 0:
+        time.sleep(delay)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

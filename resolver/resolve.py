@@ -22,7 +22,7 @@ from resolver.store import Store, View, uuid_bytes
 HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResolveInput:
     identifiers: RawIdentifiers
     default_region: str = ""

@@ -61,18 +61,28 @@ def _skipped_pb(items: list[Skipped] | tuple[Skipped, ...]) -> list[pb.SkippedId
 
 
 def resolve_response(r: ResolveResult) -> pb.ResolveResponse:
-    return pb.ResolveResponse(
+    # Built in place and only with what is there: this runs on every Resolve (about half the cost of the
+    # keyword-argument form with empty lists and a separately built Struct).
+    resp = pb.ResolveResponse(
         outcome=_OUTCOMES[r.outcome],
         customer_uuid=r.customer_uuid,
         matched_on=pb.MatchKind.ValueType(r.matched_on.value if r.matched_on is not None else 0),
         version=r.version,
-        attributes=_struct(r.attributes),
-        candidates=[pb.Candidate(customer_uuid=u, attributes=_struct(a)) for u, a in r.candidates],
-        conflicts=r.conflicts,
-        probes=[pb.Probe(kind=pb.MatchKind.ValueType(p.kind.value), masked_value=p.masked,
-                         result=pb.ProbeResult.ValueType(p.result), hits=p.hits) for p in r.probes],
-        skipped=_skipped_pb(r.skipped),
     )
+    if r.attributes:
+        resp.attributes.update(r.attributes)
+    for uuid, attributes in r.candidates:
+        candidate = resp.candidates.add(customer_uuid=uuid)
+        if attributes:
+            candidate.attributes.update(attributes)
+    if r.conflicts:
+        resp.conflicts.extend(r.conflicts)
+    for p in r.probes:
+        resp.probes.add(kind=pb.MatchKind.ValueType(p.kind.value), masked_value=p.masked,
+                        result=pb.ProbeResult.ValueType(p.result), hits=p.hits)
+    if r.skipped:
+        resp.skipped.extend(_skipped_pb(r.skipped))
+    return resp
 
 
 def upsert_response(r: UpsertResult) -> pb.UpsertResponse:

@@ -12,8 +12,9 @@ from resolver.config import Settings
 from resolver.errors import DeadlineExceeded
 from resolver.identifiers import policy_from
 from resolver.resolve import Resolver
-from resolver.store import Store
-from resolver.upsert import UpsertInput, UpsertResult, apply, prepare
+from resolver.store import Store, View
+from resolver.upsert import UpsertCommand, UpsertInput, UpsertResult, apply, prepare
+from resolver.writer import Writer
 
 log = logging.getLogger("resolver.service")
 
@@ -25,15 +26,16 @@ def now_us() -> int:
 class Service:
     """Resolve, Upsert and GetCustomer over the data directory named in `settings`."""
 
-    def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings, readonly=readonly)
+        self.store = Store(settings)
         self.schema = AttributeSchema(settings)
         self.policy = policy_from(settings)
         self.resolver = Resolver(self.store, settings, self.schema, self.policy)
         self.resolve = self.resolver.resolve
         self.resolve_many = self.resolver.resolve_many
         self.get_customer = self.resolver.get_customer
+        self.writer = Writer(self.store)
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -42,8 +44,10 @@ class Service:
         cmd = prepare(inp, self.settings, self.schema, self.policy, now_us=now_us())
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
-        with self.store.write() as view:
-            return apply(view, cmd, self.settings)
+        return self.writer.submit(self._apply_upsert, cmd)
+
+    def _apply_upsert(self, view: View, cmd: UpsertCommand) -> UpsertResult:
+        return apply(view, cmd, self.settings)
 
     def merge(self, key: str, survivor: str, merged: list[str], source_system: str = "",
               deadline: float | None = None) -> merging.MergeResult:
@@ -51,8 +55,7 @@ class Service:
         cmd = merging.prepare(key, survivor, merged, source_system, self.settings, now_us=now_us())
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the merge started; nothing was written")
-        with self.store.write() as view:
-            return merging.apply(view, cmd)
+        return self.writer.submit(merging.apply, cmd)
 
     def sweep_ledger(self, now: int | None = None, batch: int = 1000) -> int:
         """Delete expired idempotency entries in write transactions of up to `batch`; how many were deleted."""
@@ -84,4 +87,5 @@ class Service:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
+        self.writer.close()
         self.store.close()

@@ -264,3 +264,32 @@ def test_acknowledged_write_survives_a_restart(make_server, settings, server, st
 
         r = resolver_pb2_grpc.IdentityResolverStub(ch).Resolve(resolve_req(phones=(phone(61),)))
     assert (r.outcome, r.customer_uuid) == (pb.OUTCOME_MATCHED, a.customer_uuid)
+
+
+def test_concurrent_writes_fail_and_succeed_independently(stub, server):  # noqa: ANN001
+    """Group commit: commands sharing a write transaction still succeed or fail each on its own."""
+    holder = stub.Upsert(upsert_req(external_id="GC-HELD"))
+    others = [stub.Upsert(upsert_req(emails=(f"gc{i}@example.com",))).customer_uuid for i in range(10)]
+    before = counts(server)
+
+    def write(i: int):  # noqa: ANN202
+        if i % 3 == 0:  # tries to take an external_id held by another customer
+            req = upsert_req(customer_uuid=others[i % 10], external_id="GC-HELD", attributes={"name": f"bad{i}"})
+        else:
+            req = upsert_req(external_id=f"GC-{i}", attributes={"name": f"ok{i}"})
+        try:
+            return stub.Upsert(req).action
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    with ThreadPoolExecutor(30) as pool:
+        results = list(pool.map(write, range(60)))
+    assert results.count(grpc.StatusCode.ALREADY_EXISTS) == 20
+    assert results.count(pb.ACTION_CREATED) == 40
+    after = counts(server)
+    assert after["records"] == before["records"] + 40
+    assert after["changes"] == before["changes"] + 40
+    r = stub.Resolve(resolve_req(external_id="GC-HELD"))
+    assert r.customer_uuid == holder.customer_uuid
+    for uuid in others:  # none of the refused writes touched its target
+        assert stub.GetCustomer(pb.GetCustomerRequest(customer_uuid=uuid)).version == 1

@@ -116,7 +116,7 @@ def handler_times(data_dir: Path, config: str, dsn: str, queries: str, n: int = 
     with open(queries, encoding="utf-8") as f:
         reqs = [resolve_request(json.loads(line)) for _, line in zip(range(n), f, strict=False)]
     settings = load_settings(config, data_dir=str(data_dir))
-    svc = Service(settings, readonly=True)
+    svc = Service(settings)
     inputs = [ResolveInput(RawIdentifiers(r.identifiers.external_id, tuple(r.identifiers.emails),
                                           tuple(r.identifiers.phones)), r.default_region) for r in reqs]
     peer = PeerResolver(dsn, settings)

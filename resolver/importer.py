@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -61,8 +62,9 @@ from resolver.identifiers import RawIdentifiers, policy_from
 from resolver.normalize import check_region
 from resolver.service import Service, now_us
 from resolver.store import View
-from resolver.upsert import UpsertCommand, UpsertInput, apply, prepare
+from resolver.upsert import UpsertCommand, UpsertInput, UpsertResult, apply, prepare
 from resolver.v1 import resolver_pb2 as pb
+from resolver.writer import apply_nested
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 KEY_PREFIX = "import:"
@@ -679,22 +681,14 @@ class Importer:
         counts = Tally()
         if batch:
             store, settings = self.store, self.settings
-            begin = store.env.begin
+            run = functools.partial(_apply_row, settings)
             with store.write() as view:
-                parent = view.txn
                 for number, original, cmd in batch:
-                    child = begin(write=True, parent=parent)
                     try:
-                        # a fresh View per row: its record cache must never outlive an aborted child
-                        result = apply(View(store, child), cmd, settings)
+                        result = apply_nested(store, view, run, cmd)
                     except ResolverError as exc:
-                        child.abort()
                         refused.append((number, original, reasons_for(exc)))
                         continue
-                    except BaseException:
-                        child.abort()
-                        raise
-                    child.commit()
                     if result.replayed:
                         counts.replayed += 1
                     elif result.action == "CREATED":
@@ -722,6 +716,10 @@ class Importer:
         if self._rejects is None:
             self._rejects = open(self.rejects_path, "w", encoding="utf-8")
         return self._rejects
+
+
+def _apply_row(settings: Settings, view: View, cmd: UpsertCommand) -> UpsertResult:
+    return apply(view, cmd, settings)
 
 
 def _chunks(items: Iterator[Raw], size: int) -> Iterator[list[Raw]]:

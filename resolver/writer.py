@@ -25,6 +25,20 @@ MAX_BATCH = 256
 _STOP = object()
 
 
+def apply_nested(store: Store, parent: View, fn: Callable[[View, Any], T], command: Any) -> T:
+    """Run `fn(view, command)` in a nested transaction of `parent`: kept if it returns, rolled back alone
+    if it raises (the exception propagates). Each command gets a fresh View, so no record cached by an
+    aborted command survives it."""
+    child = store.env.begin(write=True, parent=parent.txn)
+    try:
+        result = fn(View(store, child), command)
+    except BaseException:
+        child.abort()
+        raise
+    child.commit()
+    return result
+
+
 class Writer:
     """Applies `fn(view, command)` for submitted commands, in submission order, in batched transactions."""
 
@@ -67,21 +81,13 @@ class Writer:
         try:
             with self.store.write() as view:
                 for fn, command, future in batch:
-                    child = self.store.env.begin(write=True, parent=view.txn)
                     try:
-                        # a fresh View per command: its record cache must not outlive an aborted child
-                        result = fn(View(self.store, child), command)
+                        outcomes.append((future, True, apply_nested(self.store, view, fn, command)))
                     except ResolverError as exc:
-                        child.abort()
                         outcomes.append((future, False, exc))
-                        continue
                     except Exception as exc:  # a bug in one command must not sink the others
-                        child.abort()
                         log.exception("a write command failed with an internal error")
                         outcomes.append((future, False, exc))
-                        continue
-                    child.commit()
-                    outcomes.append((future, True, result))
         except Exception as exc:  # the batch's commit failed: nothing of it is durable
             log.exception("a write batch failed to commit")
             for _, _, future in batch:

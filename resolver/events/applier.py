@@ -25,6 +25,7 @@ from resolver.events.apply import Applied, apply_event
 from resolver.events.format import interpret
 from resolver.events.inbox import dedupe_key, remember, sweep_ids
 from resolver.store import Store, View
+from resolver.writer import apply_nested
 
 log = logging.getLogger("resolver.events")
 
@@ -45,14 +46,9 @@ def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settin
             schema: AttributeSchema, now_us: int) -> Applied:
     """Interpret and apply one stored event in a transaction nested in `parent`; EventRejected if it cannot be."""
     ev = interpret(meta["source"], meta["webhook_id"], body, settings, schema)
-    child = store.env.begin(write=True, parent=parent)
-    try:
-        result = apply_event(View(store, child), ev, schema, now_us=now_us, new_uuid=str(uuidlib.uuid4()))
-    except BaseException:
-        child.abort()
-        raise
-    child.commit()
-    return result
+    new_uuid = str(uuidlib.uuid4())
+    return apply_nested(store, View(store, parent), lambda view, e: apply_event(view, e, schema, now_us=now_us,
+                                                                                 new_uuid=new_uuid), ev)
 
 
 def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit: int) -> int:

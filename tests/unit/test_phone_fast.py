@@ -20,6 +20,7 @@ from resolver import _hotpath, _phone_py
 from resolver import normalize as reference
 from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
+from tests.unit.test_normalize import example_numbers  # one corpus definition for both suites
 
 _phone_c = importlib.import_module("resolver._phone_c")
 
@@ -205,15 +206,6 @@ def test_varied_example_numbers_agree(example: tuple[str, str], keep: int, tail:
 
 
 # --- every region, every type, every form ------------------------------------------------------------------
-
-
-def example_numbers(region: str) -> list[phonenumbers.PhoneNumber]:
-    found: dict[str, phonenumbers.PhoneNumber] = {}
-    for number_type in PhoneNumberType.values():
-        example = phonenumbers.example_number_for_type(region, number_type)
-        if example is not None:
-            found.setdefault(phonenumbers.format_number(example, PhoneNumberFormat.E164), example)
-    return list(found.values())
 
 
 def forms(number: phonenumbers.PhoneNumber, region: str) -> list[tuple[str, str | None]]:

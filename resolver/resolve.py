@@ -10,16 +10,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from resolver._probe_py import MATCHED, NOT_FOUND, Decision
 from resolver.attributes import AttributeSchema
 from resolver.config import DEFAULT_VIEW, Settings
 from resolver.errors import DeadlineExceeded, FieldViolation, IdentifierError, InvalidInput, NotFound, ResolverError
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region, mask
 from resolver.records import Record
-from resolver.store import Store, View, uuid_bytes
+from resolver.store import Store, View, uuid_bytes, uuid_text
 
-# Probe results, numbered as the proto's ProbeResult.
-HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
+# The record fields a Resolve answer shows (decoded lazily: the rest of the record is never parsed).
+_SHOWN = ("uuid", "version", "attributes")
+_SORTED = ("updated_us", "uuid", "version", "attributes")  # candidates: most recently updated first
 
 
 @dataclass(slots=True)
@@ -31,9 +33,9 @@ class ResolveInput:
     explain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepared:
-    """A validated, normalized Resolve, ready to probe."""
+    """A validated, normalized Resolve, ready to probe (not frozen: that costs a microsecond per call)."""
 
     ids: Identifiers
     fields: tuple[str, ...] | None
@@ -125,55 +127,48 @@ class Resolver:
                 prepared.append(self.prepare(req))
             except ResolverError as exc:
                 prepared.append(exc)
+        ok = [p for p in prepared if isinstance(p, Prepared)]
         with self.store.read() as view:
-            return [p if isinstance(p, ResolverError) else self.lookup(view, p) for p in prepared]
+            decisions = iter(view.prober.decide_many(
+                [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok], self.settings.max_fanout))
+            return [p if isinstance(p, ResolverError) else self._answer(view, p, next(decisions)) for p in prepared]
 
     def lookup(self, view: View, p: Prepared) -> ResolveResult:
-        """Probe the indexes for a prepared request inside the caller's read transaction (contract §3)."""
+        """Probe the indexes for a prepared request inside the caller's read transaction (contract §3).
+
+        The decision (which customer, or which candidates) is the probe loop's (resolver._probe_py.decide);
+        this adds what needs decoded records: attributes, the candidates' order, the masked explanations.
+        """
+        ids = p.ids
+        return self._answer(view, p, view.prober.decide(ids.external_id, ids.emails, ids.phones, self.settings.max_fanout,
+                                                        p.explain))
+
+    def _answer(self, view: View, p: Prepared, decision: Decision) -> ResolveResult:
+        """The answer to a prepared request from its probe decision (records read in the same transaction)."""
+        outcome, kind, uids, conflicts, fanned, probes = decision
         result = ResolveResult(outcome="NOT_FOUND", skipped=list(p.skipped))
-        limit = self.settings.max_fanout
+        if fanned:
+            limit = self.settings.max_fanout
+            detail = f"held by more than {limit} customers; never decides a match"
+            result.skipped += [Skipped(Kind(k), mask(Kind(k), v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
+        if probes:
+            result.probes = [Probe(Kind(k), mask(Kind(k), v), state, n) for k, v, state, n in probes]
+        if outcome == NOT_FOUND:
+            return result
+        result.matched_on = Kind(kind)
         fields = p.fields
-        winner: Record | None = None
-        for kind, values in p.ids.by_kind():
-            kind_hits: list[bytes] = []
-            for value in values:
-                n, hits = view.probe(kind, value, limit)
-                if n > limit:
-                    state = FAN_OUT
-                    detail = f"held by more than {limit} customers; never decides a match"
-                    result.skipped.append(Skipped(kind, mask(kind, value), "FAN_OUT_LIMIT", detail))
-                else:
-                    state = HIT if len(hits) == 1 else SHARED if hits else MISS
-                if p.explain:
-                    result.probes.append(Probe(kind, mask(kind, value), state, n if state == FAN_OUT else len(hits)))
-                if state == FAN_OUT:
-                    continue
-                if winner is not None:
-                    # A lower kind pointing only at someone else: a possible duplicate or a ported number.
-                    # A shared line that includes the matched customer is no conflict.
-                    if hits and uuid_bytes(winner.uuid) not in hits:
-                        result.conflicts += [r.uuid for h in hits if (r := view.record(h)) and r.uuid not in result.conflicts]
-                    continue
-                kind_hits += [h for h in hits if h not in kind_hits]
-            if winner is not None or not kind_hits:
-                continue
-            records = [r for h in kind_hits if (r := view.record(h)) is not None]
-            if len(records) == 1:
-                winner = records[0]
-                result.outcome = "MATCHED"
-                result.customer_uuid = winner.uuid
-                result.matched_on = kind
-                result.version = winner.version
-                result.attributes = self.schema.project(winner.attributes, fields)
-            else:
-                records.sort(key=lambda r: (-r.updated_us, r.uuid))
-                result.outcome = "AMBIGUOUS"
-                result.matched_on = kind
-                shown = records[: self.settings.max_candidates]
-                result.candidates = [(r.uuid, self.schema.project(r.attributes, fields)) for r in shown]
-                if p.explain:
-                    result.probes += [Probe(k, mask(k, v), NOT_PROBED, 0) for k, vs in p.ids.by_kind() if k > kind for v in vs]
-                break
+        if outcome == MATCHED:
+            found = view.record_fields(uids[0], _SHOWN)
+            assert found is not None  # confirmed inside this transaction
+            result.outcome = "MATCHED"
+            result.customer_uuid, result.version, attributes = found
+            result.attributes = self.schema.project(attributes, fields)
+            result.conflicts = [uuid_text(u) for u in conflicts]
+            return result
+        shown = sorted((f for u in uids if (f := view.record_fields(u, _SORTED)) is not None),
+                       key=lambda f: (-f[0], f[1]))
+        result.outcome = "AMBIGUOUS"
+        result.candidates = [(f[1], self.schema.project(f[3], fields)) for f in shown[: self.settings.max_candidates]]
         return result
 
     def get_customer(self, customer_uuid: str) -> Record:

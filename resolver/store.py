@@ -39,7 +39,7 @@ from typing import Any
 
 import lmdb
 
-from resolver._hotpath import KeyHasher
+from resolver._hotpath import KeyHasher, Prober, record_fields
 from resolver.config import Settings
 from resolver.errors import StoreError
 from resolver.normalize import Kind
@@ -157,12 +157,13 @@ class View:
     class, not contextlib: this sits on the Resolve path).
     """
 
-    __slots__ = ("store", "txn", "_records")
+    __slots__ = ("store", "txn", "_records", "_prober")
 
     def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
         self.store = store
         self.txn = txn
         self._records: dict[bytes, Record | None] = {}
+        self._prober: Prober | None = None
 
     def __enter__(self) -> View:
         return self
@@ -183,6 +184,15 @@ class View:
             rec = Record.decode(raw) if raw is not None else None
             self._records[uid] = rec
             return rec
+
+    def record_fields(self, uid: bytes, names: tuple[str, ...]) -> list[Any] | None:
+        """Only some fields of the record under `uid` (names of Record's fields), without decoding the rest;
+        None when there is no such record. The Resolve path's lazy decode."""
+        if uid in self._records:
+            rec = self._records[uid]
+            return None if rec is None else [getattr(rec, name) for name in names]
+        raw = self.txn.get(uid, db=self.store.db["records"])
+        return None if raw is None else record_fields(raw, names)
 
     def put_record(self, rec: Record) -> None:
         uid = uuid_bytes(rec.uuid)
@@ -224,21 +234,22 @@ class View:
     def key(self, kind: Kind, value: str) -> bytes:
         return self.store.hasher.key(kind, value)
 
+    @property
+    def prober(self) -> Prober:
+        """The probe loop (resolver._probe_py) bound to this transaction; made on first use."""
+        if self._prober is None:
+            ix = self.store.ix
+            self._prober = Prober(self.txn, (ix[Kind.EXTERNAL_ID], ix[Kind.EMAIL], ix[Kind.PHONE]),
+                                  self.store.db["records"], self.store.hasher.key)
+        return self._prober
+
     def probe(self, kind: Kind, value: str, limit: int) -> tuple[int, list[bytes]]:
         """Customers holding `value`: (entries under its key, confirmed uuids).
 
         When more than `limit` entries share the key, no record is read and ([count], []) is returned:
         the caller treats the identifier as fanned-out.
         """
-        with self.txn.cursor(db=self.store.ix[kind]) as cur:
-            if not cur.set_key(self.key(kind, value)):
-                return 0, []
-            n = cur.count()
-            if n > limit:
-                return n, []
-            uids = list(cur.iternext_dup())
-        confirmed = [u for u in uids if (rec := self.record(u)) is not None and rec.holds(kind, value)]
-        return n, confirmed
+        return self.prober.probe(kind, value, limit)
 
     def index_add(self, kind: Kind, value: str, uid: bytes) -> None:
         self.txn.put(self.key(kind, value), uid, db=self.store.ix[kind], dupdata=False)

@@ -1,0 +1,421 @@
+# cython: language_level=3
+"""Compiled twin of resolver/_probe_py.py: the probe loop with no interpreter between the LMDB calls.
+
+Read resolver/_probe_py.py for the specification; this file must not add behaviour of its own. What differs
+is how a candidate is confirmed: instead of decoding the whole record, `holds` scans the record's JSON in C
+for the one field it needs and compares the identifier's encoded bytes. That is exact because every record is
+written by orjson (resolver.records), whose encoding of a string is canonical: the same text always gives the
+same bytes (UTF-8, only '"', '\\' and control characters escaped). Whatever the bytes alone cannot settle (a
+string escaped some other way, an escaped key, anything that is not a JSON object) sends the record through
+the twin's decoding instead, so the answer never depends on the shortcut. (A record repeating a top-level key
+is the one thing the scanner reads differently from a decoder; resolver never writes one.)
+"""
+
+import orjson
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memcmp
+
+from resolver._probe_py import holds as _holds_decoded
+from resolver._probe_py import record_fields as _fields_decoded
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+
+
+EXTERNAL_ID, EMAIL, PHONE = 1, 2, 3
+HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
+NOT_FOUND, MATCHED, AMBIGUOUS = 0, 1, 2
+
+DEF K_EXTERNAL_ID = 1
+DEF K_EMAIL = 2
+DEF K_PHONE = 3
+DEF D_NOT_FOUND = 0
+DEF D_MATCHED = 1
+DEF D_AMBIGUOUS = 2
+DEF S_HIT = 1
+DEF S_MISS = 2
+DEF S_SHARED = 3
+DEF S_FAN_OUT = 4
+DEF S_NOT_PROBED = 5
+
+
+# ---- the JSON scanner ------------------------------------------------------------------------------------
+# Each function takes the buffer, a position and the end, and returns the position after what it read, or -1
+# when the bytes are not what a record looks like (the caller then falls back to decoding).
+
+cdef inline Py_ssize_t _ws(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 10 or p[i] == 13):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _string(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """p[i] is an opening quote: the position after its closing quote."""
+    i += 1
+    while i < n:
+        if p[i] == 34:  # "
+            return i + 1
+        i += 2 if p[i] == 92 else 1  # a backslash escapes the next byte
+    return -1
+
+
+cdef Py_ssize_t _value(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Skip any JSON value starting at p[i]."""
+    cdef int depth = 0
+    cdef unsigned char c
+    if i >= n:
+        return -1
+    c = p[i]
+    if c == 34:
+        return _string(p, i, n)
+    if c == 123 or c == 91:  # { [
+        while i < n:
+            c = p[i]
+            if c == 34:
+                i = _string(p, i, n)
+                if i < 0:
+                    return -1
+                continue
+            if c == 123 or c == 91:
+                depth += 1
+            elif c == 125 or c == 93:  # } ]
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return -1
+    if c == 116 and n - i >= 4 and memcmp(p + i, b"true", 4) == 0:
+        return i + 4
+    if c == 102 and n - i >= 5 and memcmp(p + i, b"false", 5) == 0:
+        return i + 5
+    if _is_null(p, i, n):
+        return i + 4
+    if not (c == 45 or 48 <= c <= 57):  # a number starts with - or a digit
+        return -1
+    i += 1
+    while i < n and (48 <= p[i] <= 57 or p[i] == 46 or p[i] == 101 or p[i] == 69 or p[i] == 43 or p[i] == 45):
+        i += 1
+    return i
+
+
+cdef inline bint _is_null(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return n - i >= 4 and memcmp(p + i, b"null", 4) == 0
+
+
+cdef inline bint _escaped(const unsigned char* p, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    """Whether the string token p[start:end] holds an escape (so its bytes are not its text)."""
+    cdef Py_ssize_t j
+    for j in range(start + 1, end - 1):
+        if p[j] == 92:
+            return True
+    return False
+
+
+cdef inline bint _is_key(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* name,
+                         Py_ssize_t size) noexcept nogil:
+    """Whether the string token p[start:end] (quotes included) is "name"."""
+    return end - start == size + 2 and memcmp(p + start + 1, name, size) == 0
+
+
+cdef inline bint _equals(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* want,
+                         Py_ssize_t size) noexcept nogil:
+    """Whether the string token p[start:end] (quotes included) encodes exactly the bytes `want`."""
+    return end - start == size + 2 and memcmp(p + start + 1, want, size) == 0
+
+
+cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want, Py_ssize_t size) noexcept nogil:
+    """1 if the record holds the identifier, 0 if not, -1 if the bytes alone cannot tell (not a record as we
+    write it, or a candidate string escaped differently from orjson). The whole record is walked even after a
+    match, so a damaged one is never taken at its word."""
+    cdef Py_ssize_t i = _ws(p, 0, n), kstart, kend, e
+    cdef bint array_field, scalar_field, uncertain = False, found = False
+    if i >= n or p[i] != 123:
+        return -1
+    i = _ws(p, i + 1, n)
+    if i < n and p[i] == 125:
+        return 0
+    while i < n:
+        if p[i] != 34:
+            return -1
+        kstart = i
+        kend = _string(p, i, n)
+        if kend < 0 or _escaped(p, kstart, kend):
+            return -1
+        i = _ws(p, kend, n)
+        if i >= n or p[i] != 58:  # :
+            return -1
+        i = _ws(p, i + 1, n)
+        if i >= n:
+            return -1
+        if kind == K_PHONE:
+            array_field, scalar_field = _is_key(p, kstart, kend, b"phones", 6), False
+        elif kind == K_EMAIL:
+            array_field, scalar_field = _is_key(p, kstart, kend, b"emails", 6), False
+        else:
+            array_field = _is_key(p, kstart, kend, b"merged_external_ids", 19)
+            scalar_field = _is_key(p, kstart, kend, b"external_id", 11)
+        if array_field and p[i] == 91:  # [
+            i = _ws(p, i + 1, n)
+            if i < n and p[i] == 93:
+                i += 1
+            else:
+                while True:
+                    if i >= n or p[i] != 34:
+                        return -1
+                    e = _string(p, i, n)
+                    if e < 0:
+                        return -1
+                    found = found or _equals(p, i, e, want, size)
+                    uncertain = uncertain or _escaped(p, i, e)
+                    i = _ws(p, e, n)
+                    if i < n and p[i] == 44:
+                        i = _ws(p, i + 1, n)
+                    elif i < n and p[i] == 93:
+                        i += 1
+                        break
+                    else:
+                        return -1
+        elif scalar_field and p[i] == 34:
+            e = _string(p, i, n)
+            if e < 0:
+                return -1
+            found = found or _equals(p, i, e, want, size)
+            uncertain = uncertain or _escaped(p, i, e)
+            i = e
+        elif array_field or (scalar_field and not _is_null(p, i, n)):
+            return -1  # an identifier field of another type than we write
+        else:
+            i = _value(p, i, n)
+            if i < 0:
+                return -1
+        i = _ws(p, i, n)
+        if i < n and p[i] == 44:
+            i = _ws(p, i + 1, n)
+        elif i < n and p[i] == 125:
+            if _ws(p, i + 1, n) != n:
+                return -1
+            return 1 if found else -1 if uncertain else 0
+        else:
+            return -1
+    return -1
+
+
+cdef bytes _encoded(str value):
+    """The bytes between the quotes of orjson's encoding of `value`."""
+    cdef Py_ssize_t size, j
+    cdef bytes quoted
+    cdef const unsigned char* s = <const unsigned char*>PyUnicode_AsUTF8AndSize(value, &size)
+    for j in range(size):
+        if s[j] < 32 or s[j] == 34 or s[j] == 92:
+            quoted = orjson.dumps(value)
+            return quoted[1:len(quoted) - 1]
+    return s[:size]
+
+
+cdef bint _holds(object raw, int kind, str value, bytes want):
+    cdef int found
+    if type(raw) is not bytes:
+        raw = bytes(raw)
+    found = _scan(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), kind,
+                  PyBytes_AS_STRING(want), PyBytes_GET_SIZE(want))
+    if found < 0:
+        return _holds_decoded(raw, kind, value)
+    return found == 1
+
+
+def holds(raw, int kind, str value):
+    """Whether a stored record (its JSON, resolver.records) holds the normalized identifier `value`."""
+    return _holds(raw, kind, value, _encoded(value))
+
+
+cdef object _NOT_SCALAR = object()
+
+
+cdef object _scalar(const unsigned char* p, Py_ssize_t i, Py_ssize_t e):
+    """A string without escapes or a small integer, decoded without orjson; _NOT_SCALAR for anything else."""
+    cdef Py_ssize_t j
+    cdef long long v = 0
+    cdef bint negative
+    if p[i] == 34:
+        for j in range(i + 1, e - 1):
+            if p[j] == 92:
+                return _NOT_SCALAR
+        return PyUnicode_DecodeUTF8(<const char*>p + i + 1, e - i - 2, NULL)
+    negative = p[i] == 45  # -
+    j = i + 1 if negative else i
+    if j == e or e - j > 18 or (p[j] == 48 and e - j > 1):  # empty, may overflow, or a leading zero
+        return _NOT_SCALAR
+    while j < e:
+        if p[j] < 48 or p[j] > 57:
+            return _NOT_SCALAR
+        v = v * 10 + (p[j] - 48)
+        j += 1
+    return -v if negative else v
+
+
+cdef object _fields(bytes raw, tuple names):
+    """The values of top-level `names` (bytes) in the record's JSON, or None when the scan gives up."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, kstart, kend, e, j, want = len(names)
+    cdef bytes name
+    cdef list out = [None] * want
+    loads = orjson.loads
+    i = _ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return None
+    i = _ws(p, i + 1, n)
+    if i < n and p[i] == 125:
+        return out
+    while i < n:
+        if p[i] != 34:
+            return None
+        kstart = i
+        kend = _string(p, i, n)
+        if kend < 0 or _escaped(p, kstart, kend):
+            return None
+        i = _ws(p, kend, n)
+        if i >= n or p[i] != 58:
+            return None
+        i = _ws(p, i + 1, n)
+        e = _value(p, i, n)
+        if e < 0:
+            return None
+        for j in range(want):
+            name = <bytes>names[j]
+            if _is_key(p, kstart, kend, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+                out[j] = _scalar(p, i, e)
+                if out[j] is _NOT_SCALAR:
+                    out[j] = loads(raw[i:e])
+                break
+        i = _ws(p, e, n)
+        if i < n and p[i] == 44:
+            i = _ws(p, i + 1, n)
+        elif i < n and p[i] == 125:
+            return out if _ws(p, i + 1, n) == n else None
+        else:
+            return None
+    return None
+
+
+cdef dict _names = {}  # field-name tuples, encoded once
+
+
+def record_fields(raw, tuple names):
+    """The values of the top-level fields `names` of a stored record (None for an absent field).
+
+    Only those fields are decoded (the scanner finds them; orjson decodes each one's bytes).
+    """
+    if type(raw) is not bytes:
+        raw = bytes(raw)
+    encoded = _names.get(names)
+    if encoded is None:
+        encoded = _names[names] = tuple([name.encode() for name in names])
+    out = _fields(raw, encoded)
+    if out is None:
+        return _fields_decoded(raw, names)
+    return out
+
+
+cdef class Prober:
+    """Index probes inside one transaction `txn` (py-lmdb); never outlives it.
+
+    `indexes` are the index databases by kind (external_id, email, phone); `records` the records database;
+    `key(kind, value)` the index key function (resolver._hotpath.KeyHasher.key). One cursor per index is kept
+    for the transaction's life.
+    """
+
+    cdef readonly object txn, records, key
+    cdef readonly tuple indexes
+    cdef list _cursors
+
+    def __init__(self, txn, tuple indexes, records, key):
+        self.txn = txn
+        self.indexes = indexes
+        self.records = records
+        self.key = key
+        self._cursors = [None, None, None]
+
+    cdef object _cursor(self, int kind):
+        cur = self._cursors[kind - 1]
+        if cur is None:
+            cur = self.txn.cursor(self.indexes[kind - 1])
+            self._cursors[kind - 1] = cur
+        return cur
+
+    cpdef tuple probe(self, int kind, str value, Py_ssize_t limit):
+        """Customers holding `value`: (entries under its key, confirmed uuids in key order).
+
+        When more than `limit` entries share the key, no record is read and (count, []) is returned.
+        """
+        cdef Py_ssize_t n
+        cdef list uids, confirmed = []
+        cdef bytes want
+        cur = self._cursor(kind)
+        if not cur.set_key(self.key(kind, value)):
+            return 0, confirmed
+        n = cur.count()
+        if n > limit:
+            return n, confirmed
+        uids = [cur.value()] if n == 1 else list(cur.iternext_dup())
+        want = _encoded(value)
+        get = self.txn.get
+        for uid in uids:
+            raw = get(uid, None, self.records)
+            if raw is not None and _holds(raw, kind, value, want):
+                confirmed.append(uid)
+        return n, confirmed
+
+    def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
+        return self._decide(external_id, emails, phones, limit, explain)
+
+    def decide_many(self, list sets, Py_ssize_t limit):
+        """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop."""
+        cdef list out = []
+        for external_id, emails, phones, explain in sets:
+            out.append(self._decide(external_id, emails, phones, limit, explain))
+        return out
+
+    cdef tuple _decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
+        """Contract §3's decision for one normalized identifier set (see resolver/_probe_py.py)."""
+        cdef int outcome = D_NOT_FOUND, decided = 0, kind, k
+        cdef Py_ssize_t n
+        cdef list winners = [], conflicts = [], fanned = [], probes = [], kind_hits, hits, values
+        by_kind = ((K_EXTERNAL_ID, [external_id] if external_id is not None else []), (K_EMAIL, emails),
+                   (K_PHONE, phones))
+        for kind, values in by_kind:
+            kind_hits = []
+            for value in values:
+                n, hits = self.probe(kind, value, limit)
+                if n > limit:
+                    fanned.append((kind, value, n))
+                    if explain:
+                        probes.append((kind, value, S_FAN_OUT, n))
+                    continue
+                if explain:
+                    probes.append((kind, value, S_HIT if len(hits) == 1 else S_SHARED if hits else S_MISS, len(hits)))
+                if outcome == D_MATCHED:
+                    if hits and winners[0] not in hits:
+                        for h in hits:
+                            if h not in conflicts:
+                                conflicts.append(h)
+                    continue
+                for h in hits:
+                    if h not in kind_hits:
+                        kind_hits.append(h)
+            if outcome == D_MATCHED or not kind_hits:
+                continue
+            decided, winners = kind, kind_hits
+            if len(kind_hits) == 1:
+                outcome = D_MATCHED
+                continue
+            outcome = D_AMBIGUOUS
+            if explain:
+                for k, vs in by_kind:
+                    if k > kind:
+                        for v in vs:
+                            probes.append((k, v, S_NOT_PROBED, 0))
+            break
+        return outcome, decided, winners, conflicts, fanned, probes

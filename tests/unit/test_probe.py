@@ -1,0 +1,180 @@
+"""The probe loop: the compiled module (ext/_probe_c.pyx) answers exactly as its pure twin (resolver/_probe_py.py).
+
+The compiled `holds` and `record_fields` scan the record's JSON instead of decoding it; they are compared with
+the twin on records holding awkward text (quotes, backslashes, control characters, non-ASCII), on JSON laid out
+differently from orjson's (whitespace: the scanner must fall back, never guess) and on damaged bytes. The
+Prober is compared on a real LMDB store written through the Upsert path, with shared identifiers and fan-out.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resolver import _hotpath, _probe_py
+from resolver.config import load_settings
+from resolver.identifiers import RawIdentifiers
+from resolver.normalize import Kind
+from resolver.records import Record
+from resolver.service import Service
+from resolver.store import View
+from resolver.upsert import UpsertInput
+
+_probe_c = importlib.import_module("resolver._probe_c")
+
+text = st.text(st.characters(codec="utf-8"), max_size=12)
+awkward = st.one_of(text, st.sampled_from(['a"b', "a\\b", "x\ny", "\u2028", "é@example.com", "+15550100", "", "]", ",\"x"]))
+numbers = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.floats(allow_nan=False, allow_infinity=False),
+                    st.booleans(), st.none())
+values = st.recursive(st.one_of(awkward, numbers), lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                          st.dictionaries(awkward, inner, max_size=3)),
+                      max_leaves=6)
+records = st.builds(
+    Record,
+    uuid=st.uuids().map(str),
+    external_id=st.one_of(st.none(), awkward),
+    emails=st.lists(awkward, max_size=3),
+    phones=st.lists(awkward, max_size=3),
+    attributes=st.dictionaries(awkward, values, max_size=4),
+    version=st.integers(0, 1 << 40),
+    created_us=st.integers(0, 1 << 62),
+    updated_us=st.integers(0, 1 << 62),
+    field_us=st.dictionaries(awkward, st.integers(0, 1 << 62), max_size=3),
+    merged_external_ids=st.lists(awkward, max_size=2),
+)
+FIELDS = ("uuid", "external_id", "emails", "phones", "attributes", "version", "created_us", "updated_us", "field_us",
+          "merged_external_ids", "absent")
+
+
+def test_selector_loads_what_the_switch_says() -> None:
+    if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
+        assert _hotpath.Prober is _probe_py.Prober
+        assert _hotpath.record_fields is _probe_py.record_fields
+    else:
+        assert _hotpath.Prober is _probe_c.Prober
+        assert _hotpath.record_fields is _probe_c.record_fields
+
+
+def _layouts(rec: Record) -> list[bytes]:
+    """The record as we store it, and laid out in ways we never write (the scanner must still agree)."""
+    stored = rec.encode()
+    return [stored, json.dumps(rec.to_json(), indent=1).encode(), b" " + stored + b"\n",
+            json.dumps(rec.to_json(), ensure_ascii=True, separators=(", ", ": ")).encode()]
+
+
+@settings(max_examples=400, deadline=None)
+@given(rec=records, other=awkward, data=st.data())
+def test_holds_agrees_with_the_twin(rec: Record, other: str, data: st.DataObject) -> None:
+    held = [(k, v) for k, v in rec.identifiers()]
+    probes = held + [(k, other) for k in (1, 2, 3)]
+    kind, value = data.draw(st.sampled_from(probes))
+    for raw in _layouts(rec):
+        want = _probe_py.holds(raw, kind, value)
+        assert _probe_c.holds(raw, kind, value) == want
+        assert want == rec.holds(Kind(kind), value)  # the twin is the record's own rule
+
+
+@settings(max_examples=300, deadline=None)
+@given(rec=records, names=st.lists(st.sampled_from(FIELDS), min_size=1, max_size=4, unique=True))
+def test_record_fields_agree_with_the_twin(rec: Record, names: list[str]) -> None:
+    for raw in _layouts(rec):
+        got = _probe_c.record_fields(raw, tuple(names))
+        want = _probe_py.record_fields(raw, tuple(names))
+        assert got == want
+        assert [type(x) for x in got] == [type(x) for x in want]
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b'{"phones":["+1"', b'{"phones":"+1"}', b"{'phones':[]}", b"nonsense"])
+def test_damaged_bytes_are_never_guessed(raw: bytes) -> None:
+    """What the scanner cannot read goes to the twin: the same answer or the same error."""
+    for fn, args in ((_probe_py.holds, (3, "+1")), (_probe_py.record_fields, (("phones",),))):
+        compiled = getattr(_probe_c, fn.__name__)
+        try:
+            want: object = fn(raw, *args)
+        except Exception as exc:  # noqa: BLE001 - the exact exception is what is compared
+            with pytest.raises(type(exc)):
+                compiled(raw, *args)
+        else:
+            assert compiled(raw, *args) == want
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """A small store written through Upsert: shared phones and emails, one phone past the fan-out limit."""
+    data = Path(tmp_path_factory.mktemp("probe")) / "data"
+    svc = Service(load_settings(None, data_dir=str(data), default_region="US", max_fanout=4))
+    rng = random.Random(5)
+    for i in range(120):
+        phones = [f"+1650253{rng.randrange(40):04d}"] + ([f"+1415555{i:04d}"] if i % 3 else [])
+        emails = [f"user{rng.randrange(80)}@example.com"]
+        if i < 6:
+            phones.append("+12025550100")  # a switchboard: six holders, limit 4
+        svc.upsert(UpsertInput(f"p-{i}", RawIdentifiers(f"EXT-{i}", tuple(emails), tuple(phones)),
+                               {"name": f"n{i}"}))
+    return svc
+
+
+def _queries(rng: random.Random) -> list[tuple[str | None, list[str], list[str]]]:
+    out = []
+    for _ in range(300):
+        ext = rng.choice([None, f"EXT-{rng.randrange(130)}"])
+        emails = [f"user{rng.randrange(90)}@example.com" for _ in range(rng.randrange(3))]
+        phones = [rng.choice([f"+1650253{rng.randrange(45):04d}", f"+1415555{rng.randrange(130):04d}", "+12025550100"])
+                  for _ in range(rng.randrange(3))]
+        out.append((ext, emails, phones))
+    return out
+
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_prober_decisions_agree(store: Service, explain: bool) -> None:
+    s = store.store
+    queries = _queries(random.Random(11))
+    with s.read() as view:
+        args = (view.txn, (s.ix[1], s.ix[2], s.ix[3]), s.db["records"], s.hasher.key)
+        twin, compiled = _probe_py.Prober(*args), _probe_c.Prober(*args)
+        seen = set()
+        for ext, emails, phones in queries:
+            want = twin.decide(ext, emails, phones, 4, explain)
+            assert compiled.decide(ext, emails, phones, 4, explain) == want
+            seen.add(want[0])
+            for kind, vals in ((1, [ext] if ext else []), (2, emails), (3, phones)):
+                for v in vals:
+                    assert compiled.probe(kind, v, 4) == twin.probe(kind, v, 4)
+        sets = [(e, m, p, explain) for e, m, p in queries]
+        assert compiled.decide_many(sets, 4) == twin.decide_many(sets, 4)
+    assert seen == {_probe_py.NOT_FOUND, _probe_py.MATCHED, _probe_py.AMBIGUOUS}
+
+
+def test_a_hash_collision_never_returns_a_customer(store: Service) -> None:
+    """An index entry whose record does not hold the value (what a collision looks like) is not a hit."""
+    s = store.store
+    stranger = uuid.uuid4().bytes
+    view = s.write()  # aborted at the end: the store keeps no trace of the fake collision
+    try:
+        view.put_record(Record(str(uuid.UUID(bytes=stranger)), phones=["+15550100999"]))
+        view.txn.put(s.hasher.key(3, "+16502530001"), stranger, db=s.ix[3], dupdata=False)
+        for prober in (_probe_py.Prober, _probe_c.Prober):
+            n, hits = prober(view.txn, (s.ix[1], s.ix[2], s.ix[3]), s.db["records"], s.hasher.key).probe(3, "+16502530001", 4)
+            assert n >= 1
+            assert stranger not in hits
+    finally:
+        view.txn.abort()
+
+
+def test_view_reads_only_the_fields_asked(store: Service) -> None:
+    with store.store.read() as view:
+        uid = next(iter(view.iter_index(Kind.PHONE)))[1]
+        rec = view.record(uid)
+        fresh = View(store.store, view.txn)
+        assert fresh.record_fields(uid, ("uuid", "version", "attributes")) == [rec.uuid, rec.version, rec.attributes]
+        assert fresh.record_fields(b"\0" * 16, ("uuid",)) is None
+    assert orjson.loads(rec.encode())["uuid"] == rec.uuid

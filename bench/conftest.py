@@ -1,8 +1,13 @@
-"""Benchmarks share one store of N customers (BENCH_CUSTOMERS, default 20,000) in a temp directory."""
+"""Benchmarks share one store of N customers (BENCH_CUSTOMERS, default 20,000) in a temp directory, and the
+hot-path suite (bench/test_hotpath.py) a store of BIG customers (BENCH_BIG_CUSTOMERS, default 1,000,000) made
+by the real `resolver import` of bench/dataset.py's customers and kept in bench/out/cache/ between runs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +19,9 @@ from resolver.service import Service
 from resolver.upsert import UpsertInput
 
 N = int(os.environ.get("BENCH_CUSTOMERS", "20000"))
+BIG = int(os.environ.get("BENCH_BIG_CUSTOMERS", "1000000"))
+ROOT = Path(__file__).resolve().parent.parent
+BLUEPRINT = ROOT / "examples" / "blueprint.toml"
 
 
 def phone(i: int) -> str:
@@ -35,4 +43,23 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                               {"name": f"Customer {i}", "tier": "gold"})
             apply(view, prepare(inp, svc.settings, svc.schema, svc.policy, now_us=now_us()), svc.settings)
     yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="session")
+def big_store() -> Iterator[tuple[Service, Path]]:
+    """(service, customers.jsonl) over BIG customers; imported once, then reused from bench/out/cache/."""
+    from bench.dataset import generate
+    from resolver.store import FORMAT_VERSION
+
+    root = ROOT / "bench" / "out" / "cache" / f"customers-{BIG}-v{FORMAT_VERSION}"
+    data, customers = root / "data", root / "dataset" / "customers.jsonl"
+    if not (root / "ready").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        generate(root / "dataset", BIG, 0, 0)
+        subprocess.run([str(Path(sys.executable).parent / "resolver"), "import", str(customers), "--config", str(BLUEPRINT),
+                        "--data-dir", str(data), "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        (root / "ready").touch()
+    svc = Service(load_settings(str(BLUEPRINT), data_dir=str(data)))
+    yield svc, customers
     svc.close()

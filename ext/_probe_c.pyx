@@ -14,7 +14,7 @@ is the one thing the scanner reads differently from a decoder; resolver never wr
 import orjson
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memcmp
+from libc.string cimport memchr, memcmp
 
 from resolver._probe_py import holds as _holds_decoded
 from resolver._probe_py import record_fields as _fields_decoded
@@ -54,11 +54,20 @@ cdef inline Py_ssize_t _ws(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) n
 
 cdef inline Py_ssize_t _string(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """p[i] is an opening quote: the position after its closing quote."""
+    cdef const unsigned char* q
+    cdef Py_ssize_t j
     i += 1
     while i < n:
-        if p[i] == 34:  # "
-            return i + 1
-        i += 2 if p[i] == 92 else 1  # a backslash escapes the next byte
+        q = <const unsigned char*>memchr(p + i, 34, n - i)  # the next quote (memchr is vectorized)
+        if q == NULL:
+            return -1
+        j = q - p
+        i = j
+        while i > 0 and p[i - 1] == 92:  # an odd run of backslashes before it escapes it
+            i -= 1
+        if (j - i) % 2 == 0:
+            return j + 1
+        i = j + 1
     return -1
 
 
@@ -128,10 +137,10 @@ cdef inline bint _equals(const unsigned char* p, Py_ssize_t start, Py_ssize_t en
 
 cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want, Py_ssize_t size) noexcept nogil:
     """1 if the record holds the identifier, 0 if not, -1 if the bytes alone cannot tell (not a record as we
-    write it, or a candidate string escaped differently from orjson). The whole record is walked even after a
-    match, so a damaged one is never taken at its word."""
+    write it, or a candidate string escaped differently from orjson). It stops at the first match: LMDB stores
+    a value whole or not at all, so the bytes after it are the rest of a record we wrote."""
     cdef Py_ssize_t i = _ws(p, 0, n), kstart, kend, e
-    cdef bint array_field, scalar_field, uncertain = False, found = False
+    cdef bint array_field, scalar_field, uncertain = False
     if i >= n or p[i] != 123:
         return -1
     i = _ws(p, i + 1, n)
@@ -168,7 +177,8 @@ cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want,
                     e = _string(p, i, n)
                     if e < 0:
                         return -1
-                    found = found or _equals(p, i, e, want, size)
+                    if _equals(p, i, e, want, size):
+                        return 1
                     uncertain = uncertain or _escaped(p, i, e)
                     i = _ws(p, e, n)
                     if i < n and p[i] == 44:
@@ -182,7 +192,8 @@ cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want,
             e = _string(p, i, n)
             if e < 0:
                 return -1
-            found = found or _equals(p, i, e, want, size)
+            if _equals(p, i, e, want, size):
+                return 1
             uncertain = uncertain or _escaped(p, i, e)
             i = e
         elif array_field or (scalar_field and not _is_null(p, i, n)):
@@ -197,7 +208,7 @@ cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want,
         elif i < n and p[i] == 125:
             if _ws(p, i + 1, n) != n:
                 return -1
-            return 1 if found else -1 if uncertain else 0
+            return -1 if uncertain else 0
         else:
             return -1
     return -1
@@ -259,7 +270,7 @@ cdef object _scalar(const unsigned char* p, Py_ssize_t i, Py_ssize_t e):
 cdef object _fields(bytes raw, tuple names):
     """The values of top-level `names` (bytes) in the record's JSON, or None when the scan gives up."""
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, kstart, kend, e, j, want = len(names)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, kstart, kend, e, j, found = 0, want = len(names)
     cdef bytes name
     cdef list out = [None] * want
     loads = orjson.loads
@@ -289,7 +300,10 @@ cdef object _fields(bytes raw, tuple names):
                 out[j] = _scalar(p, i, e)
                 if out[j] is _NOT_SCALAR:
                     out[j] = loads(raw[i:e])
+                found += 1
                 break
+        if found == want:
+            return out
         i = _ws(p, e, n)
         if i < n and p[i] == 44:
             i = _ws(p, i + 1, n)

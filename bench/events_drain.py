@@ -265,6 +265,8 @@ def blueprint(a: argparse.Namespace) -> str:
         batch = {a.batch}
         high_water = {a.high_water}
         timestamp_tolerance_s = 300
+        process_nice = {a.events_nice}
+        process_sched_idle = {"true" if a.events_sched_idle else "false"}
         """)
 
 
@@ -315,9 +317,59 @@ def foreign_cores(before: dict[int, float], seconds: float) -> float:
     return round(sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items()) / max(seconds, 1e-9), 2)
 
 
+EVENTS_PROCESS = "resolver-events"  # the comm of `resolver serve`'s events process (webhooks + applier)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes by role: the supervisor (worker 0 with one worker), each
+    spawned gRPC worker, the events process (webhooks + applier). Other children (the resource tracker) are left
+    out."""
+    from bench.loadgen.procstat import _stat
+
+    out: dict[str, float] = {}
+    if (st := _stat(server_pid)) is not None:
+        out["supervisor"] = st[1]
+    kids = sorted(int(n) for n in os.listdir("/proc") if n.isdigit() and (st := _stat(int(n))) and st[0] == server_pid)
+    workers = 0
+    for pid in kids:
+        st = _stat(pid)
+        if st is None:
+            continue
+        if _comm(pid) == EVENTS_PROCESS:
+            out["events process"] = out.get("events process", 0.0) + st[1]
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            out[f"worker {workers}"] = st[1]
+            workers += 1
+    return out
+
+
+def _cpu_of(pid: int) -> float | None:
+    from bench.loadgen.procstat import _stat
+
+    st = _stat(pid)
+    return st[1] if st is not None else None
+
+
+def process_cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each server process kept busy between two `process_cpu` readings."""
+    return {k: round((v - before.get(k, 0.0)) / max(seconds, 1e-9), 3) for k, v in after.items()}
+
+
 def connection_placement(server_pid: int, ports: dict[str, int]) -> dict[str, Any]:
     """Which server process holds each established connection on the gRPC and webhook ports (SO_REUSEPORT
-    spreads connections over the workers at random; the applier runs in worker 0, taken as the lowest pid)."""
+    spreads gRPC connections over the workers at random; webhooks and the applier are the events process's)."""
     from bench.loadgen.procstat import _stat
 
     kids = sorted(int(n) for n in os.listdir("/proc") if n.isdigit() and (st := _stat(int(n))) and st[0] == server_pid)
@@ -351,8 +403,8 @@ def connection_placement(server_pid: int, ports: dict[str, int]) -> dict[str, An
         for name, port in ports.items():
             if local == port:
                 pid = owner[f[9]]
-                label = ("supervisor" if pid not in workers
-                         else f"worker {workers.index(pid)}" + (" (applier)" if pid == workers[0] else ""))
+                label = ("events process" if _comm(pid) == EVENTS_PROCESS else "supervisor" if pid not in workers
+                         else f"worker {workers.index(pid)}")
                 counts.setdefault(label, {}).setdefault(name, 0)
                 counts[label][name] += 1
     return {"workers": workers, "connections": counts}
@@ -417,12 +469,14 @@ def finish_loadgen(proc: subprocess.Popen[bytes], out: Path, name: str, timeout:
 def window(a: argparse.Namespace, target: str, server_pid: int, queries: Path, duration: float, out: Path,
            name: str) -> dict[str, Any]:
     load0, busy0, other0, t = os.getloadavg(), cpu_jiffies(), foreign_cpu(), time.monotonic()
+    server0 = process_cpu(server_pid)
     proc = run_loadgen(a, target, server_pid, queries, duration, out, name)
     res = finish_loadgen(proc, out, name, duration + 120)
     wall = time.monotonic() - t
     res["machine"] = {"loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                       "busy_fraction": busy_since(busy0), "wall_s": round(wall, 1),
-                      "other_processes_cores": foreign_cores(other0, wall)}
+                      "other_processes_cores": foreign_cores(other0, wall),
+                      "server_process_cores": process_cores(server0, process_cpu(server_pid), wall)}
     return res
 
 
@@ -444,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=4, help="concurrent keep-alive requests of the pusher")
     p.add_argument("--push-budget", type=float, default=150.0, help="seconds the pusher may take (then it gives up)")
     p.add_argument("--clients", type=int, default=2, help="load client processes")
+    p.add_argument("--events-nice", type=int, default=10,
+                   help="[events] process_nice: the events process's nice increment (server setting, not load)")
+    p.add_argument("--events-sched-idle", action="store_true",
+                   help="[events] process_sched_idle: run the events process under SCHED_IDLE")
     p.add_argument("--out", default="bench/out/events")
     p.add_argument("--work", help="where the dataset and data go (default: a temp dir, removed)")
     a = p.parse_args(argv)
@@ -454,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
                                "settings": {k: getattr(a, k) for k in ("customers", "events", "rate", "baseline",
                                                                        "drain_rate", "batch", "high_water",
-                                                                       "connections", "push_budget", "clients")}}
+                                                                       "connections", "push_budget", "clients",
+                                                                       "events_nice", "events_sched_idle")}}
     with ExitStack() as stack:
         work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="events-drain-")))
         work.mkdir(parents=True, exist_ok=True)
@@ -551,6 +610,7 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
         f"(drain at {a.drain_rate:g}/s takes ~{drain_s:.0f}s)")
     base_conns = established_to(grpc_port)
     load0, busy0, other0, t_b = os.getloadavg(), cpu_jiffies(), foreign_cpu(), time.monotonic()
+    server_b0 = process_cpu(server.pid)
     loadgen = run_loadgen(a, target, server.pid, queries, dur_b, out, "b_drain")
     seen_deadline = time.monotonic() + 60
     while established_to(grpc_port) < base_conns + a.clients and time.monotonic() < seen_deadline:
@@ -567,12 +627,18 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     placer = threading.Timer(3.0, lambda: placement.update(
         connection_placement(server.pid, {"grpc": grpc_port, "webhooks": http_port})))
     placer.start()
+    pusher_cpu0 = _cpu_of(pusher.pid)
     b = finish_loadgen(loadgen, out, "b_drain", dur_b + 120)
+    pusher_cpu1 = _cpu_of(pusher.pid)
     b["machine"] = {"loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     "busy_fraction": busy_since(busy0), "busy_fraction_from_go": busy_since(busy_b),
                     "wall_s": round(time.monotonic() - t_b, 1),
                     "other_processes_cores": foreign_cores(other0, time.monotonic() - t_b),
-                    "connected_s_before_go": round(go - connected, 3)}
+                    "server_process_cores": process_cores(server_b0, process_cpu(server.pid), time.monotonic() - t_b),
+                    "connected_s_before_go": round(go - connected, 3),
+                    # the pusher's CPU from its release to the end of B (it is still pushing then), in cores
+                    "pusher_cores": (round((pusher_cpu1 - pusher_cpu0) / max(time.monotonic() - go, 1e-9), 3)
+                                     if pusher_cpu0 is not None and pusher_cpu1 is not None else None)}
     placer.join(10)
     b["connection_placement"] = placement
     results["window_b"] = b
@@ -740,7 +806,9 @@ def render(r: dict[str, Any]) -> str:
         f"Command: `{r['command']}`", "",
         f"{s['customers']:,} customers; call-setup at {s['rate']:g}/s (open loop, {s['clients']} load client processes); "
         f"{s['events']:,} signed UPDATE events pushed over HTTP keep-alive with {s['connections']} concurrent requests; "
-        f"inbox high-water {s['high_water']:,}, applier {s['drain_rate']:g}/s in batches of {s['batch']}.", "",
+        f"inbox high-water {s['high_water']:,}, applier {s['drain_rate']:g}/s in batches of {s['batch']}; "
+        f"webhooks and applier in the events process at nice +{s.get('events_nice', 10)}"
+        f"{' under SCHED_IDLE' if s.get('events_sched_idle') else ''}.", "",
         "## Verdicts", "",
         f"- **Resolve p99 during the drain vs without it: {_ms(r['window_b']['latency_ms']['p99'])} ms vs {_ms(a99)} ms = "
         f"{v['p99_ratio_b_over_a']:.2f}×** (target ≤ 1.3×): the target "
@@ -786,7 +854,11 @@ def render(r: dict[str, Any]) -> str:
         f"{k} {r['window_b']['latency_ms'][k] / r['window_a']['latency_ms'][k]:.2f}×" for k in ("p50", "p99", "p99.9", "max")
         if r["window_a"]["latency_ms"][k]) + " |")
     lines += [
-        "", "Server CPU/req in B includes the admissions and the applier (the same server process tree).",
+        "", "Server CPU/req in B includes the admissions and the applier (the same server process tree: the events "
+        "process is a child of `resolver serve`).",
+        "Server CPU by process (cores, over each window): " + "; ".join(
+            f"{name.split(':')[0]} {w['machine'].get('server_process_cores', '-')}" for name, w in wins) + ".",
+        f"The pusher (not part of the server) used {r['window_b']['machine'].get('pusher_cores', '-')} cores during B.",
         "Connections during B per server process (gRPC: the loadgen's clients + this run's counter channel; "
         f"webhooks: the pusher's): {r['window_b'].get('connection_placement', {}).get('connections', '-')}.", "",
         "## Intake and drain", "",

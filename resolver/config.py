@@ -155,6 +155,8 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
                 "high_water": {"type": "integer", "minimum": 1},
                 "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
                 "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
+                "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
+                "process_sched_idle": {"type": "boolean"},
             },
         },
     },
@@ -203,6 +205,10 @@ class EventSettings:
     high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED
     timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future
     max_body_bytes: int = 256 * 1024
+    # `resolver serve` runs the webhook endpoint and the applier in their own process, this much nicer than the
+    # serving workers (os.nice increment, 0..19), so the kernel prefers Resolve; SCHED_IDLE on request
+    process_nice: int = 10
+    process_sched_idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +408,8 @@ def _events(doc: Mapping[str, Any], base: EventSettings, has_sources: bool) -> E
         high_water=doc.get("high_water", base.high_water),
         timestamp_tolerance_s=float(doc.get("timestamp_tolerance_s", base.timestamp_tolerance_s)),
         max_body_bytes=doc.get("max_body_bytes", base.max_body_bytes),
+        process_nice=doc.get("process_nice", base.process_nice),
+        process_sched_idle=doc.get("process_sched_idle", base.process_sched_idle),
     )
 
 
@@ -502,6 +510,7 @@ def describe(s: Settings) -> str:
     ev = s.events
     lines.append(
         f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; apply {ev.rate_per_s:g}/s "
-        f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s"
+        f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s; "
+        f"events process nice +{ev.process_nice}{' (SCHED_IDLE)' if ev.process_sched_idle else ''}"
     )
     return "\n".join(lines)

@@ -2,20 +2,26 @@
 
 Each worker opens the LMDB environment itself after it has started (spawned, never forked with an open
 environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API.
-On SIGTERM/SIGINT: health goes NOT_SERVING, in-flight calls get `grace_period_s`, then storage closes.
+With events enabled, `serve` runs the webhook endpoint and the applier in one more child, the events process
+(resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
+workers keep `IngestEvents` and the DLQ admin RPCs. `start()` serves in the calling process and, by default,
+runs the webhook endpoint and the applier there as threads (tests, embedding).
+On SIGTERM/SIGINT: webhook intake stops, health goes NOT_SERVING, in-flight calls get `grace_period_s`,
+storage closes, then the events process finishes its applier batch and exits.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from resolver.api.servicer import IdentityResolverServicer
 from resolver.config import Settings
+from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.events.runtime import Events
 from resolver.service import Service
 from resolver.v1 import resolver_pb2, resolver_pb2_grpc
@@ -59,11 +66,14 @@ class Running:
         self.service.close()
 
 
-def start(settings: Settings, *, sweeper: bool = True, applier: bool | None = None) -> Running:
+def start(settings: Settings, *, sweeper: bool = True, applier: bool | None = None,
+          events_in_process: bool = True) -> Running:
     """Open the store and start serving on settings.listen (port 0 picks a free port).
 
-    With events enabled, the webhook endpoint starts too; the event applier runs where the sweeper runs (one
-    per data directory) unless `applier` says otherwise.
+    With events enabled, gRPC IngestEvents and the DLQ RPCs are served here. `events_in_process=True` (the
+    default, for tests and embedding): the webhook endpoint starts here too, as a thread, and the applier runs
+    where the sweeper runs (one per data directory) unless `applier` says otherwise. `events_in_process=False`
+    (what `serve` does): neither runs here (no applier unless `applier=True`); the events process has them.
     """
     service = Service(settings)
     events = Events(service) if settings.events.enabled else None
@@ -83,7 +93,10 @@ def start(settings: Settings, *, sweeper: bool = True, applier: bool | None = No
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     if events is not None:
         try:
-            events.start(applier=sweeper if applier is None else applier)
+            if events_in_process:
+                events.start(applier=sweeper if applier is None else applier)
+            else:
+                events.start(applier=bool(applier), http=False)
         except BaseException:
             events.stop()
             service.close()
@@ -119,7 +132,8 @@ def reserve_port(listen: str) -> Iterator[int]:
         sock.close()
 
 
-def _wait_for_signal() -> int:
+def _wait_for_signal(tick: Callable[[], None] | None = None, every: float = 0.5) -> int:
+    """Block until SIGTERM/SIGINT (calling `tick` every `every` seconds meanwhile); the signal number."""
     stop = threading.Event()
     received: list[int] = []
 
@@ -129,69 +143,122 @@ def _wait_for_signal() -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    stop.wait()
+    while not stop.wait(every if tick is not None else None):
+        if tick is not None:
+            tick()
     return received[0]
 
 
 def _worker(settings: Settings, ready: Any, index: int) -> None:
-    """A worker process: open storage, serve, stop gracefully on SIGTERM."""
+    """A worker process: open storage, serve gRPC (no webhook endpoint, no applier), stop gracefully on SIGTERM."""
     from resolver.cli import setup_logging
 
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
     try:
-        running = start(settings, sweeper=index == 0)
+        running = start(settings, sweeper=index == 0, events_in_process=False)
     except Exception as exc:
         ready.put((index, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     ready.put((index, None))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # the supervisor was killed: do not keep serving its port as an orphan
+            log.warning("worker %d: the supervisor is gone; stopping", index)
+            break
     running.stop()
 
 
-def serve(settings: Settings, announce: Any = print) -> int:
-    """Serve until SIGTERM/SIGINT. One worker runs in this process; more are spawned processes."""
-    if settings.workers == 1:
-        running = start(settings)
-        host, _ = _host_port(settings.listen)
-        hooks = ""
-        if running.http_port:
-            hooks = f", webhooks on http://{_host_port(settings.events.http_listen)[0]}:{running.http_port}"
-        announce(f"resolver: serving on {host}:{running.port} (1 worker, data {settings.data_dir}){hooks}")
-        signum = _wait_for_signal()
-        log.info("signal %d: shutting down (grace %.1fs)", signum, settings.grace_period_s)
-        running.stop()
-        return 0
+@contextmanager
+def _events_process(settings: Settings, ctx: Any) -> Iterator[tuple[Settings, EventsProcess | None, str]]:
+    """The events process for `serve` (None with events off), the settings with the webhook port pinned (port 0
+    picks one here, held with SO_REUSEPORT so a restarted child binds the same one), and the announce suffix."""
+    if not settings.events.enabled:
+        yield settings, None, ""
+        return
+    http_listen = settings.events.http_listen
+    if not http_listen:
+        yield settings, EventsProcess(settings, ctx), ""
+        return
+    http_host, _ = _host_port(http_listen)
+    with ExitStack() as stack:
+        try:
+            http_port = stack.enter_context(reserve_port(http_listen))
+        except OSError as exc:
+            raise OSError(f"cannot listen for webhooks on {http_listen}: {exc.strerror}") from None
+        pinned = settings.with_overrides(events=replace(settings.events, http_listen=_join(http_host, http_port)))
+        yield pinned, EventsProcess(pinned, ctx), f", webhooks on http://{http_host}:{http_port}"
 
+
+def _start_failed(what: str, err: str) -> int:
+    print(f"resolver: {what} failed to start: {err}", file=sys.stderr)
+    return 1
+
+
+def serve(settings: Settings, announce: Any = print) -> int:
+    """Serve until SIGTERM/SIGINT. One worker runs in this process; more are spawned processes. With events
+    enabled, the webhook endpoint and the applier run in the events process (restarted if it dies)."""
     ctx = multiprocessing.get_context("spawn")
-    http_listen = settings.events.http_listen if settings.events.enabled else ""
-    with reserve_port(settings.listen) as port, reserve_port(http_listen or "127.0.0.1:0") as http_port:
-        host, _ = _host_port(settings.listen)
-        pinned = settings.with_overrides(listen=f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
-        hooks = ""
-        if http_listen:  # every worker serves webhooks on the same port too
-            http_host, _ = _host_port(http_listen)
-            pinned = pinned.with_overrides(events=replace(settings.events, http_listen=_join(http_host, http_port)))
-            hooks = f", webhooks on http://{http_host}:{http_port}"
-        ready = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(pinned, ready, i), name=f"resolver-worker-{i}")
-                 for i in range(settings.workers)]
-        for p in procs:
-            p.start()
-        failures = [err for _, err in (ready.get(timeout=60) for _ in procs) if err]
-        if failures:
+    with _events_process(settings, ctx) as (pinned, events, hooks):
+        if events is not None:
+            events.launch()  # starts beside the gRPC side; waited for below
+        tick = events.check if events is not None else None
+        if settings.workers == 1:
+            try:
+                running = start(pinned, events_in_process=False)
+            except BaseException:
+                if events is not None:
+                    events.stop()
+                raise
+            if events is not None:
+                try:
+                    events.wait_ready()
+                except EventsProcessError as exc:
+                    running.stop(grace=0)
+                    events.stop()
+                    return _start_failed("the events process", str(exc))
+            host, _ = _host_port(settings.listen)
+            announce(f"resolver: serving on {host}:{running.port} (1 worker, data {settings.data_dir}){hooks}")
+            signum = _wait_for_signal(tick)
+            log.info("signal %d: shutting down (grace %.1fs)", signum, settings.grace_period_s)
+            if events is not None:
+                events.stop_intake()
+            running.stop()
+            code = events.stop() if events is not None else 0
+            return 0 if code == 0 else 1
+
+        with reserve_port(settings.listen) as port:
+            host, _ = _host_port(settings.listen)
+            pinned = pinned.with_overrides(listen=_join(host, port))
+            ready = ctx.Queue()
+            procs = [ctx.Process(target=_worker, args=(pinned, ready, i), name=f"resolver-worker-{i}")
+                     for i in range(settings.workers)]
             for p in procs:
-                p.terminate()
-            print(f"resolver: a worker failed to start: {failures[0]}", file=sys.stderr)
-            return 1
-        announce(f"resolver: serving on {host}:{port} ({settings.workers} workers, data {settings.data_dir}){hooks}")
-        signum = _wait_for_signal()
-        log.info("signal %d: stopping %d workers", signum, len(procs))
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: each worker drains gracefully
-        for p in procs:
-            p.join(settings.grace_period_s + 10)
-        return 0 if all(p.exitcode == 0 for p in procs) else 1
+                p.start()
+            failures = [err for _, err in (ready.get(timeout=60) for _ in procs) if err]
+            failed = ("a worker", failures[0]) if failures else None
+            if events is not None and failed is None:
+                try:
+                    events.wait_ready()
+                except EventsProcessError as exc:
+                    failed = ("the events process", str(exc))
+            if failed is not None:
+                for p in procs:
+                    p.terminate()
+                if events is not None:
+                    events.stop()
+                return _start_failed(*failed)
+            announce(f"resolver: serving on {host}:{port} ({settings.workers} workers, data {settings.data_dir}){hooks}")
+            signum = _wait_for_signal(tick)
+            log.info("signal %d: stopping %d workers", signum, len(procs))
+            if events is not None:
+                events.stop_intake()
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM: each worker drains gracefully
+            for p in procs:
+                p.join(settings.grace_period_s + 10)
+            code = events.stop() if events is not None else 0
+            return 0 if code == 0 and all(p.exitcode == 0 for p in procs) else 1

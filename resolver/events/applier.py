@@ -2,8 +2,8 @@
 
 Each event runs in a nested transaction: applied, or aborted and dead-lettered with its reason. Its removal
 from the inbox, the record write, the change log and the counters commit together with the batch, so a
-kill -9 mid-drain loses or repeats nothing. One applier runs per data directory (the worker that also runs
-the ledger sweeper), so events are applied in inbox order.
+kill -9 mid-drain loses or repeats nothing. One applier runs per data directory (under `resolver serve`, in
+the events process: resolver.events.process), so events are applied in inbox order.
 """
 
 from __future__ import annotations

@@ -1,14 +1,20 @@
-"""The events subsystem of one server process: admission (both transports), the applier, DLQ administration."""
+"""The events subsystem of one server process: admission (both transports), the applier, DLQ administration.
+
+Which parts run where is the caller's choice (`start(applier=..., http=...)`): `resolver serve` runs the webhook
+endpoint and the applier in the events process (resolver.events.process) and only gRPC admission and the DLQ
+RPCs in the serving workers; `resolver.server.start()` can run everything as threads of one process (tests).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from resolver.errors import DeadLetterNotFound
 from resolver.events import counters, dlq
 from resolver.events.applier import Applier, ReplayResult, replay
-from resolver.events.http import HttpEndpoint
+from resolver.events.http import COUNTER_FLUSH_S, HttpEndpoint
 from resolver.events.inbox import Admission, Ingestor
 from resolver.service import Service
 
@@ -16,7 +22,7 @@ log = logging.getLogger("resolver.events")
 
 
 class Events:
-    """Built by the server from the Service; `start(applier=...)` / `stop()` with it."""
+    """Built by the server from the Service; `start(applier=..., http=...)` / `stop()` with it."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -25,22 +31,39 @@ class Events:
         self.ingestor = Ingestor(self.store, self.settings, service.schema)
         self.applier: Applier | None = None
         self.http: HttpEndpoint | None = None
+        self._flusher: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def http_port(self) -> int:
         return self.http.port if self.http is not None else 0
 
-    def start(self, *, applier: bool) -> None:
-        for src in self.settings.sources.values():
-            if src.unresolved or not src.secrets:
-                log.warning("source %s has no usable webhook secret (unresolved: %s): its events are refused",
-                            src.name, ", ".join(src.unresolved) or "none configured")
-        if self.settings.events.http_listen:
+    def start(self, *, applier: bool, http: bool = True) -> None:
+        """Start the webhook endpoint (if `http` and `events.http_listen` is set) and the applier (if `applier`:
+        one per data directory). Without an endpoint here, a thread flushes the refused-request counts of
+        gRPC admissions every second (the endpoint's own loop does it otherwise)."""
+        serve_http = http and bool(self.settings.events.http_listen)
+        if serve_http or applier:
+            for src in self.settings.sources.values():
+                if src.unresolved or not src.secrets:
+                    log.warning("source %s has no usable webhook secret (unresolved: %s): its events are refused",
+                                src.name, ", ".join(src.unresolved) or "none configured")
+        if serve_http:
             self.http = HttpEndpoint(self.ingestor, self.settings.events.http_listen, self.settings.events.max_body_bytes)
             self.http.start()
+        else:
+            self._flusher = threading.Thread(target=self._flush_loop, name="event-counters", daemon=True)
+            self._flusher.start()
         if applier:
             self.applier = Applier(self.store, self.settings, self.service.schema, on_idle=self.ingestor.flush)
             self.applier.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.wait(COUNTER_FLUSH_S):
+            try:
+                self.ingestor.flush()
+            except Exception:
+                log.exception("flushing event counters failed")
 
     def stop_intake(self) -> None:
         """Stop accepting webhooks (before the gRPC server stops)."""
@@ -48,8 +71,12 @@ class Events:
             self.http.stop()
 
     def stop(self) -> None:
+        """Intake first, then the admissions already queued, then the applier (after its current batch)."""
         self.stop_intake()
         self.ingestor.close()
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join(COUNTER_FLUSH_S + 5)
         if self.applier is not None:
             self.applier.stop()
         self.ingestor.flush()

@@ -30,6 +30,8 @@ from grpc_status import rpc_status
 
 from resolver.cli import main as cli_main
 from resolver.config import Settings, load_settings
+from resolver.events import counters as event_counters
+from resolver.events.process import PROCESS_NAME
 from resolver.events.signatures import sign
 from resolver.service import Service
 from resolver.v1 import resolver_pb2 as pb
@@ -435,17 +437,19 @@ def test_http_edge_cases(srv: Client) -> None:
 # -- crash safety --------------------------------------------------------------------------------------------
 
 class ServerProcess:
-    """`resolver serve` in a subprocess; ports read from its "serving on" line."""
+    """`resolver serve` in a subprocess (its own session: kill -9 takes the whole process tree, as a host or
+    container stop would); ports read from its "serving on" line; its log in DATA/../server.log."""
 
     LINE = re.compile(r"serving on 127\.0\.0\.1:(\d+) .*webhooks on http://127\.0\.0\.1:(\d+)")
 
     def __init__(self, config: Path, data: Path, workers: int = 1) -> None:
         env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
-             "--listen", "127.0.0.1:0", "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=str(ROOT),
-        )
+        with (data.parent / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
+                 "--listen", "127.0.0.1:0", "--workers", str(workers)],
+                stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(ROOT), start_new_session=True,
+            )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 30
         line = b""
@@ -460,12 +464,151 @@ class ServerProcess:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.stub = resolver_pb2_grpc.IdentityResolverStub(self.channel)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """SIGKILL: the whole process group at once; other signals: the serving parent only. Its exit code."""
         self.channel.close()
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
+        if sig == signal.SIGKILL:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+        return code
+
+    def events_pid(self, other_than: int = 0, timeout: float = 20.0) -> int:
+        """The pid of the events process (a child named resolver-events), once it is not `other_than`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [pid for pid in _children(self.proc.pid) if _comm(pid) == PROCESS_NAME and pid != other_than]
+            if len(found) == 1:
+                return found[0]
+            assert len(found) < 2, f"several events processes: {found}"
+            assert time.monotonic() < deadline, f"no events process (other than {other_than}) under {self.proc.pid}"
+            time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(name))
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    """Field 19 of /proc/PID[/task/TID]/stat: the nice value."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[16])
+
+
+def post_retrying(port: int, body: bytes, headers: dict[str, str], timeout: float = WAIT_S) -> int:
+    """POST a webhook, retrying while nothing listens (an events process restarting); the HTTP status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return post(port, body, headers)[0]
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, f"nothing listened on {port} for {timeout}s"
+            time.sleep(0.1)
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.05)
+
+
+def stored_counters(config: Path, data: Path) -> tuple[dict[str, Any], list[str]]:
+    """With the server stopped: the event counters snapshot and the webhook ids in the change log."""
+    svc = Service(load_settings(config, environ=ENV, data_dir=str(data)))
+    try:
+        with svc.store.read() as view:
+            snap = event_counters.snapshot(view.txn, svc.store)
+            ids = [ch["event"]["webhook_id"] for ch in view.iter_changes() if "event" in ch]
+    finally:
+        svc.close()
+    return snap, ids
+
+
+def test_serve_runs_webhooks_and_the_applier_in_a_niced_events_process(tmp_path: Path) -> None:
+    config = tmp_path / "ep.toml"
+    config.write_text(blueprint().replace("[events]\n", "[events]\nprocess_nice = 7\n"))
+    data = tmp_path / "data"
+    srv = ServerProcess(config, data)
+    try:
+        child = srv.events_pid()
+        assert child != srv.proc.pid
+        base = _nice(srv.proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, child) == _nice(child) == min(19, base + 7)
+        assert {_nice(child, int(t)) for t in os.listdir(f"/proc/{child}/task")} == {min(19, base + 7)}  # every thread
+        seed_customer(srv)
+        status, body, _ = post(srv.http_port, SEED_PAYLOAD, signed(SEED_PAYLOAD, wid="msg_seed"))
+        assert (status, body["status"]) == (202, "accepted")
+        wait_for("the seed event applied", lambda: attrs(srv, SEED_ID)["status"] == "Churned")
+        wids = ["msg_seed"]
+        for j in range(30):
+            ext = f"ep-{j % 3}"
+            if j < 3:
+                seed_customer(srv, ext)
+            b = event(ext, {"Credit_Limit__c": j + 1}, ts=f"2024-01-01T00:00:{j:02d}Z")
+            wids.append(f"msg_ep_{j}")
+            assert post(srv.http_port, b, signed(b, wid=wids[-1]))[0] == 202
+        wait_for("the inbox drained", lambda: srv.stub.GetEventCounters(pb.GetEventCountersRequest(),
+                                                                         timeout=5).in_inbox == 0)
+        assert [attrs(srv, f"ep-{i}")["credit_limit"] for i in range(3)] == [28, 29, 30]
+    except BaseException:
+        srv.kill()
+        raise
+    assert srv.kill(signal.SIGTERM) == 0
+    assert not Path(f"/proc/{child}").exists() or _comm(child) != PROCESS_NAME
+    snap, ids = stored_counters(config, data)
+    c = snap["counters"]
+    assert snap["conserved"] and c["accepted"] == c["applied"] == len(wids) and snap["in_inbox"] == 0
+    assert sorted(ids) == sorted(wids)  # each applied exactly once
+
+
+def test_a_killed_events_process_is_restarted_and_later_events_apply(tmp_path: Path) -> None:
+    config = tmp_path / "restart.toml"
+    config.write_text(blueprint())
+    data = tmp_path / "data"
+    srv = ServerProcess(config, data)
+    try:
+        first = srv.events_pid()
+        nice = _nice(first)
+        assert nice == min(19, _nice(srv.proc.pid) + 10)  # the default process_nice
+        seed_customer(srv)
+        os.kill(first, signal.SIGKILL)
+        second = srv.events_pid(other_than=first)
+        assert _nice(second) == nice
+        r = srv.stub.Resolve(resolve_req(external_id=SEED_ID), timeout=5)  # gRPC never stopped serving
+        assert r.outcome == pb.OUTCOME_MATCHED
+        assert post_retrying(srv.http_port, SEED_PAYLOAD, signed(SEED_PAYLOAD, wid="msg_after_restart")) == 202
+        wait_for("the event applied", lambda: attrs(srv, SEED_ID)["status"] == "Churned")
+        # the gRPC transport admits into the same inbox; the restarted applier applies it
+        b = event(SEED_ID, {"Credit_Limit__c": 7}, ts="2030-01-01T00:00:00Z")
+        srv.stub.IngestEvents(pb.IngestRequest(source="SALESFORCE", body=b, headers=signed(b)), timeout=5)
+        wait_for("the gRPC event applied", lambda: attrs(srv, SEED_ID)["credit_limit"] == 7)
+    except BaseException:
+        srv.kill()
+        raise
+    assert srv.kill(signal.SIGTERM) == 0
+    snap, ids = stored_counters(config, data)
+    assert snap["conserved"] and snap["counters"]["applied"] == 2 and len(ids) == 2
+    assert "died unexpectedly" in (tmp_path / "server.log").read_text()
 
 
 def test_kill_9_mid_drain_applies_every_accepted_event_once(tmp_path: Path) -> None:
@@ -523,7 +666,7 @@ def test_multi_worker_server_serves_webhooks_on_one_port(tmp_path: Path) -> None
     try:
         srv.stub.Upsert(upsert_req(external_id=SEED_ID, attributes={"status": "Active"}, source_system="SALESFORCE"),
                         timeout=5)
-        for _ in range(10):  # SO_REUSEPORT spreads connections over both workers; one applier applies
+        for _ in range(10):  # the events process serves the webhooks and applies them (one applier)
             assert post(srv.http_port, SEED_PAYLOAD, signed(SEED_PAYLOAD))[0] == 202
         deadline = time.monotonic() + WAIT_S
         while (snap := srv.stub.GetEventCounters(pb.GetEventCountersRequest(), timeout=5)).counters["applied"] < 10:
@@ -533,3 +676,19 @@ def test_multi_worker_server_serves_webhooks_on_one_port(tmp_path: Path) -> None
         assert r.attributes["status"] == "Churned" and snap.conserved
     finally:
         srv.kill(signal.SIGTERM)
+
+
+def test_serve_with_the_webhook_port_taken_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(blueprint().replace('http_listen = "127.0.0.1:0"', f'http_listen = "127.0.0.1:{port}"'))
+        r = subprocess.run([sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir",
+                            str(tmp_path / "data"), "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, **ENV}, timeout=60)
+    assert r.returncode == 2 and f"cannot listen for webhooks on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

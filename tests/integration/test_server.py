@@ -141,8 +141,12 @@ def test_workers_share_the_port_and_see_each_others_writes_at_once(tmp_path):  #
 
 
 def _is_worker(pid: str) -> bool:
+    """A spawned gRPC worker (not the events process, which a blueprint-less server runs too)."""
+    from resolver.events.process import PROCESS_NAME
+
     try:
-        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        return ("spawn_main" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+                and Path(f"/proc/{pid}/comm").read_text().strip() != PROCESS_NAME)
     except OSError:
         return False
 

@@ -74,3 +74,14 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad)
+
+
+def test_events_process_priority_is_validated() -> None:
+    assert settings_from_document({}, {}).events.process_nice == 10
+    s = settings_from_document({"events": {"process_nice": 0, "process_sched_idle": True}}, {})
+    assert (s.events.process_nice, s.events.process_sched_idle) == (0, True)
+    assert "nice +0 (SCHED_IDLE)" in describe(s)
+    for bad in (-1, 20, 2.5, "10", True):
+        with pytest.raises(ConfigError) as e:
+            settings_from_document({"events": {"process_nice": bad}}, {})
+        assert "events.process_nice" in str(e.value), bad

@@ -1,0 +1,265 @@
+"""The events process: the webhook endpoint and the applier of `resolver serve`, in one child process.
+
+Why a process of their own: as threads of a serving process, the aiohttp loop, the admissions and the applier
+share the GIL and the CPU with the Resolve handlers (Resolve p99 8-11x higher during a 20,000-event drain).
+In a child process at a lowered CPU priority (`[events] process_nice`, SCHED_IDLE with `process_sched_idle`),
+the kernel prefers the serving workers. The workers keep gRPC `IngestEvents` and the DLQ admin RPCs: they
+write to the same LMDB inbox, which this process's applier drains (one applier per data directory).
+
+`EventsProcess` is the parent's side: it spawns the child (spawn context, like the workers: the child opens
+the LMDB store itself), waits for its readiness, restarts it (bounded, with a backoff) if it dies (accepted
+events are durable in the inbox, so nothing is lost), and stops it in two steps: intake first (before the gRPC
+workers drain), then the applier after its current batch. Commands travel on a pipe; the child takes the end
+of the pipe (its parent is gone) as "stop".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from resolver.config import Settings
+
+log = logging.getLogger("resolver.events.process")
+PROCESS_NAME = "resolver-events"  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
+START_TIMEOUT_S = 60.0
+MAX_RESTARTS = 5  # consecutive; the count starts again once a child has stayed up for HEALTHY_AFTER_S
+HEALTHY_AFTER_S = 60.0
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 5.0)
+
+
+class EventsProcessError(RuntimeError):
+    """The events process could not be started."""
+
+
+# -- the child ------------------------------------------------------------------------------------------------
+
+def lower_priority(nice: int, sched_idle: bool) -> None:
+    """Lower the CPU priority of every thread of this process (on Linux both are per thread; threads started
+    later inherit them): `nice` added as os.nice() does, and the SCHED_IDLE policy if asked."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        if sched_idle:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _set_name(name: str) -> None:
+    """Name this process for ps/top (prctl PR_SET_NAME); nothing where that is not available."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def child_main(settings: Settings, conn: Connection) -> None:
+    """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
+    lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
+    _set_name(PROCESS_NAME)
+    from resolver.cli import setup_logging
+
+    setup_logging(settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    from resolver.events.runtime import Events
+    from resolver.service import Service
+
+    try:
+        service = Service(settings)
+    except Exception as exc:
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    events = Events(service)
+    try:
+        events.start(applier=True)
+    except Exception as exc:
+        events.stop()
+        service.close()
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    log.info("events process %d: webhooks on %s, applier %g/s in batches of %d, nice +%d%s", os.getpid(),
+             settings.events.http_listen or "(none)", settings.events.rate_per_s, settings.events.batch,
+             settings.events.process_nice, ", SCHED_IDLE" if settings.events.process_sched_idle else "")
+    conn.send(("ready", events.http_port))
+    while not stop.is_set():
+        try:
+            if not conn.poll(0.2):
+                continue
+            command = conn.recv()
+        except (EOFError, OSError):
+            log.warning("events process: the serving process is gone; stopping")
+            break
+        if command == "stop_intake":
+            events.stop_intake()
+            _send(conn, ("intake_stopped", 0))
+        elif command == "stop":
+            break
+    events.stop()  # intake (if still open), queued admissions, then the applier after its current batch
+    service.close()
+    _send(conn, ("stopped", 0))
+
+
+def _send(conn: Connection, message: tuple[str, Any]) -> None:
+    try:
+        conn.send(message)
+    except OSError:
+        pass  # the parent is gone
+
+
+# -- the parent's side ----------------------------------------------------------------------------------------
+
+class EventsProcess:
+    """The supervised events process of one `resolver serve`: `launch()`, `wait_ready()`, `check()` (from the
+    parent's main loop: restarts a dead child), `stop_intake()`, then `stop()`."""
+
+    def __init__(self, settings: Settings, ctx: Any, *, start_timeout: float = START_TIMEOUT_S,
+                 max_restarts: int = MAX_RESTARTS) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.start_timeout = start_timeout
+        self.max_restarts = max_restarts
+        self.restarts = 0  # over the server's life
+        self.gave_up = False
+        self._failures = 0  # consecutive unexpected exits
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._started_at = 0.0
+        self._restart_at: float | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def launch(self) -> None:
+        """Spawn the child (returns at once; `wait_ready()` waits for it)."""
+        parent_end, child_end = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=child_main, args=(self.settings, child_end), name=PROCESS_NAME)
+        proc.start()
+        child_end.close()  # only the child holds it now: its exit reads as EOF here
+        self._proc, self._conn = proc, parent_end
+        self._started_at = time.monotonic()
+
+    def wait_ready(self) -> int:
+        """Wait until the child serves; its webhook port (0: none). EventsProcessError if it failed to start."""
+        assert self._proc is not None and self._conn is not None
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill()
+                raise EventsProcessError(f"the events process did not start within {self.start_timeout:g}s")
+            try:
+                if not self._conn.poll(min(left, 0.5)):
+                    continue
+                kind, value = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(5)
+                raise EventsProcessError(f"the events process exited (code {self._proc.exitcode}) before it was "
+                                         "ready") from None
+            if kind == "ready":
+                log.info("events process started (pid %d)", self._proc.pid)
+                return int(value)
+            if kind == "failed":
+                self._proc.join(5)
+                raise EventsProcessError(str(value))
+
+    def check(self) -> None:
+        """Restart the child if it died (bounded: `max_restarts` in a row, with a growing backoff)."""
+        if self._stopping or self.gave_up or self._proc is None:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            if self._proc.is_alive():
+                if self._failures and now - self._started_at >= HEALTHY_AFTER_S:
+                    self._failures = 0
+                return
+            self._proc.join(1)
+            self._close_conn()
+            self._failures += 1
+            if self._failures > self.max_restarts:
+                self.gave_up = True
+                log.error("the events process (pid %d) died (exit code %s) %d times in a row: not restarting it; "
+                          "webhooks are refused and the inbox is not applied until the server restarts",
+                          self._proc.pid, self._proc.exitcode, self._failures)
+                return
+            delay = BACKOFF_S[min(self._failures, len(BACKOFF_S)) - 1]
+            log.error("the events process (pid %d) died unexpectedly (exit code %s); restarting it in %gs "
+                      "(restart %d of at most %d in a row); accepted events wait in the inbox",
+                      self._proc.pid, self._proc.exitcode, delay, self._failures, self.max_restarts)
+            self._restart_at = now + delay
+            return
+        if now < self._restart_at:
+            return
+        self._restart_at = None
+        self.restarts += 1
+        try:
+            self.launch()
+            self.wait_ready()
+        except (EventsProcessError, OSError) as exc:
+            log.error("restarting the events process failed: %s", exc)  # counted as a death on the next check
+
+    def stop_intake(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop accepting webhooks, and wait until it has (bounded)."""
+        self._stopping = True
+        if not self._alive():
+            return
+        assert self._conn is not None
+        try:
+            self._conn.send("stop_intake")
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0 and self._conn.poll(left):
+                if self._conn.recv()[0] == "intake_stopped":
+                    return
+        except (EOFError, OSError):
+            return
+        log.warning("the events process did not confirm that intake stopped within %gs", timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop the child: its applier finishes the current batch; its exit code (0: clean)."""
+        self._stopping = True
+        if self._proc is None:
+            return 0
+        if self._alive():
+            assert self._conn is not None
+            try:
+                self._conn.send("stop")
+            except OSError:
+                pass
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                log.error("the events process did not stop within %gs; terminating it", timeout)
+                self._kill()
+        else:
+            self._proc.join(1)
+        self._close_conn()
+        code = self._proc.exitcode
+        return int(code) if code is not None else 1
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive() and self._conn is not None
+
+    def _kill(self) -> None:
+        assert self._proc is not None
+        self._proc.terminate()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -22,6 +22,7 @@ from resolver.store import Store, View, uuid_bytes, uuid_text
 # The record fields a Resolve answer shows (decoded lazily: the rest of the record is never parsed).
 _SHOWN = ("uuid", "version", "attributes")
 _SORTED = ("updated_us", "uuid", "version", "attributes")  # candidates: most recently updated first
+_KIND = {int(k): k for k in Kind}  # by number, without Enum's slow __call__
 
 
 @dataclass(slots=True)
@@ -150,12 +151,12 @@ class Resolver:
         if fanned:
             limit = self.settings.max_fanout
             detail = f"held by more than {limit} customers; never decides a match"
-            result.skipped += [Skipped(Kind(k), mask(Kind(k), v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
+            result.skipped += [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
         if probes:
-            result.probes = [Probe(Kind(k), mask(Kind(k), v), state, n) for k, v, state, n in probes]
+            result.probes = [Probe(_KIND[k], mask(_KIND[k], v), state, n) for k, v, state, n in probes]
         if outcome == NOT_FOUND:
             return result
-        result.matched_on = Kind(kind)
+        result.matched_on = _KIND[kind]
         fields = p.fields
         if outcome == MATCHED:
             found = view.record_fields(uids[0], _SHOWN)

@@ -102,9 +102,12 @@ class Store:
                     self.db[name.decode()] = self.env.open_db(name, txn=txn, create=not readonly)
                 except lmdb.NotFoundError:
                     pass  # read-only open of a store written before events existed
+        # by kind number - 1 (a tuple: Kind is an Enum, and hashing one runs Python code)
+        self.index_dbs = (self.ix[Kind.EXTERNAL_ID], self.ix[Kind.EMAIL], self.ix[Kind.PHONE])
         with self.env.begin(write=not readonly) as txn:
             self._check_meta(txn, settings, readonly)
         self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
+        self.records_db = self.db["records"]
 
     def _check_meta(self, txn: lmdb.Transaction, settings: Settings, readonly: bool) -> None:
         """Refuse a store written in another format or hashed with another algorithm or key."""
@@ -238,9 +241,8 @@ class View:
     def prober(self) -> Prober:
         """The probe loop (resolver._probe_py) bound to this transaction; made on first use."""
         if self._prober is None:
-            ix = self.store.ix
-            self._prober = Prober(self.txn, (ix[Kind.EXTERNAL_ID], ix[Kind.EMAIL], ix[Kind.PHONE]),
-                                  self.store.db["records"], self.store.hasher.key)
+            store = self.store
+            self._prober = Prober(self.txn, store.index_dbs, store.records_db, store.hasher.key)
         return self._prober
 
     def probe(self, kind: Kind, value: str, limit: int) -> tuple[int, list[bytes]]:

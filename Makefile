@@ -85,3 +85,10 @@ clean:
 .PHONY: bench-events
 bench-events: bench-deps
 	$(PY) -m bench.events_drain --out bench/out/events $(BENCH_ARGS)
+
+# `resolver import` rows/s (issue 3): dataset, the real CLI into a fresh data directory, the same file again
+# (every row replays), `resolver check`, beside the raw py-lmdb floor in the same run; report in bench/out/import/.
+# 200k customers by default; BENCH_ARGS="--customers 1000000" for the issue's figure.
+.PHONY: bench-import
+bench-import: build
+	$(PY) -m bench.import_rate --out bench/out/import $(BENCH_ARGS)

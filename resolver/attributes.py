@@ -152,6 +152,7 @@ class AttributeSchema:
         self.specs: Mapping[str, AttributeSpec] = settings.attributes
         self._convert = {name: _CONVERTERS[spec.type](spec) for name, spec in self.specs.items()}
         self._validate = {name: fastjsonschema.compile(_json_schema(spec)) for name, spec in self.specs.items()}
+        self._owners = {name: spec.owner for name, spec in self.specs.items() if spec.owner}
 
     @property
     def open(self) -> bool:
@@ -202,7 +203,8 @@ class AttributeSchema:
 
     def owned_by_others(self, names: list[str], source_system: str) -> list[str]:
         """The attributes among `names` that another source system owns (contract §4.4)."""
-        return [n for n in names if (spec := self.specs.get(n)) and spec.owner and spec.owner != source_system]
+        owners = self._owners
+        return [n for n in names if (owner := owners.get(n)) and owner != source_system] if owners else []
 
     def project(self, attributes: Mapping[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
         """The attributes to show for `fields` (None: all of them)."""

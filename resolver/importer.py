@@ -7,6 +7,10 @@ commits. Rejected rows go to a rejects file with their reasons and their origina
 
 Validation and normalization need no stored state (contract §10), so on a large file they run in worker
 processes, forked before the store is opened, while this process applies the prepared commands in file order.
+JSON lines travel to the workers as raw blocks of the file; what comes back is compact (resolver.bulk). A row
+that is a plain create (nothing in the store or earlier in its batch holds its key or identifiers) is written
+from bytes the worker encoded, without a nested transaction; every other row goes through
+`resolver.upsert.apply` (resolver.bulk says why both write the same bytes).
 
 A row without an idempotency_key gets one derived from the file's digest, the row's line number and the
 row's content (with the command-line defaults applied). So re-running the same file, after a crash or by
@@ -40,12 +44,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import lmdb
+import orjson
 from google.protobuf import json_format
 from tqdm import tqdm
 
+from resolver._hotpath import KeyHasher
 from resolver.api.servicer import upsert_input
 from resolver.api.status import to_status
 from resolver.attributes import AttributeSchema
+from resolver.bulk import BulkWriter, Planned, command_blob, command_from, plan
 from resolver.config import Settings
 from resolver.errors import (
     AlreadyExists,
@@ -68,14 +75,17 @@ from resolver.writer import apply_nested
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 KEY_PREFIX = "import:"
-CHUNK_ROWS = 500  # rows handed to a worker at a time
+CHUNK_ROWS = 500  # CSV rows handed to a worker at a time
+BLOCK_BYTES = 1 << 18  # JSON lines handed to a worker at a time: whole lines, about this many bytes
 POOL_MIN_ROWS = 5000  # below this, forking workers costs more than it saves
 MAX_WORKERS = 8
 
 Original = str | dict[str, str]  # a JSON line as read, or a CSV row as {column: cell}
 Payload = str | list[str]  # what a parser turns into an UpsertInput: the line, or the CSV cells
 Reason = dict[str, str]
-Outcome = UpsertCommand | list[Reason]  # a prepared command, or why the row is refused
+Prepared = tuple[bytes, Planned | None]  # resolver.bulk: the command's blob, its writes as a plain create
+Outcome = Prepared | list[Reason]  # a prepared command, or why the row is refused
+Row = tuple[int, Original, Outcome]  # line number, the original, the outcome
 
 
 class FileProblem(Exception):
@@ -134,7 +144,7 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
     lines, digest = _scan(path)
     keys = KeyMaker(digest, region, args.source_system)
     with ExitStack() as stack:
-        raws: Iterator[Raw]
+        raws: Iterator[Raw] | Iterator[tuple[int, bytes]]
         parse: Callable[[int, Any], UpsertInput]
         if fmt == "csv":
             # surrogateescape: a row with bytes that are not UTF-8 is refused alone, not the whole file
@@ -145,7 +155,7 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
                 return _fail(f"{path}: {exc}")
             raws, parse, header_lines = reader.rows(), reader.parse, 1
         else:
-            raws, parse, header_lines = read_jsonl(stack.enter_context(open(path, "rb"))), JsonParser(keys), 0
+            raws, parse, header_lines = read_blocks(stack.enter_context(open(path, "rb"))), JsonParser(keys), 0
         preparer = Preparer(settings, parse)
         # Fork the workers first: an LMDB environment must never cross a fork.
         pool, workers = _start_pool(preparer, lines)
@@ -216,9 +226,24 @@ def _reason(field: str, description: str, reason: str, code: str = "INVALID_ARGU
 # -- JSON lines ------------------------------------------------------------------------------------------
 
 
-def read_jsonl(raw: Iterable[bytes]) -> Iterator[Raw]:
+def read_blocks(f: Any, size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, whole lines) of a binary file, about `size` bytes at a time."""
+    number = 1
+    while lines := f.readlines(size):
+        yield number, b"".join(lines)
+        number += len(lines)
+
+
+def jsonl_block(first: int, block: bytes) -> Iterator[Raw]:
+    """The non-blank lines of a block of a JSON-lines file (its first line numbered `first`), as text."""
+    if block.endswith(b"\n"):
+        block = block[:-1]
+    return read_jsonl(block.split(b"\n"), first)
+
+
+def read_jsonl(raw: Iterable[bytes], first: int = 1) -> Iterator[Raw]:
     """The non-blank lines of a JSON-lines file, as text."""
-    for number, data in enumerate(raw, 1):
+    for number, data in enumerate(raw, first):
         try:
             line = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -274,15 +299,29 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+def _once(line: str, obj: dict[str, Any]) -> bool:
+    """Whether each key of `obj` is written exactly once in `line` (a line without backslashes): then no key
+    is repeated in that object. orjson keeps the last of repeated keys; json_format refuses them."""
+    return not line or all(line.count(f'"{k}"') == 1 for k in obj)
+
+
 def simple_input(line: str) -> UpsertInput | None:
     """The UpsertInput of a plain JSON line, exactly as the official parser would build it; None: not plain."""
-    if "\\u" in line:
-        return None
-    try:
-        obj = json.loads(line, object_pairs_hook=_no_repeats)
-    except (_Unusual, ValueError, RecursionError):
-        return None
-    if type(obj) is not dict:
+    if "\\" in line:
+        # escapes: a key could be spelled two ways, which _once cannot see; the standard parser counts keys
+        if "\\u" in line:
+            return None
+        try:
+            obj = json.loads(line, object_pairs_hook=_no_repeats)
+        except (_Unusual, ValueError, RecursionError):
+            return None
+        line = ""  # repeats already refused: _once(line, ...) below is always true
+    else:
+        try:
+            obj = orjson.loads(line)
+        except (orjson.JSONDecodeError, RecursionError):
+            return None
+    if type(obj) is not dict or not _once(line, obj):
         return None
     fields: dict[str, Any] = {}
     for name, value in obj.items():
@@ -296,9 +335,9 @@ def simple_input(line: str) -> UpsertInput | None:
             if type(value) is not int or not 0 <= value <= _MAX_UINT64:
                 return None
         elif field == "attributes":
-            value = _simple_attributes(value)
+            value = _simple_attributes(value, line)
         elif field in ("identifiers", "remove_identifiers"):
-            value = _simple_identifiers(value)
+            value = _simple_identifiers(value, line)
         else:
             return None  # a field this fast path does not know
         if value is None:
@@ -316,8 +355,8 @@ def simple_input(line: str) -> UpsertInput | None:
     )
 
 
-def _simple_identifiers(value: Any) -> RawIdentifiers | None:
-    if type(value) is not dict:
+def _simple_identifiers(value: Any, line: str) -> RawIdentifiers | None:
+    if type(value) is not dict or not _once(line, value):
         return None
     external_id = ""
     lists: dict[str, tuple[str, ...]] = {}
@@ -337,9 +376,9 @@ def _simple_identifiers(value: Any) -> RawIdentifiers | None:
     return RawIdentifiers(external_id, lists.get("emails", ()), lists.get("phones", ()))
 
 
-def _simple_attributes(value: Any) -> dict[str, Any] | None:
+def _simple_attributes(value: Any, line: str) -> dict[str, Any] | None:
     """A Struct's values as MessageToDict gives them back: every number a float (Struct holds doubles)."""
-    if type(value) is not dict:
+    if type(value) is not dict or not _once(line, value):
         return None
     out: dict[str, Any] = {}
     for name, item in value.items():
@@ -533,18 +572,41 @@ class Preparer:
         self.parse = parse
         self.schema = AttributeSchema(settings)
         self.policy = policy_from(settings)
+        self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
+        self.new_uuid: Callable[[], str] = new_uuids().__next__
+
 
     def __call__(self, items: list[tuple[int, Payload]]) -> list[Outcome]:
-        settings, schema, policy, parse = self.settings, self.schema, self.policy, self.parse
+        settings, schema, policy, parse, hasher = self.settings, self.schema, self.policy, self.parse, self.hasher
         out: list[Outcome] = []
         for line, payload in items:
             try:
-                out.append(prepare(parse(line, payload), settings, schema, policy, now_us=now_us()))
+                cmd = prepare(parse(line, payload), settings, schema, policy, now_us=now_us(), new_uuid=self.new_uuid())
             except RowProblem as exc:
                 out.append(exc.reasons)
             except ResolverError as exc:
                 out.append(reasons_for(exc))
+            else:
+                out.append((command_blob(cmd), plan(cmd, hasher)))
         return out
+
+    def block(self, first: int, data: bytes) -> list[Row]:
+        """Every non-blank row of a block of JSON lines with its outcome."""
+        raws = list(jsonl_block(first, data))
+        outcomes = iter(self([(r.line, r.payload) for r in raws if r.payload is not None]))
+        return [(r.line, r.original, r.reasons or [] if r.payload is None else next(outcomes)) for r in raws]
+
+
+def new_uuids(batch: int = 1024) -> Iterator[str]:
+    """Random (version 4) uuids in canonical text, as str(uuid.uuid4()) makes them, at a fraction of its cost
+    (one urandom call per `batch`, no UUID objects)."""
+    while True:
+        pool = bytearray(os.urandom(16 * batch))
+        for i in range(0, 16 * batch, 16):
+            pool[i + 6] = (pool[i + 6] & 0x0F) | 0x40  # version 4
+            pool[i + 8] = (pool[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
+            h = pool[i:i + 16].hex()
+            yield f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _worker_preparer: Preparer | None = None
@@ -553,12 +615,18 @@ _worker_preparer: Preparer | None = None
 def _worker_init(preparer: Preparer) -> None:
     global _worker_preparer
     _worker_preparer = preparer
+    preparer.new_uuid = new_uuids().__next__  # never share a random stream across a fork
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
 
 
 def _worker_prepare(items: list[tuple[int, Payload]]) -> list[Outcome]:
     assert _worker_preparer is not None
     return _worker_preparer(items)
+
+
+def _worker_block(first: int, data: bytes) -> list[Row]:
+    assert _worker_preparer is not None
+    return _worker_preparer.block(first, data)
 
 
 def _start_pool(preparer: Preparer, lines: int) -> tuple[Pool | None, int]:
@@ -591,7 +659,7 @@ class Importer:
         self._rejects: TextIO | None = None
         self._done_line = 0  # every row up to this line is committed or in the rejects file
 
-    def run(self, raws: Iterator[Raw], *, total: int, skip: int, name: Path, started: float) -> int:
+    def run(self, raws: Iterator[Raw] | Iterator[tuple[int, bytes]], *, total: int, skip: int, name: Path, started: float) -> int:
         """Import every row; print the summary; 0 (all applied), 1 (some refused) or 2 (stopped early).
 
         `total` rows are expected (the progress bar's end); `skip` lines precede the first (a CSV header).
@@ -621,21 +689,19 @@ class Importer:
             print(f"import: {t.rejected} row(s) rejected: see {self.rejects_path}", flush=True)
         return code or (1 if t.rejected else 0)
 
-    def _consume(self, raws: Iterator[Raw], bar: tqdm, total: int, skip: int) -> None:
-        batch: list[tuple[int, Original, UpsertCommand]] = []
+    def _consume(self, raws: Iterator[Raw] | Iterator[tuple[int, bytes]], bar: tqdm, total: int, skip: int) -> None:
+        batch: list[tuple[int, Original, Prepared]] = []
         refused: list[tuple[int, Original, list[Reason]]] = []
         shown = 0
         line = 0
         try:
-            for chunk, outcomes in self._prepared(raws):
-                for raw in chunk:
-                    line = raw.line
+            for rows in self._prepared(raws):
+                for line, original, outcome in rows:
                     self.tally.rows += 1
-                    outcome = raw.reasons if raw.payload is None else next(outcomes)
-                    if isinstance(outcome, UpsertCommand):
-                        batch.append((line, raw.original, outcome))
+                    if type(outcome) is tuple:
+                        batch.append((line, original, outcome))
                     else:
-                        refused.append((line, raw.original, outcome or []))
+                        refused.append((line, original, outcome))  # type: ignore[arg-type]
                     if len(batch) + len(refused) >= self.batch_size:
                         self._commit(batch, refused, line)
                         batch, refused = [], []
@@ -647,48 +713,64 @@ class Importer:
         self._commit(batch, refused, line)
         bar.update(max(total - shown, 0))
 
-    def _prepared(self, raws: Iterator[Raw]) -> Iterator[tuple[list[Raw], Iterator[Outcome]]]:
-        """Chunks of rows with the outcomes of their payloads, in file order; with a pool, a few chunks
-        are in flight at a time (enough to keep every worker busy, never the whole file in memory)."""
-        pending: deque[tuple[list[Raw], AsyncResult[list[Outcome]]]] = deque()
+    def _prepared(self, raws: Iterator[Raw] | Iterator[tuple[int, bytes]]) -> Iterator[list[Row]]:
+        """Rows with their outcomes, in file order, a chunk at a time; with a pool, a few chunks are in flight
+        at a time (enough to keep every worker busy, never the whole file in memory). `raws` is either CSV
+        rows (Raw) or blocks of JSON lines (first line number, bytes)."""
+        pending: deque[tuple[list[Raw] | None, AsyncResult[Any]]] = deque()
         problem: FileProblem | None = None
-        chunks = _chunks(raws, CHUNK_ROWS)
+        chunks = _chunks(raws, CHUNK_ROWS)  # type: ignore[arg-type]
         while True:
             try:
-                chunk = next(chunks)
+                chunk: Any = next(chunks)
             except StopIteration:
                 break
             except FileProblem as exc:  # the rows read before it still go through
                 problem = exc
                 break
-            items = [(r.line, r.payload) for r in chunk if r.payload is not None]
-            if self.pool is None:
-                yield chunk, iter(self.preparer(items))
-                continue
-            pending.append((chunk, self.pool.apply_async(_worker_prepare, (items,))))
+            if isinstance(chunk, tuple):  # a block of JSON lines
+                if self.pool is None:
+                    yield self.preparer.block(*chunk)
+                    continue
+                pending.append((None, self.pool.apply_async(_worker_block, chunk)))
+            else:
+                items = [(r.line, r.payload) for r in chunk if r.payload is not None]
+                if self.pool is None:
+                    yield _rows(chunk, self.preparer(items))
+                    continue
+                pending.append((chunk, self.pool.apply_async(_worker_prepare, (items,))))
             if len(pending) >= self.window:
                 done, result = pending.popleft()
-                yield done, iter(result.get())
+                yield result.get() if done is None else _rows(done, result.get())
         while pending:
             done, result = pending.popleft()
-            yield done, iter(result.get())
+            yield result.get() if done is None else _rows(done, result.get())
         if problem is not None:
             raise problem
 
-    def _commit(self, batch: list[tuple[int, Original, UpsertCommand]],
+    def _commit(self, batch: list[tuple[int, Original, Prepared]],
                 refused: list[tuple[int, Original, list[Reason]]], line: int) -> None:
-        """Apply one batch in one durable write transaction, each row in its own nested transaction."""
+        """Apply one batch in one durable write transaction: plain creates from their pre-encoded writes,
+        every other row through `apply` in its own nested transaction (resolver.bulk)."""
         counts = Tally()
         if batch:
             store, settings = self.store, self.settings
             run = functools.partial(_apply_row, settings)
             with store.write() as view:
-                for number, original, cmd in batch:
+                bulk = BulkWriter(view)
+                for number, original, (blob, planned) in batch:
+                    if planned is not None and bulk.try_create(planned):
+                        counts.created += 1
+                        continue
+                    bulk.flush()  # apply must see every earlier row
+                    cmd = command_from(blob)
                     try:
-                        result = apply_nested(store, view, run, cmd)
+                        result = bulk.replay(cmd) or apply_nested(store, view, run, cmd)
                     except ResolverError as exc:
                         refused.append((number, original, reasons_for(exc)))
                         continue
+                    finally:
+                        bulk.touched()
                     if result.replayed:
                         counts.replayed += 1
                     elif result.action == "CREATED":
@@ -697,6 +779,7 @@ class Importer:
                         counts.updated += 1
                     else:
                         counts.unchanged += 1
+                bulk.flush()
         # committed: the counts and the refusals are now true
         t = self.tally
         t.created += counts.created
@@ -722,11 +805,21 @@ def _apply_row(settings: Settings, view: View, cmd: UpsertCommand) -> UpsertResu
     return apply(view, cmd, settings)
 
 
-def _chunks(items: Iterator[Raw], size: int) -> Iterator[list[Raw]]:
-    """Lists of `size` items; when reading fails, the partial list first, then the error."""
+def _rows(chunk: list[Raw], outcomes: list[Outcome]) -> list[Row]:
+    """CSV rows paired with the outcomes of those that had a payload."""
+    it = iter(outcomes)
+    return [(r.line, r.original, r.reasons or [] if r.payload is None else next(it)) for r in chunk]
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[Any]:
+    """Lists of `size` CSV rows (blocks of JSON lines pass through as they are); when reading fails, the
+    partial list first, then the error."""
     chunk: list[Raw] = []
     try:
         for item in items:
+            if isinstance(item, tuple):
+                yield item
+                continue
             chunk.append(item)
             if len(chunk) >= size:
                 yield chunk

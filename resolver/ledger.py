@@ -8,6 +8,7 @@ the configured retention (an expired entry counts as absent; the sweeper deletes
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from typing import Any
 
@@ -16,13 +17,15 @@ from resolver.records import encode_json
 from resolver.store import View
 
 MAX_KEY_LENGTH = 255
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the Cc characters of ASCII
 
 
 def check_key(key: str) -> FieldViolation | None:
     """The violation of a missing or malformed idempotency key (None: the key is fine)."""
     if not key:
         return FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED")
-    if len(key) > MAX_KEY_LENGTH or any(unicodedata.category(c) == "Cc" for c in key):
+    if len(key) > MAX_KEY_LENGTH or (_ASCII_CONTROL.search(key) if key.isascii()
+                                     else any(unicodedata.category(c) == "Cc" for c in key)):
         return FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID")
     return None
 

@@ -305,3 +305,21 @@ class View:
             if cur.set_range(_U64.pack(after + 1)):
                 for _, raw in cur:
                     yield decode_json(raw)
+
+    # -- bulk import --
+    def has(self, name: str, key: bytes) -> bool:
+        """Whether `key` is in the named database (``ledger``, ``ix_phone``, ...): one B-tree lookup, no decode."""
+        return self.txn.get(key, db=self._named(name)) is not None
+
+    def last_change_seq(self) -> int:
+        """The sequence number of the newest change-log entry (0: the log is empty)."""
+        with self.txn.cursor(db=self.store.db["changes"]) as cur:
+            return _U64.unpack(cur.key())[0] if cur.last() else 0
+
+    def put_many(self, name: str, items: list[tuple[bytes, bytes]], *, append: bool = False) -> None:
+        """Put pre-encoded (key, value) pairs into the named database in key order (one C loop; neighbouring
+        keys share B-tree pages). `append`: the keys are already sorted and all above the last one stored."""
+        if not append:
+            items.sort()
+        with self.txn.cursor(db=self._named(name)) as cur:
+            cur.putmulti(items, dupdata=True, overwrite=True, append=append)

@@ -7,6 +7,7 @@ That is the shape the replicated log of contract §10 needs.
 
 from __future__ import annotations
 
+import functools
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         region = check_region(inp.default_region)
     except IdentifierError as exc:
         violations.append(FieldViolation("default_region", exc.message, exc.reason))
-    if len(inp.source_system) > 64 or any(not (c.isalnum() or c in "_.-") for c in inp.source_system):
+    if not _source_ok(inp.source_system):
         violations.append(FieldViolation("source_system", "at most 64 letters, digits, '_', '.', '-'", "INVALID"))
 
     add, failures = normalize_identifiers(inp.identifiers, region, policy, "identifiers")
@@ -128,7 +129,8 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
             skipped.append(f.skipped())  # a CRM placeholder is not an error, it is just never indexed
         else:
             violations.append(FieldViolation(f.field, f.error.message, f.error.reason))
-    remove, failures = normalize_identifiers(inp.remove_identifiers, region, policy, "remove_identifiers")
+    remove, failures = (normalize_identifiers(inp.remove_identifiers, region, policy, "remove_identifiers")
+                        if inp.remove_identifiers else (Identifiers(), []))
     violations += [
         FieldViolation(f.field, f.error.message, f.error.reason)
         for f in failures
@@ -173,6 +175,12 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _source_ok(source_system: str) -> bool:
+    """A well-formed source_system (a file or a CRM sends the same few over and over: cached)."""
+    return len(source_system) <= 64 and all(c.isalnum() or c in "_.-" for c in source_system)
+
+
 def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
     """Execute the command inside the caller's write transaction (ledger, record, indexes, change log).
 
@@ -215,26 +223,47 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
     if action != "UNCHANGED":
         _reindex(view, current, updated)
         view.put_record(updated)
-        view.append_change(
-            {
-                "at_us": cmd.now_us,
-                "customer_uuid": updated.uuid,
-                "action": action,
-                "version": updated.version,
-                "source_system": cmd.source_system,
-                **changes,
-            }
-        )
-    result = UpsertResult(
+        view.append_change(_change_entry(cmd, updated, action, changes))
+    result = _result(cmd, updated, action, _potential_duplicates(view, updated, settings))
+    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, result.to_json())
+    return result
+
+
+def planned_create(cmd: UpsertCommand) -> tuple[Record, dict[str, Any], UpsertResult] | None:
+    """What `apply` writes and answers for `cmd` in a store where nothing holds its key or its identifiers
+    (no ledger entry, no index entry under any identifier's key): (record, change-log entry, response).
+
+    None when the command is not a plain create (it names a customer_uuid, an expected_version or
+    identifiers to remove): only `apply` decides those. The bulk importer uses this to write creates
+    without probing, after checking those keys are absent (resolver.bulk).
+    """
+    if cmd.customer_uuid is not None or cmd.expected_version or cmd.remove.external_id is not None \
+            or cmd.remove.emails or cmd.remove.phones:
+        return None
+    rec, changes = _updated(None, cmd)  # apply's own rule: with no target, `_updated(None, cmd)` is the create
+    return rec, _change_entry(cmd, rec, "CREATED", changes), _result(cmd, rec, "CREATED", ())
+
+
+def _change_entry(cmd: UpsertCommand, updated: Record, action: str, changes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "at_us": cmd.now_us,
+        "customer_uuid": updated.uuid,
+        "action": action,
+        "version": updated.version,
+        "source_system": cmd.source_system,
+        **changes,
+    }
+
+
+def _result(cmd: UpsertCommand, updated: Record, action: str, duplicates: tuple[str, ...]) -> UpsertResult:
+    return UpsertResult(
         customer_uuid=updated.uuid,
         action=action,
         version=updated.version,
         identifiers=Identifiers(updated.external_id, list(updated.emails), list(updated.phones)),
-        potential_duplicates=_potential_duplicates(view, updated, settings),
+        potential_duplicates=duplicates,
         skipped=cmd.skipped,
     )
-    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, result.to_json())
-    return result
 
 
 def _target(view: View, cmd: UpsertCommand, settings: Settings) -> Record | None:

@@ -344,6 +344,7 @@ cdef class Prober:
     cdef readonly object txn, records, key
     cdef readonly tuple indexes
     cdef list _cursors
+    cdef dict _confirmed
 
     def __init__(self, txn, tuple indexes, records, key):
         self.txn = txn
@@ -351,6 +352,15 @@ cdef class Prober:
         self.records = records
         self.key = key
         self._cursors = [None, None, None]
+        self._confirmed = {}
+
+    cpdef fields(self, bytes uid, tuple names):
+        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide`
+        confirmed is not read again. Read transactions only: a write since that decide is not seen."""
+        raw = self._confirmed.get(uid)
+        if raw is None:
+            raw = self.txn.get(uid, None, self.records)
+        return None if raw is None else record_fields(raw, names)
 
     cdef object _cursor(self, int kind):
         cur = self._cursors[kind - 1]
@@ -380,6 +390,7 @@ cdef class Prober:
             raw = get(uid, None, self.records)
             if raw is not None and _holds(raw, kind, value, want):
                 confirmed.append(uid)
+                self._confirmed[uid] = raw
         return n, confirmed
 
     def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
@@ -399,6 +410,7 @@ cdef class Prober:
         cdef list winners = [], conflicts = [], fanned = [], probes = [], kind_hits, hits, values
         by_kind = ((K_EXTERNAL_ID, [external_id] if external_id is not None else []), (K_EMAIL, emails),
                    (K_PHONE, phones))
+        self._confirmed.clear()
         for kind, values in by_kind:
             kind_hits = []
             for value in values:

@@ -53,13 +53,22 @@ class Prober:
     `key(kind, value)` the index key function (resolver._hotpath.KeyHasher.key).
     """
 
-    __slots__ = ("txn", "indexes", "records", "key")
+    __slots__ = ("txn", "indexes", "records", "key", "_confirmed")
 
     def __init__(self, txn: Any, indexes: tuple[Any, Any, Any], records: Any, key: Any) -> None:
         self.txn = txn
         self.indexes = indexes
         self.records = records
         self.key = key
+        self._confirmed: dict[bytes, bytes] = {}  # records confirmed by the last decide, for `fields`
+
+    def fields(self, uid: bytes, names: tuple[str, ...]) -> list[Any] | None:
+        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide`
+        confirmed is not read again. Read transactions only: a write since that decide is not seen."""
+        raw = self._confirmed.get(uid)
+        if raw is None:
+            raw = self.txn.get(uid, db=self.records)
+        return None if raw is None else record_fields(raw, names)
 
     def probe(self, kind: int, value: str, limit: int) -> tuple[int, list[bytes]]:
         """Customers holding `value`: (entries under its key, confirmed uuids in key order).
@@ -78,12 +87,14 @@ class Prober:
             raw = self.txn.get(uid, db=self.records)
             if raw is not None and holds(raw, kind, value):
                 confirmed.append(uid)
+                self._confirmed[uid] = raw
         return n, confirmed
 
     def decide(self, external_id: str | None, emails: list[str], phones: list[str], limit: int,
                explain: bool) -> Decision:
         """Contract §3's decision for one normalized identifier set (see the module docstring)."""
         by_kind = ((EXTERNAL_ID, [external_id] if external_id is not None else []), (EMAIL, emails), (PHONE, phones))
+        self._confirmed.clear()
         outcome, decided = NOT_FOUND, 0
         winners: list[bytes] = []
         conflicts: list[bytes] = []

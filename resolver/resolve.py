@@ -159,14 +159,14 @@ class Resolver:
         result.matched_on = _KIND[kind]
         fields = p.fields
         if outcome == MATCHED:
-            found = view.record_fields(uids[0], _SHOWN)
+            found = view.prober.fields(uids[0], _SHOWN)
             assert found is not None  # confirmed inside this transaction
             result.outcome = "MATCHED"
             result.customer_uuid, result.version, attributes = found
             result.attributes = self.schema.project(attributes, fields)
             result.conflicts = [uuid_text(u) for u in conflicts]
             return result
-        shown = sorted((f for u in uids if (f := view.record_fields(u, _SORTED)) is not None),
+        shown = sorted((f for u in uids if (f := view.prober.fields(u, _SORTED)) is not None),
                        key=lambda f: (-f[0], f[1]))
         result.outcome = "AMBIGUOUS"
         result.candidates = [(f[1], self.schema.project(f[3], fields)) for f in shown[: self.settings.max_candidates]]

@@ -39,7 +39,7 @@ from typing import Any
 
 import lmdb
 
-from resolver._hotpath import KeyHasher, Prober, record_fields
+from resolver._hotpath import KeyHasher, Prober
 from resolver.config import Settings
 from resolver.errors import StoreError
 from resolver.normalize import Kind
@@ -187,15 +187,6 @@ class View:
             rec = Record.decode(raw) if raw is not None else None
             self._records[uid] = rec
             return rec
-
-    def record_fields(self, uid: bytes, names: tuple[str, ...]) -> list[Any] | None:
-        """Only some fields of the record under `uid` (names of Record's fields), without decoding the rest;
-        None when there is no such record. The Resolve path's lazy decode."""
-        if uid in self._records:
-            rec = self._records[uid]
-            return None if rec is None else [getattr(rec, name) for name in names]
-        raw = self.txn.get(uid, db=self.store.db["records"])
-        return None if raw is None else record_fields(raw, names)
 
     def put_record(self, rec: Record) -> None:
         uid = uuid_bytes(rec.uuid)

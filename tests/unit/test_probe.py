@@ -15,7 +15,6 @@ import random
 import uuid
 from pathlib import Path
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,7 +25,6 @@ from resolver.identifiers import RawIdentifiers
 from resolver.normalize import Kind
 from resolver.records import Record
 from resolver.service import Service
-from resolver.store import View
 from resolver.upsert import UpsertInput
 
 _probe_c = importlib.import_module("resolver._probe_c")
@@ -173,11 +171,16 @@ def test_a_hash_collision_never_returns_a_customer(store: Service) -> None:
         view.txn.abort()
 
 
-def test_view_reads_only_the_fields_asked(store: Service) -> None:
-    with store.store.read() as view:
+def test_fields_of_a_confirmed_record_match_the_decoded_record(store: Service) -> None:
+    s = store.store
+    with s.read() as view:
         uid = next(iter(view.iter_index(Kind.PHONE)))[1]
         rec = view.record(uid)
-        fresh = View(store.store, view.txn)
-        assert fresh.record_fields(uid, ("uuid", "version", "attributes")) == [rec.uuid, rec.version, rec.attributes]
-        assert fresh.record_fields(b"\0" * 16, ("uuid",)) is None
-    assert orjson.loads(rec.encode())["uuid"] == rec.uuid
+        assert rec is not None
+        args = (view.txn, s.index_dbs, s.records_db, s.hasher.key)
+        for prober in (_probe_py.Prober(*args), _probe_c.Prober(*args)):
+            assert prober.fields(uid, ("uuid", "version", "attributes")) == [rec.uuid, rec.version, rec.attributes]
+            decision = prober.decide(None, [], [rec.phones[0]], 4, False)
+            assert uid in decision[2]
+            assert prober.fields(uid, ("phones", "absent")) == [rec.phones, None]  # from the confirmed bytes
+            assert prober.fields(b"\0" * 16, ("uuid",)) is None

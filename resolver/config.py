@@ -198,7 +198,7 @@ class SourceSpec:
 class EventSettings:
     """CRM change events (contract §5): the HTTP endpoint, admission and the applier's pace."""
 
-    enabled: bool = True
+    enabled: bool = False  # a blueprint turns it on by declaring a source (`_events`): no source, no port opened
     http_listen: str = "127.0.0.1:8081"  # "" : no HTTP endpoint (gRPC IngestEvents only)
     rate_per_s: float = 500.0  # events applied per second at most
     batch: int = 100  # events per applier write transaction

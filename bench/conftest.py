@@ -50,6 +50,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def big_store() -> Iterator[tuple[Service, Path]]:
     """(service, customers.jsonl) over BIG customers; imported once, then reused from bench/out/cache/."""
     from bench.dataset import generate
+    from resolver.server import settle
     from resolver.store import FORMAT_VERSION
 
     root = ROOT / "bench" / "out" / "cache" / f"customers-{BIG}-v{FORMAT_VERSION}"
@@ -68,5 +69,6 @@ def big_store() -> Iterator[tuple[Service, Path]]:
             with view.txn.cursor(db=db) as cur:
                 for _ in cur.iternext(keys=True, values=True):
                     pass
+    settle()  # as a serving process does once it is loaded
     yield svc, customers
     svc.close()

@@ -78,11 +78,13 @@ def policy_from(settings: Settings) -> Policy:
 def normalize_identifiers(raw: RawIdentifiers, region: str | None, policy: Policy,
                           prefix: str) -> tuple[Identifiers, list[Failure]]:
     """Normalize every identifier; each one that fails is returned as a Failure, never raised."""
-    out = Identifiers()
+    external_id: str | None = None
+    emails: list[str] = []
+    phones: list[str] = []
     failures: list[Failure] = []
     if raw.external_id:
         try:
-            out.external_id = normalize_external_id(raw.external_id)
+            external_id = normalize_external_id(raw.external_id)
         except IdentifierError as exc:
             failures.append(Failure(f"{prefix}.external_id", Kind.EXTERNAL_ID, raw.external_id, exc))
     for i, value in enumerate(raw.emails):
@@ -91,14 +93,14 @@ def normalize_identifiers(raw: RawIdentifiers, region: str | None, policy: Polic
         except IdentifierError as exc:
             failures.append(Failure(f"{prefix}.emails[{i}]", Kind.EMAIL, value, exc))
             continue
-        if email not in out.emails:
-            out.emails.append(email)
+        if email not in emails:
+            emails.append(email)
     for i, value in enumerate(raw.phones):
         try:
             phone = normalize_phone(value, region, policy)
         except IdentifierError as exc:
             failures.append(Failure(f"{prefix}.phones[{i}]", Kind.PHONE, value, exc))
             continue
-        if phone not in out.phones:
-            out.phones.append(phone)
-    return out, failures
+        if phone not in phones:
+            phones.append(phone)
+    return Identifiers(external_id, emails, phones), failures  # positional: no default factories to run

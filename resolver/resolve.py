@@ -147,30 +147,27 @@ class Resolver:
     def _answer(self, view: View, p: Prepared, decision: Decision) -> ResolveResult:
         """The answer to a prepared request from its probe decision (records read in the same transaction)."""
         outcome, kind, uids, conflicts, fanned, probes = decision
-        result = ResolveResult(outcome="NOT_FOUND", skipped=list(p.skipped))
+        skipped = p.skipped
         if fanned:
             limit = self.settings.max_fanout
             detail = f"held by more than {limit} customers; never decides a match"
-            result.skipped += [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
-        if probes:
-            result.probes = [Probe(_KIND[k], mask(_KIND[k], v), state, n) for k, v, state, n in probes]
+            skipped = skipped + [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
+        shown = [Probe(_KIND[k], mask(_KIND[k], v), state, n) for k, v, state, n in probes] if probes else []
+        # every ResolveResult is built with all its fields, positionally: no default factories on this path
         if outcome == NOT_FOUND:
-            return result
-        result.matched_on = _KIND[kind]
+            return ResolveResult("NOT_FOUND", "", None, 0, {}, [], [], shown, list(skipped))
         fields = p.fields
+        project = self.schema.project
         if outcome == MATCHED:
             found = view.prober.fields(uids[0], _SHOWN)
             assert found is not None  # confirmed inside this transaction
-            result.outcome = "MATCHED"
-            result.customer_uuid, result.version, attributes = found
-            result.attributes = self.schema.project(attributes, fields)
-            result.conflicts = [uuid_text(u) for u in conflicts]
-            return result
-        shown = sorted((f for u in uids if (f := view.prober.fields(u, _SORTED)) is not None),
-                       key=lambda f: (-f[0], f[1]))
-        result.outcome = "AMBIGUOUS"
-        result.candidates = [(f[1], self.schema.project(f[3], fields)) for f in shown[: self.settings.max_candidates]]
-        return result
+            customer_uuid, version, attributes = found
+            return ResolveResult("MATCHED", customer_uuid, _KIND[kind], version, project(attributes, fields), [],
+                                 [uuid_text(u) for u in conflicts] if conflicts else [], shown, list(skipped))
+        ranked = sorted((f for u in uids if (f := view.prober.fields(u, _SORTED)) is not None),
+                        key=lambda f: (-f[0], f[1]))
+        candidates = [(f[1], project(f[3], fields)) for f in ranked[: self.settings.max_candidates]]
+        return ResolveResult("AMBIGUOUS", "", _KIND[kind], 0, {}, candidates, [], shown, list(skipped))
 
     def get_customer(self, customer_uuid: str) -> Record:
         """The full record (a merged-away uuid answers with its survivor)."""

@@ -271,5 +271,10 @@ def serve(settings: Settings, announce: Any = print) -> int:
                     p.terminate()  # SIGTERM: each worker drains gracefully
             for p in procs:
                 p.join(settings.grace_period_s + 10)
+                if p.is_alive():  # wedged: never leave it for multiprocessing's unbounded join at exit
+                    log.error("worker %s did not stop within %.0fs of SIGTERM; killing it", p.name,
+                              settings.grace_period_s + 10)
+                    p.kill()
+                    p.join(5)
             code = events.stop() if events is not None else 0
             return 0 if code == 0 and all(p.exitcode == 0 for p in procs) else 1

@@ -7,6 +7,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from resolver.client import ResolverClient
 from resolver.v1 import resolver_pb2 as pb
 
@@ -39,5 +41,12 @@ def test_make_run_serves_the_demo_dataset(tmp_path: Path) -> None:
             assert sip.outcome == pb.OUTCOME_MATCHED
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        proc.stdout.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave the server behind for the next test
+            proc.wait(timeout=10)
+            rest = proc.stdout.read()
+            pytest.fail("make run did not stop within 60s of SIGTERM; its output after serving:\n" + rest[-4000:])
+        finally:
+            proc.stdout.close()

@@ -50,9 +50,10 @@ class Record:
         return out
 
     def holds(self, kind: Kind, value: str) -> bool:
-        if kind is Kind.PHONE:
+        """Whether the record holds the normalized identifier (the rule resolver._probe_py.holds reads from bytes)."""
+        if kind == Kind.PHONE:  # ==, not `is`: a plain kind number must not fall through to external_id
             return value in self.phones
-        if kind is Kind.EMAIL:
+        if kind == Kind.EMAIL:
             return value in self.emails
         return self.external_id == value or value in self.merged_external_ids
 

@@ -123,64 +123,95 @@ cdef inline bint _escaped(const unsigned char* p, Py_ssize_t start, Py_ssize_t e
     return False
 
 
-cdef inline bint _is_key(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* name,
-                         Py_ssize_t size) noexcept nogil:
-    """Whether the string token p[start:end] (quotes included) is "name"."""
-    return end - start == size + 2 and memcmp(p + start + 1, name, size) == 0
-
-
-cdef inline bint _equals(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* want,
-                         Py_ssize_t size) noexcept nogil:
-    """Whether the string token p[start:end] (quotes included) encodes exactly the bytes `want`."""
+cdef inline bint _is(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* want,
+                     Py_ssize_t size) noexcept nogil:
+    """Whether the string token p[start:end] (quotes included) holds exactly the bytes `want` (a key's name,
+    an identifier's encoding)."""
     return end - start == size + 2 and memcmp(p + start + 1, want, size) == 0
+
+
+DEF CLOSED = -2  # _next: the record's object ended (and nothing follows it)
+
+
+cdef inline Py_ssize_t _key(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* kend) noexcept nogil:
+    """p[i] opens a member `"key": value`: the position of its value (`kend`: just after the key), or -1."""
+    if i >= n or p[i] != 34:
+        return -1
+    kend[0] = _string(p, i, n)
+    if kend[0] < 0 or _escaped(p, i, kend[0]):  # an escaped key is not a name compared by its bytes
+        return -1
+    i = _ws(p, kend[0], n)
+    if i >= n or p[i] != 58:  # :
+        return -1
+    i = _ws(p, i + 1, n)
+    return i if i < n else -1
+
+
+cdef inline Py_ssize_t _next(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """After a member's value: the next member's position, CLOSED at the record's end, or -1."""
+    i = _ws(p, i, n)
+    if i < n and p[i] == 44:  # ,
+        return _ws(p, i + 1, n)
+    if i < n and p[i] == 125 and _ws(p, i + 1, n) == n:  # } and nothing after it
+        return CLOSED
+    return -1
+
+
+cdef inline Py_ssize_t _open(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """The first member's position, CLOSED for `{}`, or -1 when the bytes are not an object."""
+    cdef Py_ssize_t i = _ws(p, 0, n)
+    if i >= n or p[i] != 123:  # {
+        return -1
+    i = _ws(p, i + 1, n)
+    if i < n and p[i] == 125:
+        return CLOSED
+    return i
+
+
+cdef inline int _match(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, const char* want, Py_ssize_t size,
+                       Py_ssize_t* end) noexcept nogil:
+    """p[i] should open a string: 1 if it encodes exactly `want`, 0 if not, 2 if not by its bytes but it holds
+    an escape (its text might still be `want`), -1 if it is no string. `end`: just after it."""
+    if i >= n or p[i] != 34:
+        return -1
+    end[0] = _string(p, i, n)
+    if end[0] < 0:
+        return -1
+    if _is(p, i, end[0], want, size):
+        return 1
+    return 2 if _escaped(p, i, end[0]) else 0
 
 
 cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want, Py_ssize_t size) noexcept nogil:
     """1 if the record holds the identifier, 0 if not, -1 if the bytes alone cannot tell (not a record as we
     write it, or a candidate string escaped differently from orjson). It stops at the first match: LMDB stores
     a value whole or not at all, so the bytes after it are the rest of a record we wrote."""
-    cdef Py_ssize_t i = _ws(p, 0, n), kstart, kend, e
+    cdef Py_ssize_t i = _open(p, n), kstart, kend
     cdef bint array_field, scalar_field, uncertain = False
-    if i >= n or p[i] != 123:
-        return -1
-    i = _ws(p, i + 1, n)
-    if i < n and p[i] == 125:
-        return 0
-    while i < n:
-        if p[i] != 34:
-            return -1
+    cdef int m
+    while i >= 0:
         kstart = i
-        kend = _string(p, i, n)
-        if kend < 0 or _escaped(p, kstart, kend):
-            return -1
-        i = _ws(p, kend, n)
-        if i >= n or p[i] != 58:  # :
-            return -1
-        i = _ws(p, i + 1, n)
-        if i >= n:
+        i = _key(p, i, n, &kend)
+        if i < 0:
             return -1
         if kind == K_PHONE:
-            array_field, scalar_field = _is_key(p, kstart, kend, b"phones", 6), False
+            array_field, scalar_field = _is(p, kstart, kend, b"phones", 6), False
         elif kind == K_EMAIL:
-            array_field, scalar_field = _is_key(p, kstart, kend, b"emails", 6), False
+            array_field, scalar_field = _is(p, kstart, kend, b"emails", 6), False
         else:
-            array_field = _is_key(p, kstart, kend, b"merged_external_ids", 19)
-            scalar_field = _is_key(p, kstart, kend, b"external_id", 11)
-        if array_field and p[i] == 91:  # [
+            array_field = _is(p, kstart, kend, b"merged_external_ids", 19)
+            scalar_field = _is(p, kstart, kend, b"external_id", 11)
+        if array_field and p[i] == 91:  # [ strings ]
             i = _ws(p, i + 1, n)
             if i < n and p[i] == 93:
                 i += 1
             else:
                 while True:
-                    if i >= n or p[i] != 34:
-                        return -1
-                    e = _string(p, i, n)
-                    if e < 0:
-                        return -1
-                    if _equals(p, i, e, want, size):
-                        return 1
-                    uncertain = uncertain or _escaped(p, i, e)
-                    i = _ws(p, e, n)
+                    m = _match(p, i, n, want, size, &i)
+                    if m == 1 or m < 0:
+                        return m
+                    uncertain = uncertain or m == 2
+                    i = _ws(p, i, n)
                     if i < n and p[i] == 44:
                         i = _ws(p, i + 1, n)
                     elif i < n and p[i] == 93:
@@ -189,28 +220,19 @@ cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want,
                     else:
                         return -1
         elif scalar_field and p[i] == 34:
-            e = _string(p, i, n)
-            if e < 0:
-                return -1
-            if _equals(p, i, e, want, size):
-                return 1
-            uncertain = uncertain or _escaped(p, i, e)
-            i = e
+            m = _match(p, i, n, want, size, &i)
+            if m == 1 or m < 0:
+                return m
+            uncertain = uncertain or m == 2
         elif array_field or (scalar_field and not _is_null(p, i, n)):
             return -1  # an identifier field of another type than we write
         else:
             i = _value(p, i, n)
             if i < 0:
                 return -1
-        i = _ws(p, i, n)
-        if i < n and p[i] == 44:
-            i = _ws(p, i + 1, n)
-        elif i < n and p[i] == 125:
-            if _ws(p, i + 1, n) != n:
-                return -1
-            return -1 if uncertain else 0
-        else:
-            return -1
+        i = _next(p, i, n)
+    if i == CLOSED:
+        return -1 if uncertain else 0
     return -1
 
 
@@ -270,33 +292,21 @@ cdef object _scalar(const unsigned char* p, Py_ssize_t i, Py_ssize_t e):
 cdef object _fields(bytes raw, tuple names):
     """The values of top-level `names` (bytes) in the record's JSON, or None when the scan gives up."""
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, kstart, kend, e, j, found = 0, want = len(names)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i = _open(p, n), kstart, kend, e, j, found = 0, want = len(names)
     cdef bytes name
     cdef list out = [None] * want
     loads = orjson.loads
-    i = _ws(p, 0, n)
-    if i >= n or p[i] != 123:
-        return None
-    i = _ws(p, i + 1, n)
-    if i < n and p[i] == 125:
-        return out
-    while i < n:
-        if p[i] != 34:
-            return None
+    while i >= 0:
         kstart = i
-        kend = _string(p, i, n)
-        if kend < 0 or _escaped(p, kstart, kend):
+        i = _key(p, i, n, &kend)
+        if i < 0:
             return None
-        i = _ws(p, kend, n)
-        if i >= n or p[i] != 58:
-            return None
-        i = _ws(p, i + 1, n)
         e = _value(p, i, n)
         if e < 0:
             return None
         for j in range(want):
             name = <bytes>names[j]
-            if _is_key(p, kstart, kend, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+            if _is(p, kstart, kend, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
                 out[j] = _scalar(p, i, e)
                 if out[j] is _NOT_SCALAR:
                     out[j] = loads(raw[i:e])
@@ -304,14 +314,8 @@ cdef object _fields(bytes raw, tuple names):
                 break
         if found == want:
             return out
-        i = _ws(p, e, n)
-        if i < n and p[i] == 44:
-            i = _ws(p, i + 1, n)
-        elif i < n and p[i] == 125:
-            return out if _ws(p, i + 1, n) == n else None
-        else:
-            return None
-    return None
+        i = _next(p, e, n)
+    return out if i == CLOSED else None
 
 
 cdef dict _names = {}  # field-name tuples, encoded once

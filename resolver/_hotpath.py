@@ -14,13 +14,13 @@ if NO_EXTENSIONS:
     from resolver._email_py import email_stats, normalize_email
     from resolver._keys_py import KeyHasher
     from resolver._phone_py import normalize_phone, phone_stats
-    from resolver._probe_py import Prober, record_fields
+    from resolver._probe_py import Prober
 else:
     try:
         from resolver._email_c import email_stats, normalize_email  # type: ignore[no-redef]
         from resolver._keys_c import KeyHasher  # type: ignore[no-redef]
         from resolver._phone_c import normalize_phone, phone_stats  # type: ignore[no-redef]
-        from resolver._probe_c import Prober, record_fields  # type: ignore[no-redef]
+        from resolver._probe_c import Prober  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
         raise ImportError(
             "resolver's compiled modules are not built (run `make build`); "
@@ -29,6 +29,4 @@ else:
 
 IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
 
-__all__ = [
-    "IMPLEMENTATION", "KeyHasher", "Prober", "email_stats", "normalize_email", "normalize_phone", "phone_stats", "record_fields",
-]
+__all__ = ["IMPLEMENTATION", "KeyHasher", "Prober", "email_stats", "normalize_email", "normalize_phone", "phone_stats"]

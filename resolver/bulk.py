@@ -29,11 +29,10 @@ from resolver._hotpath import KeyHasher
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json
-from resolver.store import View, uuid_bytes
+from resolver.store import INDEX_NAMES, View, uuid_bytes
 from resolver.upsert import UpsertCommand, UpsertResult, planned_create
 
 _U64 = struct.Struct(">Q")
-INDEX_NAMES = {Kind.EXTERNAL_ID: "ix_external", Kind.EMAIL: "ix_email", Kind.PHONE: "ix_phone"}
 _TABLES = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp")
 _SEQ_AT = b',"source_system":'  # the change-log key that sorts right after "seq"
 
@@ -81,7 +80,7 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
     cut = encoded.rindex(_SEQ_AT) + 1  # after "source_system" only "version" (an integer) follows
     lkey = cmd.idempotency_key.encode("utf-8")
     entry = {"fp": cmd.fingerprint, "exp_us": cmd.expires_us, "response": result.to_json()}
-    uid = bytes.fromhex(rec.uuid.replace("-", "")) if len(rec.uuid) == 36 else uuid_bytes(rec.uuid)
+    uid = uuid_bytes(rec.uuid)
     return (lkey, keys, uid, rec.encode(), encoded[:cut], encoded[cut:], encode_json(entry),
             _U64.pack(cmd.expires_us) + lkey)
 

@@ -26,11 +26,10 @@ from resolver.config import Settings
 from resolver.events import counters
 from resolver.normalize import Kind, mask
 from resolver.records import Record
-from resolver.store import Store, View, uuid_text
+from resolver.store import INDEX_NAMES, Store, View, uuid_text
 
 KINDS = (Kind.EXTERNAL_ID, Kind.EMAIL, Kind.PHONE)
 KIND_NAMES = {Kind.EXTERNAL_ID: "external_id", Kind.EMAIL: "email", Kind.PHONE: "phone"}
-INDEX_NAMES = {Kind.EXTERNAL_ID: "ix_external", Kind.EMAIL: "ix_email", Kind.PHONE: "ix_phone"}
 MAX_ALIAS_HOPS = 64
 
 

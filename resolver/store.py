@@ -48,6 +48,7 @@ from resolver.records import Record, decode_json, encode_json
 FORMAT_VERSION = 1
 _U64 = struct.Struct(">Q")
 _INDEX_DBS = {Kind.EXTERNAL_ID: b"ix_external", Kind.EMAIL: b"ix_email", Kind.PHONE: b"ix_phone"}
+INDEX_NAMES = {kind: name.decode() for kind, name in _INDEX_DBS.items()}  # also keys of Store.db
 _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
 # CRM change events (resolver.events); a read-only open of an older store simply lacks them.
 EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_counters")
@@ -55,11 +56,19 @@ EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"e
 
 def uuid_bytes(text: str) -> bytes:
     """The 16-byte key of a customer uuid in canonical text form (ValueError if malformed)."""
-    return uuidlib.UUID(text).bytes
+    if len(text) == 36 and text[8] == text[13] == text[18] == text[23] == "-":
+        raw = bytes.fromhex(text.replace("-", ""))  # ValueError on anything but hex digits
+        if len(raw) == 16:  # (fromhex skips whitespace: a short result is no uuid)
+            return raw
+    return uuidlib.UUID(text).bytes  # other spellings uuid accepts, or its error
 
 
 def uuid_text(raw: bytes) -> str:
-    return str(uuidlib.UUID(bytes=bytes(raw)))
+    """The canonical text form of a 16-byte uuid (what uuid.UUID prints, without building one)."""
+    h = bytes(raw).hex()
+    if len(h) != 32:
+        raise ValueError("a uuid is 16 bytes")
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @contextmanager
@@ -102,6 +111,7 @@ class Store:
                     self.db[name.decode()] = self.env.open_db(name, txn=txn, create=not readonly)
                 except lmdb.NotFoundError:
                     pass  # read-only open of a store written before events existed
+        self.db.update({INDEX_NAMES[kind]: db for kind, db in self.ix.items()})
         # by kind number - 1 (a tuple: Kind is an Enum, and hashing one runs Python code)
         self.index_dbs = (self.ix[Kind.EXTERNAL_ID], self.ix[Kind.EMAIL], self.ix[Kind.PHONE])
         with self.env.begin(write=not readonly) as txn:
@@ -220,9 +230,7 @@ class View:
         return int(self.txn.stat(self._named(name))["entries"])
 
     def _named(self, name: str) -> Any:
-        if name in self.store.db:
-            return self.store.db[name]
-        return self.store.ix[{"ix_external": Kind.EXTERNAL_ID, "ix_email": Kind.EMAIL, "ix_phone": Kind.PHONE}[name]]
+        return self.store.db[name]
 
     # -- identifier indexes --------------------------------------------------------------------------------
     def key(self, kind: Kind, value: str) -> bytes:

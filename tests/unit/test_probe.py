@@ -25,6 +25,7 @@ from resolver.identifiers import RawIdentifiers
 from resolver.normalize import Kind
 from resolver.records import Record
 from resolver.service import Service
+from resolver.store import uuid_bytes, uuid_text
 from resolver.upsert import UpsertInput
 
 _probe_c = importlib.import_module("resolver._probe_c")
@@ -56,10 +57,8 @@ FIELDS = ("uuid", "external_id", "emails", "phones", "attributes", "version", "c
 def test_selector_loads_what_the_switch_says() -> None:
     if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
         assert _hotpath.Prober is _probe_py.Prober
-        assert _hotpath.record_fields is _probe_py.record_fields
     else:
         assert _hotpath.Prober is _probe_c.Prober
-        assert _hotpath.record_fields is _probe_c.record_fields
 
 
 def _layouts(rec: Record) -> list[bytes]:
@@ -184,3 +183,24 @@ def test_fields_of_a_confirmed_record_match_the_decoded_record(store: Service) -
             assert uid in decision[2]
             assert prober.fields(uid, ("phones", "absent")) == [rec.phones, None]  # from the confirmed bytes
             assert prober.fields(b"\0" * 16, ("uuid",)) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(u=st.uuids(), text=st.text(st.sampled_from("0123456789abcdefABCDEF- {}g"), min_size=30, max_size=40))
+def test_uuid_conversions_equal_the_uuid_module(u: uuid.UUID, text: str) -> None:
+    """store.uuid_bytes / uuid_text skip building uuid.UUID objects; they must answer exactly as it does."""
+    assert uuid_text(u.bytes) == str(u)
+    assert uuid_bytes(str(u)) == u.bytes
+    assert uuid_bytes(str(u).upper()) == u.bytes
+    for bad in (str(u)[:35] + "g", str(u)[:9] + " " + str(u)[10:], str(u)[:9] + "  " + str(u)[11:]):
+        with pytest.raises(ValueError):
+            uuid.UUID(bad)
+        with pytest.raises(ValueError):
+            uuid_bytes(bad)
+    try:
+        want = uuid.UUID(text).bytes
+    except ValueError:
+        with pytest.raises(ValueError):
+            uuid_bytes(text)
+    else:
+        assert uuid_bytes(text) == want

@@ -267,6 +267,7 @@ def blueprint(a: argparse.Namespace) -> str:
         timestamp_tolerance_s = 300
         process_nice = {a.events_nice}
         process_sched_idle = {"true" if a.events_sched_idle else "false"}
+        commit_window_ms = {a.commit_window_ms:g}
         """)
 
 
@@ -444,6 +445,10 @@ class Sampler:
         self._thread.join(10)
 
 
+def _sched_idle() -> None:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def run_loadgen(a: argparse.Namespace, target: str, server_pid: int, queries: Path, duration: float, out: Path,
                 name: str) -> subprocess.Popen[bytes]:
     cmd = [PY, "-m", "bench.loadgen", "--target", target, "--scenario", "call-setup", "--queries", str(queries),
@@ -500,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=2, help="load client processes")
     p.add_argument("--events-nice", type=int, default=10,
                    help="[events] process_nice: the events process's nice increment (server setting, not load)")
+    p.add_argument("--commit-window-ms", type=float, default=5.0,
+                   help="[events] commit_window_ms: admissions within this of the first share one synced commit")
+    p.add_argument("--pusher-sched-idle", action="store_true",
+                   help="run the pusher (the CRM's side, not the server) under SCHED_IDLE: in production it is on "
+                        "another machine; here it then takes only CPU the server and the load clients leave")
     p.add_argument("--events-sched-idle", action="store_true",
                    help="[events] process_sched_idle: run the events process under SCHED_IDLE")
     p.add_argument("--out", default="bench/out/events")
@@ -513,7 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "settings": {k: getattr(a, k) for k in ("customers", "events", "rate", "baseline",
                                                                        "drain_rate", "batch", "high_water",
                                                                        "connections", "push_budget", "clients",
-                                                                       "events_nice", "events_sched_idle")}}
+                                                                       "events_nice", "events_sched_idle",
+                                                                       "commit_window_ms", "pusher_sched_idle")}}
     with ExitStack() as stack:
         work = Path(a.work) if a.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="events-drain-")))
         work.mkdir(parents=True, exist_ok=True)
@@ -601,7 +612,8 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     pusher = subprocess.Popen([PY, "-m", "bench.events_drain", "push", "--port", str(http_port), "--events",
                                str(a.events), "--customers", str(a.customers), "--connections", str(a.connections),
                                "--budget", f"{a.push_budget:g}", "--run-id", run_id, "--json", str(push_json)],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(out / "pusher.log").open("wb"))
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(out / "pusher.log").open("wb"),
+                              preexec_fn=_sched_idle if a.pusher_sched_idle else None)
     stack.callback(lambda: pusher.poll() is None and pusher.kill())
     assert pusher.stdin is not None and pusher.stdout is not None
     if not select.select([pusher.stdout], [], [], 60)[0] or pusher.stdout.readline().strip() != b"ready":
@@ -808,7 +820,8 @@ def render(r: dict[str, Any]) -> str:
         f"{s['events']:,} signed UPDATE events pushed over HTTP keep-alive with {s['connections']} concurrent requests; "
         f"inbox high-water {s['high_water']:,}, applier {s['drain_rate']:g}/s in batches of {s['batch']}; "
         f"webhooks and applier in the events process at nice +{s.get('events_nice', 10)}"
-        f"{' under SCHED_IDLE' if s.get('events_sched_idle') else ''}.", "",
+        f"{' under SCHED_IDLE' if s.get('events_sched_idle') else ''}, commit window {s.get('commit_window_ms', 0):g} ms"
+        f"{'; the pusher under SCHED_IDLE' if s.get('pusher_sched_idle') else ''}.", "",
         "## Verdicts", "",
         f"- **Resolve p99 during the drain vs without it: {_ms(r['window_b']['latency_ms']['p99'])} ms vs {_ms(a99)} ms = "
         f"{v['p99_ratio_b_over_a']:.2f}×** (target ≤ 1.3×): the target "

@@ -424,6 +424,44 @@ def test_inbox_full_is_429_and_resource_exhausted_with_retry_info(tmp_path: Path
         running.stop(grace=0)
 
 
+@pytest.mark.parametrize("window_ms, together, commits", [(1000, True, 1), (0, False, 4)])
+def test_admissions_within_the_commit_window_share_one_synced_transaction(
+        tmp_path: Path, window_ms: int, together: bool, commits: int) -> None:
+    """Four webhooks arriving together are written by one synced commit when a commit window is set; without
+    one, admissions that do not overlap commit one by one. Real Ingestor and LMDB, no applier or HTTP endpoint,
+    so the environment's transaction id counts exactly the admissions' commits."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from resolver.events.inbox import Ingestor
+
+    text = blueprint().replace("[events]\n", f"[events]\ncommit_window_ms = {window_ms}\n")
+    service = Service(make_settings(tmp_path, text))
+    ingestor = Ingestor(service.store, service.settings, service.schema)
+    bodies = [event(f"win-{i}", {"Tier__c": str(i)}) for i in range(4)]
+    gate = Barrier(4)
+
+    def admit(body: bytes) -> int:
+        gate.wait(WAIT_S)
+        return ingestor.admit("SALESFORCE", signed(body), body).http_status
+
+    try:
+        before = service.store.env.info()["last_txnid"]
+        if together:
+            with ThreadPoolExecutor(4) as pool:
+                statuses = list(pool.map(admit, bodies))
+        else:
+            gate = Barrier(1)
+            statuses = [admit(b) for b in bodies]
+        assert statuses == [202] * 4
+        assert service.store.env.info()["last_txnid"] - before == commits
+        with service.store.read() as view:
+            assert view.txn.stat(service.store.db["ev_inbox"])["entries"] == 4
+    finally:
+        ingestor.close()
+        service.close()
+
+
 def test_http_edge_cases(srv: Client) -> None:
     big = b"x" * (300 * 1024)
     assert post(srv.http_port, big, signed(big))[0] == 413

@@ -207,9 +207,10 @@ class EventSettings:
     timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future
     max_body_bytes: int = 256 * 1024
     # Admissions arriving within this window of the first one waiting share one synced transaction. Every commit
-    # is two disk flushes (data, then meta page), and on a small virtual machine each flush costs every process
-    # on it scheduling delay: 4 ms of window cut Resolve's p99 during a burst of webhooks by about 3x
-    # (bench/README.md). The price is at most this much added to each 202; 0 commits whatever is waiting at once.
+    # is two disk flushes (data, then meta page), and each costs the other processes on a small machine
+    # scheduling delay: with the window, Resolve's p99 during a burst of webhooks was 15-20% lower on 2 cores,
+    # about 3x lower when the sender did not share the cores (bench/README.md). The price is at most this much
+    # added to each 202; 0 commits whatever is waiting at once.
     commit_window_ms: float = 5.0
     # `resolver serve` runs the webhook endpoint and the applier in their own process, this much nicer than the
     # serving workers (os.nice increment, 0..19), so the kernel prefers Resolve; SCHED_IDLE on request

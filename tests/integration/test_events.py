@@ -439,7 +439,7 @@ def test_admissions_within_the_commit_window_share_one_synced_transaction(
     service = Service(make_settings(tmp_path, text))
     ingestor = Ingestor(service.store, service.settings, service.schema)
     bodies = [event(f"win-{i}", {"Tier__c": str(i)}) for i in range(4)]
-    gate = Barrier(4)
+    gate = Barrier(4 if together else 1)
 
     def admit(body: bytes) -> int:
         gate.wait(WAIT_S)
@@ -451,7 +451,6 @@ def test_admissions_within_the_commit_window_share_one_synced_transaction(
             with ThreadPoolExecutor(4) as pool:
                 statuses = list(pool.map(admit, bodies))
         else:
-            gate = Barrier(1)
             statuses = [admit(b) for b in bodies]
         assert statuses == [202] * 4
         assert service.store.env.info()["last_txnid"] - before == commits

@@ -848,6 +848,25 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _slowest_slices(b: dict[str, Any], samples: list[list[Any]], n: int = 5) -> list[str]:
+    """The worst `n` slices of window B (the loadgen's slowest call per slice, from B's start = the release),
+    each with the event counters sampled nearest to it: a p99 made by one stall shows as one slice far above
+    the rest, and whether the inbox was admitting or draining then."""
+    worst = b.get("slowest_per_slice_ms") or []
+    if not worst:
+        return []
+    width = b.get("slice_s", 0.1)
+    rows = []
+    for k in sorted(range(len(worst)), key=worst.__getitem__, reverse=True)[:n]:
+        t = k * width
+        near = min(samples, key=lambda row: abs(row[0] - t)) if samples else None
+        where = f" (at {near[0]:.1f} s: applied {near[2]:,}, in inbox {near[5]:,})" if near else ""
+        rows.append(f"{t:.1f} s: {worst[k]:.2f} ms{where}")
+    median = statistics.median(worst)
+    return [f"- Slowest calls of window B by {width * 1000:g} ms slice (median slice {median:.2f} ms): "
+            + "; ".join(rows) + ".", ""]
+
+
 def render(r: dict[str, Any]) -> str:
     s, v, d, pu, led = r["settings"], r["verdicts"], r["drain"], r["pusher"], r["ledger"]
     cnt = r["counters"]["counters"]
@@ -928,6 +947,7 @@ def render(r: dict[str, Any]) -> str:
         f"overall, {_r(d['drain_rate_in_window_b_per_s'])}/s during window B (configured {d['configured_rate_per_s']:g}/s).",
         f"- Window B: {d['window_b_s']:g} s recorded, starting when the pusher was released; the drain was expected to "
         f"take {s['events'] / s['drain_rate']:.0f} s.", "",
+        *_slowest_slices(r["window_b"], d["samples"]),
         "Inbox over time (s after the release: accepted, applied, in inbox), every 2 s:", "", "```",
     ]
     last = -2.0

@@ -29,6 +29,7 @@ from bench.loadgen.workload import Data
 LOWEST, HIGHEST, DIGITS = 1, 60_000_000, 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 CURVE = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)
+SLICE_S = 0.1  # the per-slice timeline of the slowest call
 PR_SET_TIMERSLACK = 29
 
 
@@ -71,6 +72,9 @@ class PhaseResult:
     histogram: str = ""  # encoded HdrHistogram of latency (µs, from intended send time)
     lag_histogram: str = ""  # encoded HdrHistogram of send lag (µs): pacing accuracy
     phases: int = 1
+    # the slowest call (µs) per SLICE_S of intended send time from the phase's start: where in the window a
+    # p99 came from (a steady spread, or one stall). Merged phases: slice k of each, the worst.
+    slices_us: list[int] = field(default_factory=list)
 
     # -- derived figures ---------------------------------------------------------------------------------
 
@@ -113,6 +117,8 @@ class PhaseResult:
             "send_lag_us": {"p50": lag.get_value_at_percentile(50), "p99": lag.get_value_at_percentile(99),
                             "p99.9": lag.get_value_at_percentile(99.9), "max": lag.get_max_value()},
             "late_sends": self.late_sends,
+            "slice_s": SLICE_S,
+            "slowest_per_slice_ms": [round(us / 1000, 2) for us in self.slices_us],
             "server_cpu_s": self.server_cpu_s,
             "server_cpu_per_request_us": None if self.cpu_per_request_us is None else round(self.cpu_per_request_us, 1),
         }
@@ -132,6 +138,8 @@ class PhaseResult:
         self.late_sends += other.late_sends
         self.send_span_s += other.send_span_s
         self.codes = dict(Counter(self.codes) + Counter(other.codes))
+        longer, shorter = sorted((self.slices_us, other.slices_us), key=len, reverse=True)
+        self.slices_us = [max(a, b) for a, b in zip(longer, shorter + [0] * (len(longer) - len(shorter)), strict=True)]
         if self.server_cpu_s is not None and other.server_cpu_s is not None:
             self.server_cpu_s += other.server_cpu_s
         else:
@@ -207,7 +215,9 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
     lag = [new_histogram() for _ in phases]
     late = [0] * len(phases)
     begin = t0
+    phase_start = [0] * len(phases)
     for index, ph in enumerate(phases):
+        phase_start[index] = begin
         offsets = intended_offsets(ph.rate / parts, ph.duration_s, ph.schedule, seed=seed * 7919 + part * 31 + index,
                                    phase=part / parts if ph.schedule == "uniform" else 1.0)
         intended_counts[index] = len(offsets)
@@ -239,9 +249,13 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
     out = []
     hists = [new_histogram() for _ in phases]
     codes: list[Counter[str]] = [Counter() for _ in phases]
+    slices: list[dict[int, int]] = [{} for _ in phases]
     for index, intended, finish, code in list(done):
-        hists[index].record_value(max((finish - intended) // 1000, LOWEST))
+        us = max((finish - intended) // 1000, LOWEST)
+        hists[index].record_value(us)
         codes[index][code.name] += 1
+        k = int((intended - phase_start[index]) // (SLICE_S * 1e9))
+        slices[index][k] = max(slices[index].get(k, 0), us)
     for index, ph in enumerate(phases):
         c = codes[index]
         out.append(PhaseResult(
@@ -249,6 +263,7 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
             intended=intended_counts[index], sent=sent[index], completed=sum(c.values()), ok=c.get("OK", 0),
             codes=dict(c), late_sends=late[index], send_span_s=spans[index], histogram=hists[index].encode().decode(),
             lag_histogram=lag[index].encode().decode(),
+            slices_us=[slices[index].get(k, 0) for k in range(max(slices[index], default=-1) + 1)],
         ))
     results.put((part, out))
     for ch in channels.values():

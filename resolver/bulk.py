@@ -29,7 +29,7 @@ from resolver._hotpath import KeyHasher
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json
-from resolver.store import INDEX_NAMES, View, uuid_bytes
+from resolver.store import INDEX_NAMES, View, ledger_exp_key, uuid_bytes
 from resolver.upsert import UpsertCommand, UpsertResult, planned_create
 
 _U64 = struct.Struct(">Q")
@@ -79,10 +79,10 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
     encoded = encode_json(change)
     cut = encoded.rindex(_SEQ_AT) + 1  # after "source_system" only "version" (an integer) follows
     lkey = cmd.idempotency_key.encode("utf-8")
-    entry = {"fp": cmd.fingerprint, "exp_us": cmd.expires_us, "response": result.to_json()}
+    entry = ledger.entry(cmd.fingerprint, cmd.expires_us, result.to_json())
     uid = uuid_bytes(rec.uuid)
     return (lkey, keys, uid, rec.encode(), encoded[:cut], encoded[cut:], encode_json(entry),
-            _U64.pack(cmd.expires_us) + lkey)
+            ledger_exp_key(cmd.expires_us, lkey))
 
 
 # -- parent side -----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from resolver.errors import (
 from resolver.identifiers import RawIdentifiers, policy_from
 from resolver.normalize import check_region
 from resolver.service import Service, now_us
-from resolver.store import View
+from resolver.store import View, uuid_text
 from resolver.upsert import UpsertCommand, UpsertInput, UpsertResult, apply, prepare
 from resolver.v1 import resolver_pb2 as pb
 from resolver.writer import apply_nested
@@ -575,7 +575,6 @@ class Preparer:
         self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
         self.new_uuid: Callable[[], str] = new_uuids().__next__
 
-
     def __call__(self, items: list[tuple[int, Payload]]) -> list[Outcome]:
         settings, schema, policy, parse, hasher = self.settings, self.schema, self.policy, self.parse, self.hasher
         out: list[Outcome] = []
@@ -605,8 +604,7 @@ def new_uuids(batch: int = 1024) -> Iterator[str]:
         for i in range(0, 16 * batch, 16):
             pool[i + 6] = (pool[i + 6] & 0x0F) | 0x40  # version 4
             pool[i + 8] = (pool[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
-            h = pool[i:i + 16].hex()
-            yield f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            yield uuid_text(pool[i:i + 16])
 
 
 _worker_preparer: Preparer | None = None

@@ -8,23 +8,22 @@ the configured retention (an expired entry counts as absent; the sweeper deletes
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from typing import Any
 
 from resolver.errors import FieldViolation, IdempotencyKeyReused
+from resolver.normalize import ASCII_CONTROL
 from resolver.records import encode_json
 from resolver.store import View
 
 MAX_KEY_LENGTH = 255
-_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the Cc characters of ASCII
 
 
 def check_key(key: str) -> FieldViolation | None:
     """The violation of a missing or malformed idempotency key (None: the key is fine)."""
     if not key:
         return FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED")
-    if len(key) > MAX_KEY_LENGTH or (_ASCII_CONTROL.search(key) if key.isascii()
+    if len(key) > MAX_KEY_LENGTH or (ASCII_CONTROL.search(key) if key.isascii()
                                      else any(unicodedata.category(c) == "Cc" for c in key)):
         return FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID")
     return None
@@ -53,4 +52,9 @@ def replay(view: View, key: str, fp: str, now_us: int) -> dict[str, Any] | None:
 
 def record(view: View, key: str, fp: str, expires_us: int, response: dict[str, Any]) -> None:
     """Store the response of a request that just ran, in the same transaction as its writes."""
-    view.ledger_put(key, {"fp": fp, "exp_us": expires_us, "response": response})
+    view.ledger_put(key, entry(fp, expires_us, response))
+
+
+def entry(fp: str, expires_us: int, response: dict[str, Any]) -> dict[str, Any]:
+    """A ledger entry as stored (resolver.bulk encodes the same for its planned creates)."""
+    return {"fp": fp, "exp_us": expires_us, "response": response}

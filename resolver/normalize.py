@@ -83,12 +83,12 @@ def _blocked_by_policy(normalized: str, policy: Policy) -> bool:
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the only forbidden characters ASCII has (Cc)
+ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the Cc characters of ASCII: all it has of the forbidden ones
 
 
 def _has_forbidden_char(text: str) -> bool:
     if text.isascii():  # the common case, a regex scan instead of a category lookup per character
-        return _ASCII_CONTROL.search(text) is not None
+        return ASCII_CONTROL.search(text) is not None
     return any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in text)
 
 

@@ -63,12 +63,17 @@ def uuid_bytes(text: str) -> bytes:
     return uuidlib.UUID(text).bytes  # other spellings uuid accepts, or its error
 
 
-def uuid_text(raw: bytes) -> str:
+def uuid_text(raw: bytes | bytearray) -> str:
     """The canonical text form of a 16-byte uuid (what uuid.UUID prints, without building one)."""
     h = bytes(raw).hex()
     if len(h) != 32:
         raise ValueError("a uuid is 16 bytes")
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def ledger_exp_key(expires_us: int, key: bytes) -> bytes:
+    """The `ledger_exp` key of a ledger entry: its expiry first, so the sweeper walks them in time order."""
+    return _U64.pack(expires_us) + key
 
 
 @contextmanager
@@ -227,10 +232,7 @@ class View:
 
     def count(self, name: str) -> int:
         """Entries in a named database (``records``, ``ledger``, ``ix_phone``, ...)."""
-        return int(self.txn.stat(self._named(name))["entries"])
-
-    def _named(self, name: str) -> Any:
-        return self.store.db[name]
+        return int(self.txn.stat(self.store.db[name])["entries"])
 
     # -- identifier indexes --------------------------------------------------------------------------------
     def key(self, kind: Kind, value: str) -> bytes:
@@ -271,9 +273,9 @@ class View:
         k = key.encode("utf-8")
         old = self.txn.get(k, db=self.store.db["ledger"])
         if old is not None:
-            self.txn.delete(_U64.pack(decode_json(old)["exp_us"]) + k, db=self.store.db["ledger_exp"])
+            self.txn.delete(ledger_exp_key(decode_json(old)["exp_us"], k), db=self.store.db["ledger_exp"])
         self.txn.put(k, encode_json(entry), db=self.store.db["ledger"])
-        self.txn.put(_U64.pack(entry["exp_us"]) + k, b"", db=self.store.db["ledger_exp"])
+        self.txn.put(ledger_exp_key(entry["exp_us"], k), b"", db=self.store.db["ledger_exp"])
 
     def ledger_sweep(self, now_us: int, limit: int) -> int:
         """Delete up to `limit` ledger entries that expired before `now_us`; the number deleted."""
@@ -308,7 +310,7 @@ class View:
     # -- bulk import --
     def has(self, name: str, key: bytes) -> bool:
         """Whether `key` is in the named database (``ledger``, ``ix_phone``, ...): one B-tree lookup, no decode."""
-        return self.txn.get(key, db=self._named(name)) is not None
+        return self.txn.get(key, db=self.store.db[name]) is not None
 
     def last_change_seq(self) -> int:
         """The sequence number of the newest change-log entry (0: the log is empty)."""
@@ -320,5 +322,5 @@ class View:
         keys share B-tree pages). `append`: the keys are already sorted and all above the last one stored."""
         if not append:
             items.sort()
-        with self.txn.cursor(db=self._named(name)) as cur:
+        with self.txn.cursor(db=self.store.db[name]) as cur:
             cur.putmulti(items, dupdata=True, overwrite=True, append=append)

@@ -44,9 +44,12 @@ def test_make_run_serves_the_demo_dataset(tmp_path: Path) -> None:
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            stuck = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "-g", str(proc.pid)],
+                                   capture_output=True, text=True).stdout  # who did not stop, and where
             os.killpg(proc.pid, signal.SIGKILL)  # never leave the server behind for the next test
             proc.wait(timeout=10)
             rest = proc.stdout.read()
-            pytest.fail("make run did not stop within 60s of SIGTERM; its output after serving:\n" + rest[-4000:])
+            pytest.fail("make run did not stop within 60s of SIGTERM; its processes then:\n" + stuck
+                        + "its output after serving:\n" + rest[-4000:])
         finally:
             proc.stdout.close()

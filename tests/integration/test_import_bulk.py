@@ -33,7 +33,7 @@ def dump(settings: Settings) -> dict[str, list[tuple[bytes, bytes]]]:
     with closing(Store(settings)) as store, store.read() as view:
         out = {}
         for name in DATABASES:
-            with view.txn.cursor(db=view._named(name)) as cur:
+            with view.txn.cursor(db=store.db[name]) as cur:
                 out[name] = [(bytes(k), bytes(v)) for k, v in cur.iternext(keys=True, values=True)]
         return out
 

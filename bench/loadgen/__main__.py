@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen.runner import PhaseResult
+from bench.loadgen.runner import PhaseResult, realtime_priority
 from bench.loadgen.schedule import SCHEDULES
 from bench.loadgen.sweep import run_interleaved, sweep
 from bench.loadgen.workload import SCENARIOS, Data
@@ -35,6 +35,9 @@ def build_parser(prog: str = "python -m bench.loadgen") -> argparse.ArgumentPars
     p.add_argument("--step", type=float, default=4.0, help="seconds per sweep step")
     p.add_argument("--latency-target-ms", type=float, help="p99 target for the knee (default: the blueprint's)")
     p.add_argument("--config", help="blueprint whose reliability.latency_target_ms the sweep uses")
+    p.add_argument("--realtime", action="store_true",
+                   help="run the client processes under SCHED_FIFO 1 (root), so the measuring side is not delayed "
+                        "by other work on a shared machine (see runner.realtime_priority)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON here (default: stdout only)")
     return p
 
@@ -59,6 +62,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.loadgen
 
 def _run(args: argparse.Namespace) -> int:
     data = Data(queries=args.queries, upserts=args.upserts)
+    priority = realtime_priority() if args.realtime else "normal"
     if args.scenario == "sweep":
         target_ms = args.latency_target_ms
         if target_ms is None:
@@ -80,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
                "results": {k: v.summary() for k, v in res.items()}}
         for r in out["results"].values():
             print(_line(r))
+    out["client_priority"] = priority
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -1,6 +1,8 @@
 """The HTTP transport: `POST /v1/webhooks/{source}` on its own port, served by aiohttp in a background thread
-with its own event loop (so it never holds the gRPC threads). The blocking admission (an LMDB write
-transaction, synced) runs in a small thread pool; the answer is sent only after it committed.
+with its own event loop (uvloop where installed: a third less CPU per request than asyncio's own loop), so it
+never holds the gRPC threads. The loop checks each request itself (signature, schema: tens of µs) and awaits
+the inbox committer's group commit; the answer is sent only after that committed. No thread is held per
+request: on a small machine every thread hop is CPU taken from Resolve.
 """
 
 from __future__ import annotations
@@ -9,16 +11,23 @@ import asyncio
 import logging
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
-from resolver.events.inbox import Ingestor
+from resolver.events.inbox import COMMIT_TIMEOUT_S, Ingestor
+
+_new_loop: Callable[[], asyncio.AbstractEventLoop]
+try:
+    import uvloop
+
+    _new_loop = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - a platform without uvloop serves on asyncio's loop
+    _new_loop = asyncio.new_event_loop
 
 log = logging.getLogger("resolver.events.http")
-ADMISSION_THREADS = 4
 COUNTER_FLUSH_S = 1.0
 
 
@@ -39,7 +48,6 @@ class HttpEndpoint:
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=ADMISSION_THREADS, thread_name_prefix="webhook")
 
     async def _handle(self, request: web.Request) -> web.Response:
         source = request.match_info["source"]
@@ -48,9 +56,9 @@ class HttpEndpoint:
         except web.HTTPRequestEntityTooLarge:
             return _json(413, error="TOO_LARGE", message=f"at most {self.max_body_bytes} bytes")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        loop = asyncio.get_running_loop()
         try:
-            adm = await loop.run_in_executor(self._pool, self.ingestor.admit, source, headers, body)
+            committed = self.ingestor.submit(source, headers, body)
+            adm = await asyncio.wait_for(asyncio.wrap_future(committed), COMMIT_TIMEOUT_S)
         except Unauthenticated as exc:
             return _json(401, error=exc.reason, message=exc.message)
         except UnknownSource as exc:
@@ -73,11 +81,10 @@ class HttpEndpoint:
                      inbox_sequence=adm.inbox_sequence)
 
     async def _flush_counters(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(COUNTER_FLUSH_S)
             try:
-                await loop.run_in_executor(self._pool, self.ingestor.flush)
+                await asyncio.to_thread(self.ingestor.flush)
             except Exception:
                 log.exception("flushing event counters failed")
 
@@ -113,7 +120,7 @@ class HttpEndpoint:
             sock.close()
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _new_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
@@ -130,7 +137,6 @@ class HttpEndpoint:
         if not self._ready.wait(timeout):
             raise OSError(f"the webhook endpoint did not start within {timeout:g}s")
         if self._error is not None:
-            self._pool.shutdown()
             raise self._error
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -141,5 +147,4 @@ class HttpEndpoint:
                 pass  # the loop closed meanwhile
         if self._thread is not None:
             self._thread.join(timeout)
-        self._pool.shutdown(wait=True)
         self.ingestor.flush()

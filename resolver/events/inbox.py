@@ -128,6 +128,14 @@ class Ingestor:
 
         Returns (or raises a dead-lettered EventRejected) only after the transaction storing it committed.
         """
+        return self.submit(source, headers, body).result(timeout=COMMIT_TIMEOUT_S)
+
+    def submit(self, source: str, headers: Mapping[str, str], body: bytes) -> Future[Admission]:
+        """Check one event here and queue it for the committer, without waiting: what `admit` does before it
+        blocks. Raises UnknownSource, Unauthenticated or EventRejected (too large) at once; the future ends with
+        the Admission, or InboxFull / a dead-lettered EventRejected, once the transaction has committed.
+        An asynchronous transport awaits the future instead of holding a thread for each request.
+        """
         self._count("received")
         headers = {k.lower(): v for k, v in headers.items()}
         spec = self.settings.sources.get(source)
@@ -144,6 +152,8 @@ class Ingestor:
         except Unauthenticated:
             self._count("rejected_unsigned")
             raise
+        key = dedupe_key(source, webhook_id)
+        self._refuse_if_full(key)
         rejection: EventRejected | None = None
         try:
             interpret(source, webhook_id, body, self.settings, self.schema)
@@ -152,9 +162,30 @@ class Ingestor:
         now_us = int(now * 1_000_000)
         meta = {"source": source, "webhook_id": webhook_id, "received_us": now_us,
                 "headers": signatures.redact(headers)}
-        item = _Item(meta, body, dedupe_key(source, webhook_id), rejection, now_us, Future())
+        item = _Item(meta, body, key, rejection, now_us, Future())
         self._submit(item)
-        return item.done.result(timeout=COMMIT_TIMEOUT_S)
+        return item.done
+
+    def _full(self, in_inbox: int) -> InboxFull | None:
+        """InboxFull (with the delay in which the applier makes room for a batch) at the high-water mark."""
+        ev = self.settings.events
+        if in_inbox < ev.high_water:
+            return None
+        retry = max(1, math.ceil((in_inbox - ev.high_water + ev.batch) / ev.rate_per_s))
+        return InboxFull(f"the event inbox is full; retry in {retry}s", retry_after_s=retry)
+
+    def _refuse_if_full(self, key: bytes) -> None:
+        """Answer a full inbox from a read transaction (counted in memory), so a sender that ignores Retry-After
+        costs no write transaction and no disk flush per request. A re-delivery of an event already seen goes on
+        to the committer, which answers it as a duplicate; the committer checks the mark again (authoritative)."""
+        db = self.store.db
+        with self.store.read() as view:
+            if view.txn.get(key, db=db["ev_ids"]) is not None:
+                return
+            full = self._full(int(view.txn.stat(db["ev_inbox"])["entries"]))
+        if full is not None:
+            self._count("throttled")
+            raise full
 
     # -- group commit: one committer thread writes every admission waiting, in one synced transaction ---------
     def _submit(self, item: _Item) -> None:
@@ -183,6 +214,10 @@ class Ingestor:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
+            # a caller that stopped waiting (its future cancelled) is not written; the others can no longer cancel
+            batch = [item for item in batch if item.done.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             outcomes: list[Admission | BaseException] = []
             try:
                 with self.store.write() as view:
@@ -205,12 +240,10 @@ class Ingestor:
         if seen is not None:
             deltas["duplicates"] += 1
             return Admission(webhook_id, True, 0, int(orjson.loads(seen).get("status", 202)))
-        in_inbox = int(txn.stat(db["ev_inbox"])["entries"])
-        ev = self.settings.events
-        if in_inbox >= ev.high_water:
+        full = self._full(int(txn.stat(db["ev_inbox"])["entries"]))
+        if full is not None:
             deltas["throttled"] += 1
-            retry = max(1, math.ceil((in_inbox - ev.high_water + ev.batch) / ev.rate_per_s))
-            return InboxFull(f"the event inbox is full; retry in {retry}s", retry_after_s=retry)
+            return full
         deltas["accepted"] += 1
         if item.rejection is not None:
             item.rejection.dlq_id = dlq.put(txn, db["ev_dlq"], item.meta, item.body, item.rejection,

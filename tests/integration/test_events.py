@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 
 from resolver.cli import main as cli_main
 from resolver.config import Settings, load_settings
+from resolver.errors import InboxFull
 from resolver.events import counters as event_counters
 from resolver.events.process import PROCESS_NAME
 from resolver.events.signatures import sign
@@ -461,6 +462,61 @@ def test_admissions_within_the_commit_window_share_one_synced_transaction(
         service.close()
 
 
+def test_a_full_inbox_refuses_without_a_write_and_still_answers_duplicates(tmp_path: Path) -> None:
+    """A sender hammering a full inbox (ignoring Retry-After) costs no write transaction per request: the 429s
+    are counted in memory and written with the next flush. A re-delivery of an event already admitted is still
+    answered as that duplicate, not refused."""
+    from resolver.events.inbox import Ingestor
+
+    service = Service(make_settings(tmp_path, blueprint(rate=5, batch=1, high_water=2)))
+    ingestor = Ingestor(service.store, service.settings, service.schema)
+    first = event("hammer-0", {"Tier__c": "gold"})
+    try:
+        assert ingestor.admit("SALESFORCE", signed(first, wid="msg_hammer_0"), first).http_status == 202
+        body = event("hammer-1", {"Tier__c": "gold"})
+        assert ingestor.admit("SALESFORCE", signed(body), body).http_status == 202
+        before = service.store.env.info()["last_txnid"]
+        for i in range(20):
+            body = event(f"hammer-{i + 2}", {"Tier__c": "gold"})
+            with pytest.raises(InboxFull) as e:
+                ingestor.admit("SALESFORCE", signed(body), body)
+            assert e.value.retry_after_s >= 1
+        assert service.store.env.info()["last_txnid"] == before
+        again = ingestor.admit("SALESFORCE", signed(first, wid="msg_hammer_0"), first)
+        assert (again.http_status, again.duplicate) == (202, True)
+        ingestor.flush()
+        with service.store.read() as view:
+            snap = event_counters.snapshot(view.txn, service.store)
+        assert snap["counters"]["throttled"] == 20 and snap["in_inbox"] == 2 and snap["conserved"]
+    finally:
+        ingestor.close()
+        service.close()
+
+
+def test_an_admission_whose_caller_stopped_waiting_is_not_written(tmp_path: Path) -> None:
+    """`submit` returns a future (the HTTP transport awaits it). One cancelled while it still waits for the
+    committer is skipped: not in the inbox, not remembered as seen, so the sender's retry is admitted as new;
+    the one beside it in the same commit window is written as usual."""
+    from resolver.events.inbox import Ingestor
+
+    text = blueprint().replace("[events]\n", "[events]\ncommit_window_ms = 500\n")
+    service = Service(make_settings(tmp_path, text))
+    ingestor = Ingestor(service.store, service.settings, service.schema)
+    kept, dropped = event("cancel-kept", {"Tier__c": "gold"}), event("cancel-dropped", {"Tier__c": "gold"})
+    try:
+        first = ingestor.submit("SALESFORCE", signed(kept, wid="msg_cancel_kept"), kept)
+        second = ingestor.submit("SALESFORCE", signed(dropped, wid="msg_cancel_dropped"), dropped)
+        assert second.cancel()  # still queued: the committer waits out its window for more
+        assert first.result(WAIT_S).http_status == 202
+        with service.store.read() as view:
+            assert view.txn.stat(service.store.db["ev_inbox"])["entries"] == 1
+        retry = ingestor.admit("SALESFORCE", signed(dropped, wid="msg_cancel_dropped"), dropped)
+        assert (retry.http_status, retry.duplicate) == (202, False)
+    finally:
+        ingestor.close()
+        service.close()
+
+
 def test_http_edge_cases(srv: Client) -> None:
     big = b"x" * (300 * 1024)
     assert post(srv.http_port, big, signed(big))[0] == 413
@@ -581,7 +637,7 @@ def stored_counters(config: Path, data: Path) -> tuple[dict[str, Any], list[str]
     return snap, ids
 
 
-def test_serve_runs_webhooks_and_the_applier_in_a_niced_events_process(tmp_path: Path) -> None:
+def test_serve_runs_webhooks_and_the_applier_in_an_idle_priority_events_process(tmp_path: Path) -> None:
     config = tmp_path / "ep.toml"
     config.write_text(blueprint().replace("[events]\n", "[events]\nprocess_nice = 7\n"))
     data = tmp_path / "data"
@@ -592,6 +648,8 @@ def test_serve_runs_webhooks_and_the_applier_in_a_niced_events_process(tmp_path:
         base = _nice(srv.proc.pid)
         assert os.getpriority(os.PRIO_PROCESS, child) == _nice(child) == min(19, base + 7)
         assert {_nice(child, int(t)) for t in os.listdir(f"/proc/{child}/task")} == {min(19, base + 7)}  # every thread
+        assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{child}/task")} == {os.SCHED_IDLE}  # default
+        assert os.sched_getscheduler(srv.proc.pid) == os.SCHED_OTHER  # the gRPC side keeps the normal policy
         seed_customer(srv)
         status, body, _ = post(srv.http_port, SEED_PAYLOAD, signed(SEED_PAYLOAD, wid="msg_seed"))
         assert (status, body["status"]) == (202, "accepted")

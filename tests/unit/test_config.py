@@ -77,10 +77,12 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 
 def test_events_process_priority_is_validated() -> None:
-    assert settings_from_document({}, {}).events.process_nice == 10
-    s = settings_from_document({"events": {"process_nice": 0, "process_sched_idle": True}}, {})
-    assert (s.events.process_nice, s.events.process_sched_idle) == (0, True)
-    assert "nice +0 (SCHED_IDLE)" in describe(s)
+    default = settings_from_document({}, {}).events
+    assert (default.process_nice, default.process_sched_idle) == (10, True)
+    s = settings_from_document({"events": {"process_nice": 0, "process_sched_idle": False}}, {})
+    assert (s.events.process_nice, s.events.process_sched_idle) == (0, False)
+    assert "nice +0" in describe(s) and "SCHED_IDLE" not in describe(s)
+    assert "nice +10 (SCHED_IDLE)" in describe(settings_from_document({}, {}))
     for bad in (-1, 20, 2.5, "10", True):
         with pytest.raises(ConfigError) as e:
             settings_from_document({"events": {"process_nice": bad}}, {})

@@ -6,7 +6,8 @@ One code path for HTTP and gRPC. The event is acknowledged only after the write 
 intake is not bound by one fsync per event and a burst of webhooks flushes the disk a few times, not per event.
 A signed event that fails schema or mapping goes to the dead-letter queue in that same transaction and is
 answered 400 / INVALID_ARGUMENT. Unsigned or badly signed requests are counted (in memory, flushed with the
-next write) and never stored.
+next write) and never stored; so are requests refused because the inbox is full, which a read transaction
+decides before anything is queued (the committer checks again, authoritatively).
 """
 
 from __future__ import annotations

@@ -203,8 +203,8 @@ class EventSettings:
     http_listen: str = "127.0.0.1:8081"  # "" : no HTTP endpoint (gRPC IngestEvents only)
     # Events applied per second at most. Once the inbox is full, intake follows this pace too (429s hold the
     # senders back), so it sets how much CPU the events process takes from Resolve during a bulk push: on 2
-    # cores, Resolve's p99 during a 20,000-event drain was 0.81-1.29x its p99 without one at 100/s (median 1.16x,
-    # 6 runs), 1.08-2.13x at 250/s (median 1.35x, 8 runs; bench/README.md). Raise it where cores are to spare.
+    # cores, Resolve's p99 during a 20,000-event drain was 0.81-1.29x its p99 without one at 100/s (median 1.13x,
+    # 9 runs), 1.08-2.13x at 250/s (median 1.35x, 8 runs; bench/README.md). Raise it where cores are to spare.
     rate_per_s: float = 100.0
     batch: int = 100  # events per applier write transaction
     high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED

@@ -618,7 +618,7 @@ def repeat(argv: list[str], n: int, out: Path) -> int:
         r = json.loads((out / f"run-{k}" / "results.json").read_text())
         runs.append({"run": k, "started": r["started"], "a_p99_ms": r["window_a"]["latency_ms"]["p99"],
                      "b_p99_ms": r["window_b"]["latency_ms"]["p99"], **r["verdicts"]})
-    ratios = sorted(x["p99_ratio_b_over_a"] for x in runs if x["p99_ratio_b_over_a"] is not None)
+    ratios = [x["p99_ratio_b_over_a"] for x in runs if x["p99_ratio_b_over_a"] is not None]
     median = statistics.median(ratios) if ratios else float("nan")
     summary = {"command": "python -m bench.events_drain " + shlex.join(argv), "runs": runs,
                "median_p99_ratio_b_over_a": round(median, 3), "every_run_lost_nothing": all(c == 0 for c in codes)}

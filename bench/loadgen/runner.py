@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -138,8 +139,7 @@ class PhaseResult:
         self.late_sends += other.late_sends
         self.send_span_s += other.send_span_s
         self.codes = dict(Counter(self.codes) + Counter(other.codes))
-        longer, shorter = sorted((self.slices_us, other.slices_us), key=len, reverse=True)
-        self.slices_us = [max(a, b) for a, b in zip(longer, shorter + [0] * (len(longer) - len(shorter)), strict=True)]
+        self.slices_us = [max(a, b) for a, b in zip_longest(self.slices_us, other.slices_us, fillvalue=0)]
         if self.server_cpu_s is not None and other.server_cpu_s is not None:
             self.server_cpu_s += other.server_cpu_s
         else:

@@ -133,8 +133,9 @@ class Ingestor:
 
     def submit(self, source: str, headers: Mapping[str, str], body: bytes) -> Future[Admission]:
         """Check one event here and queue it for the committer, without waiting: what `admit` does before it
-        blocks. Raises UnknownSource, Unauthenticated or EventRejected (too large) at once; the future ends with
-        the Admission, or InboxFull / a dead-lettered EventRejected, once the transaction has committed.
+        blocks. Raises UnknownSource, Unauthenticated, EventRejected (too large) or InboxFull (the inbox is at its
+        high-water mark) at once; the future ends with the Admission, or InboxFull / a dead-lettered
+        EventRejected, once the transaction has committed.
         An asynchronous transport awaits the future instead of holding a thread for each request.
         """
         self._count("received")

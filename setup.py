@@ -57,6 +57,26 @@ def generate_phone_metadata() -> None:
     runpy.run_path(str(ROOT / "resolver" / "_phonemeta_gen.py"))["generate"](ROOT / "resolver" / "_phonemeta.py")
 
 
+def require_toolchain() -> None:
+    """Stop with one sentence, not a compiler traceback, when the machine cannot build the extensions.
+
+    The build needs a C compiler and the Python headers, nothing else: no system library (the key hash calls
+    the xxHash code of the `xxhash` wheel, see ext/_keys_c.pyx).
+    """
+    import shlex
+    import shutil
+    import sysconfig
+
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(shlex.split(compiler)[0]) is None:
+        raise SystemExit(f"resolver: building the compiled hot path needs a C compiler; {compiler.split()[0]!r} was "
+                         "not found (install gcc or clang, or set CC)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        raise SystemExit(f"resolver: building the compiled hot path needs the Python headers; {headers} is missing "
+                         "(install your distribution's python3-dev package)")
+
+
 def extensions() -> list[Extension]:
     from Cython.Build import cythonize  # build requirement: fails loudly if absent
 
@@ -71,6 +91,7 @@ def extensions() -> list[Extension]:
     )
 
 
+require_toolchain()
 generate_stubs()
 generate_phone_metadata()
 setup(ext_modules=extensions())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from resolver.bootstrap import build_service
 from resolver.config import load_settings
 from resolver.identifiers import RawIdentifiers
 from resolver.service import Service
@@ -33,7 +34,7 @@ def phone(i: int) -> str:
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     data = Path(tmp_path_factory.mktemp("bench")) / "data"
-    svc = Service(load_settings(None, data_dir=str(data), default_region="US"))
+    svc = build_service(load_settings(None, data_dir=str(data), default_region="US"))
     from resolver.service import now_us
     from resolver.upsert import apply, prepare
 
@@ -61,7 +62,7 @@ def big_store() -> Iterator[tuple[Service, Path]]:
         subprocess.run([str(Path(sys.executable).parent / "resolver"), "import", str(customers), "--config", str(BLUEPRINT),
                         "--data-dir", str(data), "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         (root / "ready").touch()
-    svc = Service(load_settings(str(BLUEPRINT), data_dir=str(data)))
+    svc = build_service(load_settings(str(BLUEPRINT), data_dir=str(data)))
     # A server that has run for a while has every page of its map faulted in; a fresh process has none, and its
     # first touch of each page costs a page fault that no steady-state call pays. Read everything once.
     with svc.store.read() as view:

@@ -73,10 +73,10 @@ def run_import(source: Path, data: Path, config: str, batch: int) -> dict[str, A
 
 def value_sizes(data: Path, config: str) -> dict[str, int]:
     """The average stored value size (bytes) of records, ledger entries and change-log entries."""
+    from resolver.bootstrap import open_store
     from resolver.config import load_settings
-    from resolver.store import Store
 
-    store = Store(load_settings(Path(config), data_dir=str(data)), readonly=True)
+    store = open_store(load_settings(Path(config), data_dir=str(data)), readonly=True)
     sizes = {}
     try:
         with store.read() as view:

@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import procstat
 from bench.loadgen.runner import Phase, by_label, run_phases
 from bench.loadgen.sweep import FLOOR, passes
 from bench.loadgen.workload import Data
@@ -73,12 +74,7 @@ class Proc:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), "")
-    except OSError:
-        pass
+    model = procstat.cpu_model()
     versions = {}
     for name in ("grpcio", "protobuf", "lmdb", "phonenumbers", "psycopg", "psycopg-binary", "hdrhistogram", "matplotlib"):
         try:
@@ -96,27 +92,18 @@ def machine() -> dict[str, Any]:
                                   cwd=ROOT).stdout.strip()}
 
 
-def cpu_busy(since: tuple[int, int] | float | None = None) -> Any:
-    """The machine's busy/total jiffies now, or (given an earlier reading) the busy fraction since."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle, total = f[3] + f[4], sum(f[:8])
-    if isinstance(since, tuple):
-        return 1 - (idle - since[0]) / max(total - since[1], 1)
-    return (idle, total)
-
-
 def handler_times(data_dir: Path, config: str, dsn: str, queries: str, n: int = 3000) -> dict[str, float]:
     """Mean µs per Resolve in-process (no gRPC): resolver's Service vs the peer's PostgreSQL resolver, same queries."""
     from bench.loadgen.workload import resolve_request
     from bench.peers.postgres.server import PeerResolver
+    from resolver.bootstrap import build_service
     from resolver.identifiers import RawIdentifiers
     from resolver.resolve import ResolveInput
-    from resolver.service import Service
 
     with open(queries, encoding="utf-8") as f:
         reqs = [resolve_request(json.loads(line)) for _, line in zip(range(n), f, strict=False)]
     settings = load_settings(config, data_dir=str(data_dir))
-    svc = Service(settings)
+    svc = build_service(settings)
     inputs = [ResolveInput(RawIdentifiers(r.identifiers.external_id, tuple(r.identifiers.emails),
                                           tuple(r.identifiers.phones)), r.default_region) for r in reqs]
     peer = PeerResolver(dsn, settings)
@@ -159,9 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(str(ROOT / a.config))
     results: dict[str, Any] = {"command": "python -m bench.run " + shlex.join(list(argv or sys.argv[1:])),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
-                               "blueprint": {"file": a.config, "peak_rps": settings.peak_rps,
-                                             "latency_target_ms": settings.latency_target_ms,
-                                             "workers": settings.workers, "threads": settings.threads},
+                               "blueprint": {"file": a.config, "peak_rps": settings.reliability.peak_rps,
+                                             "latency_target_ms": settings.reliability.latency_target_ms,
+                                             "workers": settings.server.workers, "threads": settings.server.threads},
                                "customers": a.customers, "clients": a.clients}
     t_start = time.monotonic()
     with ExitStack() as stack:
@@ -214,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(peer.stop)
         rt, pt = f"127.0.0.1:{rport}", f"127.0.0.1:{pport}"
         data = Data(queries=str(ds / "queries.jsonl"), upserts=str(ds / "upserts.jsonl"))
-        peak = settings.peak_rps
+        peak = settings.reliability.peak_rps
 
         # 1. the headline: call-setup at the blueprint's peak, beside the floor and the peer, in alternating windows
         log(f"call-setup at {peak:g}/s: Resolve, floor and peer in {a.windows} alternating windows")
@@ -228,10 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         orders = ((res_ph, flo_ph, peer_ph), (flo_ph, peer_ph, res_ph), (peer_ph, res_ph, flo_ph))
         for w in range(a.windows):
             phases += orders[w % 3]
-        busy0, load0 = cpu_busy(), os.getloadavg()[0]
+        busy0, load0 = procstat.cpu_jiffies(), os.getloadavg()[0]
         peak_windows = run_phases(phases, clients=a.clients, data=data)
         peak_res = by_label(peak_windows)
-        results["machine_during_peak"] = {"busy_fraction": round(cpu_busy(busy0), 3),
+        results["machine_during_peak"] = {"busy_fraction": procstat.busy_since(busy0),
                                           "loadavg_1m_before": load0, "loadavg_1m_after": os.getloadavg()[0]}
         results["peak"] = {k: v.summary() for k, v in peak_res.items()}
         for k, v in results["peak"].items():  # per-window p99: a burst of other work spoils some windows, not all
@@ -253,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["writes"] = {k: v.summary() for k, v in by_label(run_phases(wphases, clients=a.clients, data=data)).items()}
 
         # 3. the sweep: p99 against offered load for Resolve, the floor and the peer
-        target_ms = settings.latency_target_ms
+        target_ms = settings.reliability.latency_target_ms
         rates = [float(r) for r in a.rates.split(",") if r.strip()]
         log(f"sweep {rates} (knee: p99 <= {target_ms:g} ms)")
         steps: list[dict[str, Any]] = []

@@ -81,7 +81,7 @@ def _chunks(callers: list[str]) -> itertools.cycle[list[str]]:
 @pytest.mark.benchmark(group="batch-1M")
 def test_batch_loop(benchmark, big_store: tuple[Service, Path], callers: list[str]) -> None:  # noqa: ANN001
     svc, _ = big_store
-    chunks, policy, limit = _chunks(callers), svc.policy, svc.settings.max_fanout
+    chunks, policy, limit = _chunks(callers), svc.policy, svc.settings.matching.max_fanout
 
     def run() -> list[tuple]:
         with svc.store.read() as view:
@@ -89,7 +89,7 @@ def test_batch_loop(benchmark, big_store: tuple[Service, Path], callers: list[st
                                            limit)
 
     decisions = benchmark.pedantic(run, rounds=15, warmup_rounds=1)
-    assert decisions and all(d[0] for d in decisions)  # every caller found
+    assert decisions and all(d.outcome for d in decisions)  # every caller found
     benchmark.extra_info["lookups_per_s"] = round(len(decisions) / benchmark.stats.stats.median)
 
 

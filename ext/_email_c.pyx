@@ -7,11 +7,21 @@ as C loops over the lower-cased value; the messages and their order are the refe
 
 from cpython.unicode cimport Py_UNICODE_ISSPACE
 
+from resolver import _email_consts as _consts
 from resolver import normalize as _ref
+from resolver._email_consts import (DIGIT_TLD_MSG, EMPTY_LOCAL_MSG, IDNA_MSG, KNOWN_PLACEHOLDER_MSG, LABEL_MSG,
+                                    LOCAL_CHAR_MSG, LOCAL_DOT_MSG, LONG_ADDRESS_MSG, LONG_LOCAL_MSG, NO_AT_MSG,
+                                    NO_DOT_MSG, PLACEHOLDER_MSG, TWO_ATS_MSG)
 from resolver.errors import BlockedIdentifier, IdentifierError
 from resolver.normalize import DEFAULT_POLICY
 
 __all__ = ["email_stats", "normalize_email", "reset_email_stats"]
+
+# resolver/_email_consts.py's limits, as C ints, and its label characters as an ASCII table.
+cdef Py_ssize_t MAX_LOCAL = _consts.MAX_LOCAL, MAX_LABEL = _consts.MAX_LABEL, MAX_ADDRESS = _consts.MAX_ADDRESS
+cdef bint LABEL_CHAR[128]
+for _ch in _consts.LABEL_CHARS.encode("ascii"):
+    LABEL_CHAR[_ch] = True
 
 cdef frozenset _PLACEHOLDER_LOCALS = _ref._PLACEHOLDER_EMAIL_LOCALS
 cdef frozenset _PLACEHOLDER_EMAILS = _ref._PLACEHOLDER_EMAILS
@@ -37,7 +47,7 @@ cdef inline object _invalid(str message):
 
 
 cdef inline bint _label_char(Py_UCS4 ch):
-    return (u"a" <= ch <= u"z") or (u"0" <= ch <= u"9") or ch == u"-"
+    return ch < 128 and LABEL_CHAR[ch]
 
 
 cdef str _fast(str value, policy):
@@ -48,52 +58,52 @@ cdef str _fast(str value, policy):
     blocked_values = policy.blocked_values
     value = value.lower()
     if blocked_values and value in blocked_values:
-        raise BlockedIdentifier("email is a configured placeholder value")
+        raise BlockedIdentifier(PLACEHOLDER_MSG)
     n = len(value)
     for i in range(n):
         if value[i] == u"@":
             at = i
             break
     if at < 0:
-        raise _invalid("email has no '@'")
+        raise _invalid(NO_AT_MSG)
     for i in range(at + 1, n):
         if value[i] == u"@":
-            raise _invalid("email has more than one '@'")
+            raise _invalid(TWO_ATS_MSG)
     if at == 0:
-        raise _invalid("email has an empty local part")
-    if at > 64:
-        raise _invalid("email local part is longer than 64 characters")
+        raise _invalid(EMPTY_LOCAL_MSG)
+    if at > MAX_LOCAL:
+        raise _invalid(LONG_LOCAL_MSG)
     for i in range(at):
         ch = value[i]
         if ch <= u" " or ch == u"\x7f":
-            raise _invalid("email local part contains whitespace or a control character")
+            raise _invalid(LOCAL_CHAR_MSG)
     for i in range(at):
         if value[i] == u"." and (i == 0 or i == at - 1 or value[i + 1] == u"."):
-            raise _invalid("email local part has a leading, trailing or doubled dot")
+            raise _invalid(LOCAL_DOT_MSG)
     # the idna codec's ASCII branch: labels before the last 1-63 long, the last shorter than 64
     start = at + 1
     if start < n:
         for i in range(start, n + 1):
             if i == n or value[i] == u".":
                 count = i - start
-                if (i < n and not 0 < count < 64) or (i == n and count >= 64):
-                    raise _invalid("email domain cannot be IDNA-encoded")
+                if (i < n and not 0 < count <= MAX_LABEL) or (i == n and count > MAX_LABEL):
+                    raise _invalid(IDNA_MSG)
                 start = i + 1
     for i in range(at + 1, n):
         if value[i] == u".":
             labels += 1
     if labels < 2:
-        raise _invalid("email domain has no dot")
+        raise _invalid(NO_DOT_MSG)
     start = at + 1
     last_start = start
     for i in range(at + 1, n + 1):
         if i == n or value[i] == u".":
             count = i - start
-            if not (0 < count <= 63) or value[start] == u"-" or value[i - 1] == u"-":
-                raise _invalid("email domain has an empty or malformed label")
+            if not (0 < count <= MAX_LABEL) or value[start] == u"-" or value[i - 1] == u"-":
+                raise _invalid(LABEL_MSG)
             for j in range(start, i):
                 if not _label_char(value[j]):
-                    raise _invalid("email domain has an empty or malformed label")
+                    raise _invalid(LABEL_MSG)
             last_start = start
             start = i + 1
     all_digits = True
@@ -103,18 +113,18 @@ cdef str _fast(str value, policy):
             all_digits = False
             break
     if all_digits:
-        raise _invalid("email top-level domain is all digits")
-    if n > 254:
-        raise _invalid("email is longer than 254 characters")
+        raise _invalid(DIGIT_TLD_MSG)
+    if n > MAX_ADDRESS:
+        raise _invalid(LONG_ADDRESS_MSG)
     if value[:at] in _PLACEHOLDER_LOCALS or value in _PLACEHOLDER_EMAILS:
-        raise BlockedIdentifier("email is a placeholder address")
+        raise BlockedIdentifier(KNOWN_PLACEHOLDER_MSG)
     if blocked_values and value in blocked_values:
-        raise BlockedIdentifier("email is a configured placeholder value")
+        raise BlockedIdentifier(PLACEHOLDER_MSG)
     patterns = policy.blocked_patterns
     if patterns:
         for pattern in patterns:
             if pattern.fullmatch(value):
-                raise BlockedIdentifier("email is a configured placeholder value")
+                raise BlockedIdentifier(PLACEHOLDER_MSG)
     return value
 
 

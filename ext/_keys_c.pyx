@@ -1,13 +1,18 @@
 # cython: language_level=3
 """Compiled twin of resolver/_keys_py.py: byte-identical index keys.
 
-xxh3-128 runs in C (the xxHash library's header, inlined: XXH_INLINE_ALL), over a stack buffer holding the
-kind byte and the value's UTF-8 (CPython caches it on the str), with no Python call per key. Keyed BLAKE2b
-goes through hashlib, as in the twin. Read resolver/_keys_py.py for the specification; this file must not
-add behaviour of its own.
+xxh3-128 runs in C over a stack buffer holding the kind byte and the value's UTF-8 (CPython caches it on the
+str), with no Python call per key. The C function is the one the twin calls: XXH3_128bits exported by the
+extension of the `xxhash` package (a pinned runtime dependency), found once at import. So the build needs no
+xxHash header or system library, and both implementations run the very same xxHash code. Keyed BLAKE2b goes
+through hashlib, as in the twin. Read resolver/_keys_py.py for the specification; this file must not add
+behaviour of its own.
 """
 
+import ctypes
 import hashlib
+
+import xxhash._xxhash
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc
@@ -16,24 +21,50 @@ from libc.string cimport memcpy
 
 cdef extern from *:
     """
-    #define XXH_INLINE_ALL
-    #include <xxhash.h>
+    #include <stdint.h>
+    /* XXH128_hash_t and XXH3_128bits as xxhash.h declares them (the ABI of xxHash 0.8) */
+    typedef struct { uint64_t low64; uint64_t high64; } resolver_xxh128_t;
+    typedef resolver_xxh128_t (*resolver_xxh3_128_fn)(const void* data, size_t length);
+
+    /* xxHash's canonical form of a 128-bit hash: high64 then low64, each big-endian */
+    static inline void resolver_xxh128_canonical(unsigned char* out, resolver_xxh128_t h) {
+        for (int i = 0; i < 8; i++) {
+            out[i] = (unsigned char)(h.high64 >> (56 - 8 * i));
+            out[8 + i] = (unsigned char)(h.low64 >> (56 - 8 * i));
+        }
+    }
     """
-    ctypedef struct XXH128_hash_t:
+    ctypedef struct resolver_xxh128_t:
         pass
-    ctypedef struct XXH128_canonical_t:
-        unsigned char digest[16]
-    XXH128_hash_t XXH3_128bits(const void* data, size_t length) nogil
-    void XXH128_canonicalFromHash(XXH128_canonical_t* dst, XXH128_hash_t hash) nogil
+    ctypedef resolver_xxh128_t (*resolver_xxh3_128_fn)(const void* data, size_t length) noexcept nogil
+    void resolver_xxh128_canonical(unsigned char* out, resolver_xxh128_t h) noexcept nogil
+
+
+cdef resolver_xxh3_128_fn _xxh3_128 = NULL
+
+
+cdef void _bind_xxh3() except *:
+    """Point _xxh3_128 at the xxhash package's XXH3_128bits (ImportError in one sentence if it is not there)."""
+    global _xxh3_128
+    try:
+        address = ctypes.cast(ctypes.CDLL(xxhash._xxhash.__file__).XXH3_128bits, ctypes.c_void_p).value
+    except (OSError, AttributeError) as exc:
+        raise ImportError(f"resolver._keys_c: the xxhash package's extension ({xxhash._xxhash.__file__}) does not "
+                          f"export XXH3_128bits ({exc}); install the pinned xxhash wheel, or run the pure-Python "
+                          f"modules with RESOLVER_NO_EXTENSIONS=1") from None
+    _xxh3_128 = <resolver_xxh3_128_fn><size_t>address
+
+
+_bind_xxh3()
 
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
 
-KEY_SIZE = 16
-ALGORITHMS = ("xxh3-128", "blake2b")
-DEF STACK = 512
+from resolver._keys_py import ALGORITHMS, KEY_SIZE  # the specification's names, stated there once
+cdef enum:
+    STACK = 512  # bytes of key input hashed from the stack; longer values are copied to the heap
 
 cdef enum Algorithm:
     XXH3_128 = 0
@@ -73,17 +104,17 @@ cdef class KeyHasher:
         cdef const char* utf8 = PyUnicode_AsUTF8AndSize(value, &n)
         cdef char stack[STACK]
         cdef char* buf = stack
-        cdef XXH128_canonical_t out
+        cdef unsigned char out[16]
         if n + 1 > STACK:
             buf = <char*>malloc(n + 1)
             if buf == NULL:
                 raise MemoryError()
         buf[0] = <char>kind
         memcpy(buf + 1, utf8, n)
-        XXH128_canonicalFromHash(&out, XXH3_128bits(buf, n + 1))
+        resolver_xxh128_canonical(out, _xxh3_128(buf, n + 1))
         if buf != stack:
             free(buf)
-        return PyBytes_FromStringAndSize(<char*>out.digest, 16)
+        return PyBytes_FromStringAndSize(<char*>out, 16)
 
     def keys(self, int kind, list values):
         """`key` for each value, in order."""

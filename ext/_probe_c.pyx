@@ -8,244 +8,58 @@ written by orjson (resolver.records), whose encoding of a string is canonical: t
 same bytes (UTF-8, only '"', '\\' and control characters escaped). Whatever the bytes alone cannot settle (a
 string escaped some other way, an escaped key, anything that is not a JSON object) sends the record through
 the twin's decoding instead, so the answer never depends on the shortcut. (A record repeating a top-level key
-is the one thing the scanner reads differently from a decoder; resolver never writes one.)
+is the one thing the scanner reads differently from a decoder; resolver never writes one.) The scanner is
+ext/_probe_scan.pxi, included here so that it compiles into this module.
 """
 
-import orjson
-
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr, memcmp
 
+from resolver import _probe_types as _vocab
 from resolver._probe_py import holds as _holds_decoded
 from resolver._probe_py import record_fields as _fields_decoded
+from resolver._probe_types import Fanned, Probed, ProbeRow
+
+# resolver/_probe_types.py's numbers, as C ints for the loop and the scanner.
+cdef int EXTERNAL_ID = _vocab.EXTERNAL_ID, EMAIL = _vocab.EMAIL, PHONE = _vocab.PHONE
+cdef int HIT = _vocab.HIT, MISS = _vocab.MISS, SHARED = _vocab.SHARED, FAN_OUT = _vocab.FAN_OUT
+cdef int NOT_PROBED = _vocab.NOT_PROBED
+cdef int NOT_FOUND = _vocab.NOT_FOUND, MATCHED = _vocab.MATCHED, AMBIGUOUS = _vocab.AMBIGUOUS
 
 
-cdef extern from "Python.h":
-    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
-    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+include "_probe_scan.pxi"
 
 
-EXTERNAL_ID, EMAIL, PHONE = 1, 2, 3
-HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
-NOT_FOUND, MATCHED, AMBIGUOUS = 0, 1, 2
+@cython.final
+@cython.freelist(16)
+cdef class Decision:
+    """resolver._probe_types.Decision as the compiled loop returns it: the same fields, read by name, and that
+    NamedTuple's behaviour (equal to it, indexable, unpackable). A cdef class because every Resolve builds one:
+    a NamedTuple instance is allocated and freed outside any free list, which a Resolve measurably pays; this
+    one comes from a free list, its fields set in C."""
 
-DEF K_EXTERNAL_ID = 1
-DEF K_EMAIL = 2
-DEF K_PHONE = 3
-DEF D_NOT_FOUND = 0
-DEF D_MATCHED = 1
-DEF D_AMBIGUOUS = 2
-DEF S_HIT = 1
-DEF S_MISS = 2
-DEF S_SHARED = 3
-DEF S_FAN_OUT = 4
-DEF S_NOT_PROBED = 5
+    cdef readonly int outcome, kind
+    cdef readonly list uuids, conflicts, fanned, probes
 
+    cdef tuple _tuple(self):
+        return (self.outcome, self.kind, self.uuids, self.conflicts, self.fanned, self.probes)
 
-# ---- the JSON scanner ------------------------------------------------------------------------------------
-# Each function takes the buffer, a position and the end, and returns the position after what it read, or -1
-# when the bytes are not what a record looks like (the caller then falls back to decoding).
+    def __eq__(self, other):
+        if isinstance(other, (tuple, Decision)):
+            return self._tuple() == tuple(other)
+        return NotImplemented
 
-cdef inline Py_ssize_t _ws(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 10 or p[i] == 13):
-        i += 1
-    return i
+    def __len__(self):
+        return 6
 
+    def __getitem__(self, index):
+        return self._tuple()[index]
 
-cdef inline Py_ssize_t _string(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """p[i] is an opening quote: the position after its closing quote."""
-    cdef const unsigned char* q
-    cdef Py_ssize_t j
-    i += 1
-    while i < n:
-        q = <const unsigned char*>memchr(p + i, 34, n - i)  # the next quote (memchr is vectorized)
-        if q == NULL:
-            return -1
-        j = q - p
-        i = j
-        while i > 0 and p[i - 1] == 92:  # an odd run of backslashes before it escapes it
-            i -= 1
-        if (j - i) % 2 == 0:
-            return j + 1
-        i = j + 1
-    return -1
+    def __iter__(self):
+        return iter(self._tuple())
 
-
-cdef Py_ssize_t _value(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """Skip any JSON value starting at p[i]."""
-    cdef int depth = 0
-    cdef unsigned char c
-    if i >= n:
-        return -1
-    c = p[i]
-    if c == 34:
-        return _string(p, i, n)
-    if c == 123 or c == 91:  # { [
-        while i < n:
-            c = p[i]
-            if c == 34:
-                i = _string(p, i, n)
-                if i < 0:
-                    return -1
-                continue
-            if c == 123 or c == 91:
-                depth += 1
-            elif c == 125 or c == 93:  # } ]
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-            i += 1
-        return -1
-    if c == 116 and n - i >= 4 and memcmp(p + i, b"true", 4) == 0:
-        return i + 4
-    if c == 102 and n - i >= 5 and memcmp(p + i, b"false", 5) == 0:
-        return i + 5
-    if _is_null(p, i, n):
-        return i + 4
-    if not (c == 45 or 48 <= c <= 57):  # a number starts with - or a digit
-        return -1
-    i += 1
-    while i < n and (48 <= p[i] <= 57 or p[i] == 46 or p[i] == 101 or p[i] == 69 or p[i] == 43 or p[i] == 45):
-        i += 1
-    return i
-
-
-cdef inline bint _is_null(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    return n - i >= 4 and memcmp(p + i, b"null", 4) == 0
-
-
-cdef inline bint _escaped(const unsigned char* p, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
-    """Whether the string token p[start:end] holds an escape (so its bytes are not its text)."""
-    cdef Py_ssize_t j
-    for j in range(start + 1, end - 1):
-        if p[j] == 92:
-            return True
-    return False
-
-
-cdef inline bint _is(const unsigned char* p, Py_ssize_t start, Py_ssize_t end, const char* want,
-                     Py_ssize_t size) noexcept nogil:
-    """Whether the string token p[start:end] (quotes included) holds exactly the bytes `want` (a key's name,
-    an identifier's encoding)."""
-    return end - start == size + 2 and memcmp(p + start + 1, want, size) == 0
-
-
-DEF CLOSED = -2  # _next: the record's object ended (and nothing follows it)
-
-
-cdef inline Py_ssize_t _key(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* kend) noexcept nogil:
-    """p[i] opens a member `"key": value`: the position of its value (`kend`: just after the key), or -1."""
-    if i >= n or p[i] != 34:
-        return -1
-    kend[0] = _string(p, i, n)
-    if kend[0] < 0 or _escaped(p, i, kend[0]):  # an escaped key is not a name compared by its bytes
-        return -1
-    i = _ws(p, kend[0], n)
-    if i >= n or p[i] != 58:  # :
-        return -1
-    i = _ws(p, i + 1, n)
-    return i if i < n else -1
-
-
-cdef inline Py_ssize_t _next(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    """After a member's value: the next member's position, CLOSED at the record's end, or -1."""
-    i = _ws(p, i, n)
-    if i < n and p[i] == 44:  # ,
-        return _ws(p, i + 1, n)
-    if i < n and p[i] == 125 and _ws(p, i + 1, n) == n:  # } and nothing after it
-        return CLOSED
-    return -1
-
-
-cdef inline Py_ssize_t _open(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    """The first member's position, CLOSED for `{}`, or -1 when the bytes are not an object."""
-    cdef Py_ssize_t i = _ws(p, 0, n)
-    if i >= n or p[i] != 123:  # {
-        return -1
-    i = _ws(p, i + 1, n)
-    if i < n and p[i] == 125:
-        return CLOSED
-    return i
-
-
-cdef inline int _match(const unsigned char* p, Py_ssize_t i, Py_ssize_t n, const char* want, Py_ssize_t size,
-                       Py_ssize_t* end) noexcept nogil:
-    """p[i] should open a string: 1 if it encodes exactly `want`, 0 if not, 2 if not by its bytes but it holds
-    an escape (its text might still be `want`), -1 if it is no string. `end`: just after it."""
-    if i >= n or p[i] != 34:
-        return -1
-    end[0] = _string(p, i, n)
-    if end[0] < 0:
-        return -1
-    if _is(p, i, end[0], want, size):
-        return 1
-    return 2 if _escaped(p, i, end[0]) else 0
-
-
-cdef int _scan(const unsigned char* p, Py_ssize_t n, int kind, const char* want, Py_ssize_t size) noexcept nogil:
-    """1 if the record holds the identifier, 0 if not, -1 if the bytes alone cannot tell (not a record as we
-    write it, or a candidate string escaped differently from orjson). It stops at the first match: LMDB stores
-    a value whole or not at all, so the bytes after it are the rest of a record we wrote."""
-    cdef Py_ssize_t i = _open(p, n), kstart, kend
-    cdef bint array_field, scalar_field, uncertain = False
-    cdef int m
-    while i >= 0:
-        kstart = i
-        i = _key(p, i, n, &kend)
-        if i < 0:
-            return -1
-        if kind == K_PHONE:
-            array_field, scalar_field = _is(p, kstart, kend, b"phones", 6), False
-        elif kind == K_EMAIL:
-            array_field, scalar_field = _is(p, kstart, kend, b"emails", 6), False
-        else:
-            array_field = _is(p, kstart, kend, b"merged_external_ids", 19)
-            scalar_field = _is(p, kstart, kend, b"external_id", 11)
-        if array_field and p[i] == 91:  # [ strings ]
-            i = _ws(p, i + 1, n)
-            if i < n and p[i] == 93:
-                i += 1
-            else:
-                while True:
-                    m = _match(p, i, n, want, size, &i)
-                    if m == 1 or m < 0:
-                        return m
-                    uncertain = uncertain or m == 2
-                    i = _ws(p, i, n)
-                    if i < n and p[i] == 44:
-                        i = _ws(p, i + 1, n)
-                    elif i < n and p[i] == 93:
-                        i += 1
-                        break
-                    else:
-                        return -1
-        elif scalar_field and p[i] == 34:
-            m = _match(p, i, n, want, size, &i)
-            if m == 1 or m < 0:
-                return m
-            uncertain = uncertain or m == 2
-        elif array_field or (scalar_field and not _is_null(p, i, n)):
-            return -1  # an identifier field of another type than we write
-        else:
-            i = _value(p, i, n)
-            if i < 0:
-                return -1
-        i = _next(p, i, n)
-    if i == CLOSED:
-        return -1 if uncertain else 0
-    return -1
-
-
-cdef bytes _encoded(str value):
-    """The bytes between the quotes of orjson's encoding of `value`."""
-    cdef Py_ssize_t size, j
-    cdef bytes quoted
-    cdef const unsigned char* s = <const unsigned char*>PyUnicode_AsUTF8AndSize(value, &size)
-    for j in range(size):
-        if s[j] < 32 or s[j] == 34 or s[j] == 92:
-            quoted = orjson.dumps(value)
-            return quoted[1:len(quoted) - 1]
-    return s[:size]
+    def __repr__(self):
+        return "Decision(outcome=%r, kind=%r, uuids=%r, conflicts=%r, fanned=%r, probes=%r)" % self._tuple()
 
 
 cdef bint _holds(object raw, int kind, str value, bytes want):
@@ -262,60 +76,6 @@ cdef bint _holds(object raw, int kind, str value, bytes want):
 def holds(raw, int kind, str value):
     """Whether a stored record (its JSON, resolver.records) holds the normalized identifier `value`."""
     return _holds(raw, kind, value, _encoded(value))
-
-
-cdef object _NOT_SCALAR = object()
-
-
-cdef object _scalar(const unsigned char* p, Py_ssize_t i, Py_ssize_t e):
-    """A string without escapes or a small integer, decoded without orjson; _NOT_SCALAR for anything else."""
-    cdef Py_ssize_t j
-    cdef long long v = 0
-    cdef bint negative
-    if p[i] == 34:
-        for j in range(i + 1, e - 1):
-            if p[j] == 92:
-                return _NOT_SCALAR
-        return PyUnicode_DecodeUTF8(<const char*>p + i + 1, e - i - 2, NULL)
-    negative = p[i] == 45  # -
-    j = i + 1 if negative else i
-    if j == e or e - j > 18 or (p[j] == 48 and e - j > 1):  # empty, may overflow, or a leading zero
-        return _NOT_SCALAR
-    while j < e:
-        if p[j] < 48 or p[j] > 57:
-            return _NOT_SCALAR
-        v = v * 10 + (p[j] - 48)
-        j += 1
-    return -v if negative else v
-
-
-cdef object _fields(bytes raw, tuple names):
-    """The values of top-level `names` (bytes) in the record's JSON, or None when the scan gives up."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i = _open(p, n), kstart, kend, e, j, found = 0, want = len(names)
-    cdef bytes name
-    cdef list out = [None] * want
-    loads = orjson.loads
-    while i >= 0:
-        kstart = i
-        i = _key(p, i, n, &kend)
-        if i < 0:
-            return None
-        e = _value(p, i, n)
-        if e < 0:
-            return None
-        for j in range(want):
-            name = <bytes>names[j]
-            if _is(p, kstart, kend, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
-                out[j] = _scalar(p, i, e)
-                if out[j] is _NOT_SCALAR:
-                    out[j] = loads(raw[i:e])
-                found += 1
-                break
-        if found == want:
-            return out
-        i = _next(p, e, n)
-    return out if i == CLOSED else None
 
 
 cdef dict _names = {}  # field-name tuples, encoded once
@@ -373,20 +133,27 @@ cdef class Prober:
             self._cursors[kind - 1] = cur
         return cur
 
-    cpdef tuple probe(self, int kind, str value, Py_ssize_t limit):
-        """Customers holding `value`: (entries under its key, confirmed uuids in key order).
+    def probe(self, int kind, str value, Py_ssize_t limit):
+        """Customers holding `value`: the entries under its key and the confirmed uuids, in key order.
 
-        When more than `limit` entries share the key, no record is read and (count, []) is returned.
+        When more than `limit` entries share the key, no record is read and no uuid is returned.
         """
+        cdef Py_ssize_t entries
+        uuids = self._probe(kind, value, limit, &entries)
+        return Probed(entries, uuids)
+
+    cdef list _probe(self, int kind, str value, Py_ssize_t limit, Py_ssize_t* entries):
+        """`probe`: the confirmed uuids, the entries under the key in `entries`."""
         cdef Py_ssize_t n
         cdef list uids, confirmed = []
         cdef bytes want
         cur = self._cursor(kind)
+        entries[0] = 0
         if not cur.set_key(self.key(kind, value)):
-            return 0, confirmed
-        n = cur.count()
+            return confirmed
+        n = entries[0] = cur.count()
         if n > limit:
-            return n, confirmed
+            return confirmed
         uids = [cur.value()] if n == 1 else list(cur.iternext_dup())
         want = _encoded(value)
         get = self.txn.get
@@ -395,7 +162,7 @@ cdef class Prober:
             if raw is not None and _holds(raw, kind, value, want):
                 confirmed.append(uid)
                 self._confirmed[uid] = raw
-        return n, confirmed
+        return confirmed
 
     def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
         return self._decide(external_id, emails, phones, limit, explain)
@@ -407,26 +174,26 @@ cdef class Prober:
             out.append(self._decide(external_id, emails, phones, limit, explain))
         return out
 
-    cdef tuple _decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
+    cdef Decision _decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
         """Contract §3's decision for one normalized identifier set (see resolver/_probe_py.py)."""
-        cdef int outcome = D_NOT_FOUND, decided = 0, kind, k
+        cdef int outcome = NOT_FOUND, decided = 0, kind, k
         cdef Py_ssize_t n
         cdef list winners = [], conflicts = [], fanned = [], probes = [], kind_hits, hits, values
-        by_kind = ((K_EXTERNAL_ID, [external_id] if external_id is not None else []), (K_EMAIL, emails),
-                   (K_PHONE, phones))
+        by_kind = ((EXTERNAL_ID, [external_id] if external_id is not None else []), (EMAIL, emails),
+                   (PHONE, phones))
         self._confirmed.clear()
         for kind, values in by_kind:
             kind_hits = []
             for value in values:
-                n, hits = self.probe(kind, value, limit)
+                hits = self._probe(kind, value, limit, &n)
                 if n > limit:
-                    fanned.append((kind, value, n))
+                    fanned.append(Fanned(kind, value, n))
                     if explain:
-                        probes.append((kind, value, S_FAN_OUT, n))
+                        probes.append(ProbeRow(kind, value, FAN_OUT, n))
                     continue
                 if explain:
-                    probes.append((kind, value, S_HIT if len(hits) == 1 else S_SHARED if hits else S_MISS, len(hits)))
-                if outcome == D_MATCHED:
+                    probes.append(ProbeRow(kind, value, HIT if len(hits) == 1 else SHARED if hits else MISS, len(hits)))
+                if outcome == MATCHED:
                     if hits and winners[0] not in hits:
                         for h in hits:
                             if h not in conflicts:
@@ -435,17 +202,24 @@ cdef class Prober:
                 for h in hits:
                     if h not in kind_hits:
                         kind_hits.append(h)
-            if outcome == D_MATCHED or not kind_hits:
+            if outcome == MATCHED or not kind_hits:
                 continue
             decided, winners = kind, kind_hits
             if len(kind_hits) == 1:
-                outcome = D_MATCHED
+                outcome = MATCHED
                 continue
-            outcome = D_AMBIGUOUS
+            outcome = AMBIGUOUS
             if explain:
                 for k, vs in by_kind:
                     if k > kind:
                         for v in vs:
-                            probes.append((k, v, S_NOT_PROBED, 0))
+                            probes.append(ProbeRow(k, v, NOT_PROBED, 0))
             break
-        return outcome, decided, winners, conflicts, fanned, probes
+        cdef Decision decision = Decision.__new__(Decision)
+        decision.outcome = outcome
+        decision.kind = decided
+        decision.uuids = winners
+        decision.conflicts = conflicts
+        decision.fanned = fanned
+        decision.probes = probes
+        return decision

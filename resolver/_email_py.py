@@ -10,13 +10,32 @@ tests. Anything non-ASCII (IDNA domains, Unicode local parts) falls back to the 
 
 from __future__ import annotations
 
+from resolver import _email_consts as _consts
 from resolver import normalize as _ref
+from resolver._email_consts import (
+    DIGIT_TLD_MSG,
+    EMPTY_LOCAL_MSG,
+    IDNA_MSG,
+    KNOWN_PLACEHOLDER_MSG,
+    LABEL_MSG,
+    LOCAL_CHAR_MSG,
+    LOCAL_DOT_MSG,
+    LONG_ADDRESS_MSG,
+    LONG_LOCAL_MSG,
+    MAX_ADDRESS,
+    MAX_LABEL,
+    MAX_LOCAL,
+    NO_AT_MSG,
+    NO_DOT_MSG,
+    PLACEHOLDER_MSG,
+    TWO_ATS_MSG,
+)
 from resolver.errors import BlockedIdentifier, IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
 
 __all__ = ["email_stats", "normalize_email", "reset_email_stats"]
 
-LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+LABEL_CHARS = frozenset(_consts.LABEL_CHARS)
 _stats = [0, 0]  # calls, fallbacks
 
 
@@ -36,43 +55,43 @@ def _invalid(message: str) -> IdentifierError:
 
 def _label_ok(label: str) -> bool:
     """normalize._DOMAIN_LABEL.fullmatch on an ASCII label: 1-63 of [a-z0-9-], no '-' at either end."""
-    return 0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(ch in LABEL_CHARS for ch in label)
+    return 0 < len(label) <= MAX_LABEL and label[0] != "-" and label[-1] != "-" and all(ch in LABEL_CHARS for ch in label)
 
 
 def _fast(value: str, policy: Policy) -> str:
     """The reference's steps on a trimmed ASCII value."""
     if policy.blocked_values and value.lower() in policy.blocked_values:
-        raise BlockedIdentifier("email is a configured placeholder value")
+        raise BlockedIdentifier(PLACEHOLDER_MSG)
     value = value.lower()
     local, at, domain = value.partition("@")
     if not at:
-        raise _invalid("email has no '@'")
+        raise _invalid(NO_AT_MSG)
     if "@" in domain:
-        raise _invalid("email has more than one '@'")
+        raise _invalid(TWO_ATS_MSG)
     if not local:
-        raise _invalid("email has an empty local part")
-    if len(local) > 64:
-        raise _invalid("email local part is longer than 64 characters")
+        raise _invalid(EMPTY_LOCAL_MSG)
+    if len(local) > MAX_LOCAL:
+        raise _invalid(LONG_LOCAL_MSG)
     if any(ch <= " " or ch == "\x7f" for ch in local):
-        raise _invalid("email local part contains whitespace or a control character")
+        raise _invalid(LOCAL_CHAR_MSG)
     if local.startswith(".") or local.endswith(".") or ".." in local:
-        raise _invalid("email local part has a leading, trailing or doubled dot")
+        raise _invalid(LOCAL_DOT_MSG)
     labels = domain.split(".")
-    if domain and (any(not 0 < len(label) < 64 for label in labels[:-1]) or len(labels[-1]) >= 64):
-        raise _invalid("email domain cannot be IDNA-encoded")
+    if domain and (any(not 0 < len(label) <= MAX_LABEL for label in labels[:-1]) or len(labels[-1]) > MAX_LABEL):
+        raise _invalid(IDNA_MSG)
     if len(labels) < 2:
-        raise _invalid("email domain has no dot")
+        raise _invalid(NO_DOT_MSG)
     if not all(_label_ok(label) for label in labels):
-        raise _invalid("email domain has an empty or malformed label")
+        raise _invalid(LABEL_MSG)
     if labels[-1].isdigit():
-        raise _invalid("email top-level domain is all digits")
+        raise _invalid(DIGIT_TLD_MSG)
     address = f"{local}@{domain}"
-    if len(address) > 254:
-        raise _invalid("email is longer than 254 characters")
+    if len(address) > MAX_ADDRESS:
+        raise _invalid(LONG_ADDRESS_MSG)
     if local in _ref._PLACEHOLDER_EMAIL_LOCALS or address in _ref._PLACEHOLDER_EMAILS:
-        raise BlockedIdentifier("email is a placeholder address")
+        raise BlockedIdentifier(KNOWN_PLACEHOLDER_MSG)
     if _ref._blocked_by_policy(address, policy):
-        raise BlockedIdentifier("email is a configured placeholder value")
+        raise BlockedIdentifier(PLACEHOLDER_MSG)
     return address
 
 

@@ -17,10 +17,10 @@ if NO_EXTENSIONS:
     from resolver._probe_py import Prober
 else:
     try:
-        from resolver._email_c import email_stats, normalize_email  # type: ignore[no-redef]
-        from resolver._keys_c import KeyHasher  # type: ignore[no-redef]
-        from resolver._phone_c import normalize_phone, phone_stats  # type: ignore[no-redef]
-        from resolver._probe_c import Prober  # type: ignore[no-redef]
+        from resolver._email_c import email_stats, normalize_email
+        from resolver._keys_c import KeyHasher
+        from resolver._phone_c import normalize_phone, phone_stats
+        from resolver._probe_c import Prober
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
         raise ImportError(
             "resolver's compiled modules are not built (run `make build`); "

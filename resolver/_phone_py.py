@@ -30,7 +30,25 @@ from typing import Any
 
 import phonenumbers
 
+from resolver import _phone_consts as _consts
 from resolver import normalize as _ref
+from resolver._phone_consts import (
+    ERROR,
+    FALLBACK,
+    INVALID_CC_MSG,
+    INVALID_LENGTH,
+    IS_POSSIBLE,
+    IS_POSSIBLE_LOCAL_ONLY,
+    MAX_INPUT,
+    MAX_NSN,
+    MIN_NSN,
+    NOT_A_NUMBER_MSG,
+    OK,
+    TOO_LONG,
+    TOO_LONG_MSG,
+    TOO_SHORT,
+    TOO_SHORT_MSG,
+)
 from resolver.errors import BlockedIdentifier, IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
 
@@ -46,22 +64,10 @@ if _meta.PHONENUMBERS_VERSION != phonenumbers.__version__:  # pragma: no cover -
 
 __all__ = ["normalize_phone", "phone_stats", "reset_phone_stats"]
 
-# phonenumbers' ValidationResult values
-IS_POSSIBLE, INVALID_COUNTRY_CODE, TOO_SHORT, TOO_LONG, IS_POSSIBLE_LOCAL_ONLY, INVALID_LENGTH = 0, 1, 2, 3, 4, 5
-# outcomes of one parse attempt
-OK, ERROR, FALLBACK = 0, 1, 2
-# parse errors, as the reference words them (normalize._parse_error_message)
-NOT_A_NUMBER_MSG = "value does not look like a phone number"
-INVALID_CC_MSG = "phone number has no recognisable country code (write it as +<country code> or give a region)"
-TOO_SHORT_MSG = "phone number is too short"
-TOO_LONG_MSG = "phone number is too long"
-
-MAX_INPUT = 250  # phonenumbers' _MAX_INPUT_STRING_LENGTH
-MIN_NSN, MAX_NSN = 2, 17  # phonenumbers' _MIN_LENGTH_FOR_NSN, _MAX_LENGTH_FOR_NSN
-SEPARATORS = frozenset(" -.()/")
+SEPARATORS = frozenset(_consts.SEPARATORS)
 DIGITS = frozenset("0123456789")
-FAST_START = frozenset("+0123456789(")  # can never be a placeholder word
-URI_START = frozenset("tTsS")
+FAST_START = frozenset(_consts.FAST_START)
+URI_START = frozenset(_consts.URI_START)
 SUPPORTED = frozenset(phonenumbers.SUPPORTED_REGIONS)
 
 
@@ -297,7 +303,7 @@ def _scan(value: str) -> tuple[bool, str, bool] | None:
     number = "".join(digits)
     # _extract_possible_number keeps from the '+' or first digit to the last digit; _is_viable_phone_number
     # wants at least three digits, or exactly two digits and nothing else.
-    viable = len(number) >= 3 or (not plus and len(number) == 2 and len(value.strip(" -.()/")) == 2)
+    viable = len(number) >= 3 or (not plus and len(number) == 2 and len(value.strip(_consts.SEPARATORS)) == 2)
     return plus, number, viable
 
 

@@ -19,15 +19,23 @@ from typing import Any
 
 import orjson
 
-# Identifier kinds (resolver.normalize.Kind) and probe states (the proto's ProbeResult).
-EXTERNAL_ID, EMAIL, PHONE = 1, 2, 3
-HIT, MISS, SHARED, FAN_OUT, NOT_PROBED = 1, 2, 3, 4, 5
-# Decision outcomes.
-NOT_FOUND, MATCHED, AMBIGUOUS = 0, 1, 2
-
-# (outcome, deciding kind or 0, uuids (one when MATCHED), conflicting uuids, fanned-out (kind, value, count),
-#  probes (kind, value, state, count) when explain was asked, else [])
-Decision = tuple[int, int, list[bytes], list[bytes], list[tuple[int, str, int]], list[tuple[int, str, int, int]]]
+from resolver._probe_types import (
+    AMBIGUOUS,
+    EMAIL,
+    EXTERNAL_ID,
+    FAN_OUT,
+    HIT,
+    MATCHED,
+    MISS,
+    NOT_FOUND,
+    NOT_PROBED,
+    PHONE,
+    SHARED,
+    Decision,
+    Fanned,
+    Probed,
+    ProbeRow,
+)
 
 
 def holds(raw: bytes, kind: int, value: str) -> bool:
@@ -70,17 +78,17 @@ class Prober:
             raw = self.txn.get(uid, db=self.records)
         return None if raw is None else record_fields(raw, names)
 
-    def probe(self, kind: int, value: str, limit: int) -> tuple[int, list[bytes]]:
-        """Customers holding `value`: (entries under its key, confirmed uuids in key order).
+    def probe(self, kind: int, value: str, limit: int) -> Probed:
+        """Customers holding `value`: the entries under its key and the confirmed uuids, in key order.
 
-        When more than `limit` entries share the key, no record is read and (count, []) is returned.
+        When more than `limit` entries share the key, no record is read and no uuid is returned.
         """
         with self.txn.cursor(db=self.indexes[kind - 1]) as cur:
             if not cur.set_key(self.key(kind, value)):
-                return 0, []
+                return Probed(0, [])
             n = cur.count()
             if n > limit:
-                return n, []
+                return Probed(n, [])
             uids = list(cur.iternext_dup())
         confirmed = []
         for uid in uids:
@@ -88,7 +96,7 @@ class Prober:
             if raw is not None and holds(raw, kind, value):
                 confirmed.append(uid)
                 self._confirmed[uid] = raw
-        return n, confirmed
+        return Probed(n, confirmed)
 
     def decide(self, external_id: str | None, emails: list[str], phones: list[str], limit: int,
                explain: bool) -> Decision:
@@ -98,19 +106,19 @@ class Prober:
         outcome, decided = NOT_FOUND, 0
         winners: list[bytes] = []
         conflicts: list[bytes] = []
-        fanned: list[tuple[int, str, int]] = []
-        probes: list[tuple[int, str, int, int]] = []
+        fanned: list[Fanned] = []
+        probes: list[ProbeRow] = []
         for kind, values in by_kind:
             kind_hits: list[bytes] = []
             for value in values:
                 n, hits = self.probe(kind, value, limit)
                 if n > limit:
-                    fanned.append((kind, value, n))
+                    fanned.append(Fanned(kind, value, n))
                     if explain:
-                        probes.append((kind, value, FAN_OUT, n))
+                        probes.append(ProbeRow(kind, value, FAN_OUT, n))
                     continue
                 if explain:
-                    probes.append((kind, value, HIT if len(hits) == 1 else SHARED if hits else MISS, len(hits)))
+                    probes.append(ProbeRow(kind, value, HIT if len(hits) == 1 else SHARED if hits else MISS, len(hits)))
                 if outcome == MATCHED:
                     # A lower kind pointing only at someone else: a possible duplicate or a ported number.
                     # A shared line that includes the matched customer is no conflict.
@@ -126,9 +134,9 @@ class Prober:
                 continue
             outcome = AMBIGUOUS
             if explain:
-                probes += [(k, v, NOT_PROBED, 0) for k, vs in by_kind if k > kind for v in vs]
+                probes += [ProbeRow(k, v, NOT_PROBED, 0) for k, vs in by_kind if k > kind for v in vs]
             break
-        return outcome, decided, winners, conflicts, fanned, probes
+        return Decision(outcome, decided, winners, conflicts, fanned, probes)
 
     def decide_many(self, sets: list[tuple[str | None, list[str], list[str], bool]], limit: int) -> list[Decision]:
         """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop."""

@@ -7,14 +7,14 @@ as bytes. The parent then only has to prove the "if" inside its write transactio
 the row's idempotency key and no index entry under any of its identifiers' keys, neither stored nor claimed
 by an earlier row of the batch. Under those conditions `apply` would find no target, no holder, no potential
 duplicate and could not fail, so the row needs no nested transaction and no probe: its pre-encoded puts are
-queued and written in key order (`View.put_many`), byte for byte what `apply` would have written.
+queued and written in key order (`Txn.put_many`), byte for byte what `apply` would have written.
 
 Every other row (an identifier someone holds, a customer_uuid, an expected_version, a removal, a key seen
 before) goes through the one implementation of the rules, `resolver.upsert.apply`, in a nested
 transaction, after the queued puts are written so that it sees every earlier row. A key already in the
 ledger is answered by `resolver.ledger.replay` directly (it only reads).
 
-What crosses the process boundary is plain tuples of bytes, strings and numbers (cheap to pickle); the
+What crosses the process boundary is small named tuples of bytes and strings (cheap to pickle); the
 command itself travels as one `marshal` blob that is only decoded for the rows that need `apply`.
 """
 
@@ -22,23 +22,34 @@ from __future__ import annotations
 
 import marshal
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from resolver import ledger
 from resolver._hotpath import KeyHasher
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json
-from resolver.store import INDEX_NAMES, View, ledger_exp_key, uuid_bytes
+from resolver.store import INDEX_NAMES, Txn, ledger_exp_key, uuid_bytes
 from resolver.upsert import UpsertCommand, UpsertResult, planned_create
 
 _U64 = struct.Struct(">Q")
 _TABLES = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp")
 _SEQ_AT = b',"source_system":'  # the change-log key that sorts right after "seq"
 
-# (ledger key, ((index name, key), ...), uuid, record, change before seq, change after seq, ledger entry,
-#  ledger_exp key)
-Planned = tuple[bytes, tuple[tuple[str, bytes], ...], bytes, bytes, bytes, bytes, bytes, bytes]
+
+class Planned(NamedTuple):
+    """Every write of one plain create, encoded: what `BulkWriter.try_create` queues."""
+
+    ledger_key: bytes  # the idempotency key
+    # (index database name, key) per identifier, each -> uuid; pairs, as a mapping's items: several per row
+    # cross the process boundary, and a named tuple costs several times a plain one to pickle and unpickle
+    index_keys: tuple[tuple[str, bytes], ...]
+    uuid: bytes
+    record: bytes
+    change_head: bytes  # the change-log entry up to its sequence number ...
+    change_tail: bytes  # ... and after it (the number is only known in the write transaction)
+    ledger_entry: bytes
+    expiry_key: bytes  # the ledger entry's key in ledger_exp (-> b"")
 
 
 # -- worker side -----------------------------------------------------------------------------------------
@@ -80,9 +91,9 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
     cut = encoded.rindex(_SEQ_AT) + 1  # after "source_system" only "version" (an integer) follows
     lkey = cmd.idempotency_key.encode("utf-8")
     entry = ledger.entry(cmd.fingerprint, cmd.expires_us, result.to_json())
-    uid = uuid_bytes(rec.uuid)
-    return (lkey, keys, uid, rec.encode(), encoded[:cut], encoded[cut:], encode_json(entry),
-            ledger_exp_key(cmd.expires_us, lkey))
+    return Planned(ledger_key=lkey, index_keys=keys, uuid=uuid_bytes(rec.uuid), record=rec.encode(),
+                   change_head=encoded[:cut], change_tail=encoded[cut:], ledger_entry=encode_json(entry),
+                   expiry_key=ledger_exp_key(cmd.expires_us, lkey))
 
 
 # -- parent side -----------------------------------------------------------------------------------------
@@ -91,7 +102,7 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
 class BulkWriter:
     """Planned creates of one write transaction, queued until a row needs `apply` or the batch ends."""
 
-    def __init__(self, view: View) -> None:
+    def __init__(self, view: Txn) -> None:
         self.view = view
         self._queued: dict[str, list[tuple[bytes, bytes]]] = {name: [] for name in _TABLES}
         self._changes: list[tuple[bytes, bytes]] = []
@@ -101,25 +112,26 @@ class BulkWriter:
 
     def try_create(self, planned: Planned) -> bool:
         """Queue the row's writes if it is a plain create in this transaction; False: it needs `apply`."""
-        lkey, keys, uid, record, head, tail, entry, exp_key = planned
+        lkey, uid = planned.ledger_key, planned.uuid
         view, claimed = self.view, self._claimed
         if lkey in self._claimed_keys or view.has("ledger", lkey):
             return False
-        for name, k in keys:
+        for name, k in planned.index_keys:
             if k in claimed or view.has(name, k):
                 return False
         queued = self._queued
-        for name, k in keys:
+        for name, k in planned.index_keys:
             claimed.add(k)
             queued[name].append((k, uid))
         self._claimed_keys.add(lkey)
-        queued["records"].append((uid, record))
-        queued["ledger"].append((lkey, entry))
-        queued["ledger_exp"].append((exp_key, b""))
+        queued["records"].append((uid, planned.record))
+        queued["ledger"].append((lkey, planned.ledger_entry))
+        queued["ledger_exp"].append((planned.expiry_key, b""))
         if self._seq is None:
             self._seq = view.last_change_seq()
         self._seq += 1
-        self._changes.append((_U64.pack(self._seq), b"%s\"seq\":%d,%s" % (head, self._seq, tail)))
+        change = b"%s\"seq\":%d,%s" % (planned.change_head, self._seq, planned.change_tail)
+        self._changes.append((_U64.pack(self._seq), change))
         return True
 
     def flush(self) -> None:

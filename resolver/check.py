@@ -22,11 +22,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import counters
 from resolver.normalize import Kind, mask
 from resolver.records import Record
-from resolver.store import INDEX_NAMES, Store, View, uuid_text
+from resolver.store import INDEX_NAMES, Txn, uuid_text
 
 KINDS = (Kind.EXTERNAL_ID, Kind.EMAIL, Kind.PHONE)
 KIND_NAMES = {Kind.EXTERNAL_ID: "external_id", Kind.EMAIL: "email", Kind.PHONE: "phone"}
@@ -39,7 +40,7 @@ def run_check(settings: Settings) -> int:
     A data directory without a store raises StoreError (the CLI reports it, exit 2); nothing is created.
     """
     started = time.monotonic()
-    store = Store(settings, readonly=True)  # StoreError when there is no store: nothing is created
+    store = open_store(settings, readonly=True)  # StoreError when there is no store: nothing is created
     try:
         with store.read() as view:
             records = view.count("records")
@@ -77,7 +78,7 @@ def run_check(settings: Settings) -> int:
     return 0
 
 
-def find_problems(view: View) -> list[str]:
+def find_problems(view: Txn) -> list[str]:
     """Every inconsistency between records, indexes and aliases in `view`'s snapshot, one readable line each."""
     problems: list[str] = []
     txn = view.txn
@@ -166,7 +167,7 @@ def _keyed_identifiers(rec: Record, key: Any) -> list[tuple[Kind, str, bytes]]:
     return [(kind, value, key(kind, value)) for kind, value in ids]
 
 
-def _holders(view: View, cur: Any, k: bytes, value: str) -> set[bytes]:
+def _holders(view: Txn, cur: Any, k: bytes, value: str) -> set[bytes]:
     """Customers under index key `k` (cursor on it) whose record really holds external_id `value`."""
     cur.set_key(k)
     found = set()
@@ -177,7 +178,7 @@ def _holders(view: View, cur: Any, k: bytes, value: str) -> set[bytes]:
     return found
 
 
-def _read(view: View, uid: bytes) -> Record | None:
+def _read(view: Txn, uid: bytes) -> Record | None:
     raw = view.txn.get(uid, db=view.store.db["records"])
     if raw is None:
         return None
@@ -185,7 +186,7 @@ def _read(view: View, uid: bytes) -> Record | None:
     return rec
 
 
-def _unexplained_entries(view: View, kind: Kind, wanted: int) -> list[str]:
+def _unexplained_entries(view: Txn, kind: Kind, wanted: int) -> list[str]:
     """Entries of `kind`'s index no record explains; the scan stops once `wanted` of them are found."""
     problems: list[str] = []
     key = view.store.hasher.key
@@ -211,7 +212,7 @@ def _unexplained_entries(view: View, kind: Kind, wanted: int) -> list[str]:
     return problems
 
 
-def _alias_problems(view: View) -> list[str]:
+def _alias_problems(view: Txn) -> list[str]:
     problems = []
     aliases = view.store.db["aliases"]
     records = view.store.db["records"]

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from resolver.config import Settings, describe, load_settings
+from resolver.config import describe, load_settings
 from resolver.errors import ConfigError, StoreError
+from resolver.logs import setup_logging
 
 DEFAULT_CONFIG_HELP = "blueprint TOML file (default: none, built-in defaults)"
-
-
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:

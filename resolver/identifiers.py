@@ -68,10 +68,10 @@ class Failure:
 
 def policy_from(settings: Settings) -> Policy:
     return Policy(
-        default_region=settings.default_region,
-        phone_acceptance=settings.phone_acceptance,
-        blocked_values=frozenset(v.strip().lower() for v in settings.blocked_values),
-        blocked_patterns=tuple(re.compile(p) for p in settings.blocked_patterns),
+        default_region=settings.matching.default_region,
+        phone_acceptance=settings.matching.phone_acceptance,
+        blocked_values=frozenset(v.strip().lower() for v in settings.matching.blocked_values),
+        blocked_patterns=tuple(re.compile(p) for p in settings.matching.blocked_patterns),
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from resolver.errors import FieldViolation, IdempotencyKeyReused
 from resolver.normalize import ASCII_CONTROL
 from resolver.records import encode_json
-from resolver.store import View
+from resolver.store import Txn
 
 MAX_KEY_LENGTH = 255
 
@@ -34,12 +34,12 @@ def fingerprint(normalized_request: dict[str, Any]) -> str:
     return hashlib.sha256(encode_json(normalized_request)).hexdigest()
 
 
-def replay(view: View, key: str, fp: str, now_us: int) -> dict[str, Any] | None:
+def replay(txn: Txn, key: str, fp: str, now_us: int) -> dict[str, Any] | None:
     """The stored response for `key` if this request ran before (None: run it).
 
     Raises IdempotencyKeyReused when the key was used for a different request and has not expired.
     """
-    entry = view.ledger_get(key)
+    entry = txn.ledger_get(key)
     if entry is None or entry["exp_us"] <= now_us:
         return None
     if entry["fp"] != fp:
@@ -50,9 +50,9 @@ def replay(view: View, key: str, fp: str, now_us: int) -> dict[str, Any] | None:
     return response
 
 
-def record(view: View, key: str, fp: str, expires_us: int, response: dict[str, Any]) -> None:
+def record(txn: Txn, key: str, fp: str, expires_us: int, response: dict[str, Any]) -> None:
     """Store the response of a request that just ran, in the same transaction as its writes."""
-    view.ledger_put(key, entry(fp, expires_us, response))
+    txn.ledger_put(key, entry(fp, expires_us, response))
 
 
 def entry(fp: str, expires_us: int, response: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from resolver.errors import FieldViolation, InvalidInput, NotFound
 from resolver.identifiers import Identifiers
 from resolver.normalize import Kind
 from resolver.records import Record
-from resolver.store import View, uuid_bytes
+from resolver.store import Txn, uuid_bytes
 
 MAX_MERGED = 50
 
@@ -49,8 +49,9 @@ class MergeResult:
     @classmethod
     def from_json(cls, d: dict[str, Any], *, replayed: bool) -> MergeResult:
         ids = d["identifiers"]
-        return cls(d["customer_uuid"], d["version"], tuple(d["merged_uuids"]),
-                   Identifiers(ids["external_id"], list(ids["emails"]), list(ids["phones"])), replayed)
+        return cls(customer_uuid=d["customer_uuid"], version=d["version"], merged_uuids=tuple(d["merged_uuids"]),
+                   identifiers=Identifiers(ids["external_id"], list(ids["emails"]), list(ids["phones"])),
+                   replayed=replayed)
 
 
 def prepare(key: str, survivor: str, merged: list[str], source_system: str, settings: Settings, *,
@@ -75,23 +76,24 @@ def prepare(key: str, survivor: str, merged: list[str], source_system: str, sett
     if violations:
         raise InvalidInput(violations)
     fp = ledger.fingerprint({"op": "merge", "survivor": canonical[0], "merged": canonical[1:], "source_system": source_system})
-    return MergeCommand(key, fp, canonical[0], tuple(canonical[1:]), source_system, now_us,
-                        now_us + int(settings.idempotency_retention_s * 1_000_000))
+    return MergeCommand(idempotency_key=key, fingerprint=fp, survivor_uuid=canonical[0],
+                        merged_uuids=tuple(canonical[1:]), source_system=source_system, now_us=now_us,
+                        expires_us=now_us + int(settings.reliability.idempotency_retention_s * 1_000_000))
 
 
-def apply(view: View, cmd: MergeCommand) -> MergeResult:
+def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
     """Execute the merge inside the caller's write transaction; NotFound before any write if a party is missing."""
-    stored = ledger.replay(view, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+    stored = ledger.replay(txn, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
     if stored is not None:
         return MergeResult.from_json(stored, replayed=True)
-    survivor_id = view.survivor(uuid_bytes(cmd.survivor_uuid))
-    survivor = view.record(survivor_id)
+    survivor_id = txn.survivor(uuid_bytes(cmd.survivor_uuid))
+    survivor = txn.record(survivor_id)
     if survivor is None:
         raise NotFound(f"no customer {cmd.survivor_uuid}")
     others: list[Record] = []
     for text in cmd.merged_uuids:
-        uid = view.survivor(uuid_bytes(text))
-        rec = view.record(uid)
+        uid = txn.survivor(uuid_bytes(text))
+        rec = txn.record(uid)
         if rec is None:
             raise NotFound(f"no customer {text}")
         if uid != survivor_id and rec not in others:
@@ -100,7 +102,7 @@ def apply(view: View, cmd: MergeCommand) -> MergeResult:
     result = survivor.copy()
     for rec in others:
         for kind, value in rec.identifiers():
-            view.index_remove(kind, value, uuid_bytes(rec.uuid))
+            txn.index_remove(kind, value, uuid_bytes(rec.uuid))
             if kind is Kind.EXTERNAL_ID:
                 if result.external_id is None:
                     result.external_id = value
@@ -117,16 +119,16 @@ def apply(view: View, cmd: MergeCommand) -> MergeResult:
             if theirs > ours:
                 result.attributes[name] = value
                 result.field_us[name] = theirs
-        view.delete_record(uuid_bytes(rec.uuid))
-        view.put_alias(uuid_bytes(rec.uuid), survivor_id)
+        txn.delete_record(uuid_bytes(rec.uuid))
+        txn.put_alias(uuid_bytes(rec.uuid), survivor_id)
     uid = uuid_bytes(result.uuid)
     for kind, value in set(result.identifiers()) - set(survivor.identifiers()):
-        view.index_add(kind, value, uid)
+        txn.index_add(kind, value, uid)
     if others:
         result.version += 1
         result.updated_us = cmd.now_us
-        view.put_record(result)
-        view.append_change({
+        txn.put_record(result)
+        txn.append_change({
             "at_us": cmd.now_us,
             "customer_uuid": result.uuid,
             "action": "MERGED",
@@ -135,9 +137,9 @@ def apply(view: View, cmd: MergeCommand) -> MergeResult:
             "survivor_before": survivor.to_json(),
             "merged": [r.to_json() for r in others],
         })
-    out = MergeResult(result.uuid, result.version, tuple(r.uuid for r in others),
-                      Identifiers(result.external_id, list(result.emails), list(result.phones)))
-    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())
+    out = MergeResult(customer_uuid=result.uuid, version=result.version, merged_uuids=tuple(r.uuid for r in others),
+                      identifiers=Identifiers(result.external_id, list(result.emails), list(result.phones)))
+    ledger.record(txn, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())
     return out
 
 

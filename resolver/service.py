@@ -1,4 +1,7 @@
-"""The composition root of the domain: one store, one settings object, the use cases over them."""
+"""The use cases over one store: Resolve, Upsert, Merge, GetCustomer and the ledger sweep.
+
+Built by resolver.bootstrap (the composition root), never by an entry point itself.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from resolver import merge as merging
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import DeadlineExceeded
-from resolver.identifiers import policy_from
+from resolver.normalize import Policy
 from resolver.resolve import Resolver
-from resolver.store import Store, View
+from resolver.store import Store, Txn
 from resolver.upsert import UpsertCommand, UpsertInput, UpsertResult, apply, prepare
 from resolver.writer import Writer
 
@@ -24,18 +27,23 @@ def now_us() -> int:
 
 
 class Service:
-    """Resolve, Upsert and GetCustomer over the data directory named in `settings`."""
+    """Resolve, Upsert, Merge and GetCustomer over one open store.
 
-    def __init__(self, settings: Settings) -> None:
+    `writer` is None for a read-only or bulk user (the importer commits its own batches): upsert and merge
+    then raise RuntimeError. `close` closes the writer and the store.
+    """
+
+    def __init__(self, settings: Settings, store: Store, schema: AttributeSchema, policy: Policy,
+                 writer: Writer | None) -> None:
         self.settings = settings
-        self.store = Store(settings)
-        self.schema = AttributeSchema(settings)
-        self.policy = policy_from(settings)
-        self.resolver = Resolver(self.store, settings, self.schema, self.policy)
+        self.store = store
+        self.schema = schema
+        self.policy = policy
+        self.resolver = Resolver(store, settings, schema, policy)
         self.resolve = self.resolver.resolve
         self.resolve_many = self.resolver.resolve_many
         self.get_customer = self.resolver.get_customer
-        self.writer = Writer(self.store)
+        self._writer = writer
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -46,7 +54,14 @@ class Service:
             raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
         return self.writer.submit(self._apply_upsert, cmd)
 
-    def _apply_upsert(self, view: View, cmd: UpsertCommand) -> UpsertResult:
+    @property
+    def writer(self) -> Writer:
+        """The one writer thread of this store (RuntimeError if this service was built without one)."""
+        if self._writer is None:
+            raise RuntimeError("this service was built without a writer (resolver.bootstrap.build_service)")
+        return self._writer
+
+    def _apply_upsert(self, view: Txn, cmd: UpsertCommand) -> UpsertResult:
         return apply(view, cmd, self.settings)
 
     def merge(self, key: str, survivor: str, merged: list[str], source_system: str = "",
@@ -78,7 +93,7 @@ class Service:
                         log.info("ledger sweep removed %d expired idempotency entries", n)
                 except Exception:  # the sweeper must never take the server down; it retries next round
                     log.exception("ledger sweep failed")
-                self._stop.wait(self.settings.sweep_interval_s)
+                self._stop.wait(self.settings.storage.sweep_interval_s)
 
         self._sweeper = threading.Thread(target=run, name="ledger-sweeper", daemon=True)
         self._sweeper.start()
@@ -87,5 +102,6 @@ class Service:
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         self.store.close()

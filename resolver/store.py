@@ -40,6 +40,7 @@ from typing import Any
 import lmdb
 
 from resolver._hotpath import KeyHasher, Prober
+from resolver._probe_types import Probed
 from resolver.config import Settings
 from resolver.errors import StoreError
 from resolver.normalize import Kind
@@ -85,7 +86,7 @@ class Store:
     """The LMDB environment of one data directory. Thread-safe; not fork-safe (open after forking)."""
 
     def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
-        path = Path(settings.data_dir)
+        path = Path(settings.server.data_dir)
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
         elif not (path / "data.mdb").exists():
@@ -93,9 +94,9 @@ class Store:
         self.path = path
         self.env = lmdb.open(
             str(path),
-            map_size=settings.map_size_mb * 1024 * 1024,
+            map_size=settings.storage.map_size_mb * 1024 * 1024,
             max_dbs=len(_PLAIN_DBS) + len(EVENT_DBS) + len(_INDEX_DBS) + 4,
-            max_readers=settings.max_readers,
+            max_readers=settings.storage.max_readers,
             max_spare_txns=64,
             readonly=readonly,
             sync=True,
@@ -121,16 +122,16 @@ class Store:
         self.index_dbs = (self.ix[Kind.EXTERNAL_ID], self.ix[Kind.EMAIL], self.ix[Kind.PHONE])
         with self.env.begin(write=not readonly) as txn:
             self._check_meta(txn, settings, readonly)
-        self.hasher = KeyHasher(settings.hash_algorithm, settings.hash_secret)
+        self.hasher = KeyHasher(settings.index.hash, settings.index.secret)
         self.records_db = self.db["records"]
 
-    def _check_meta(self, txn: lmdb.Transaction, settings: Settings, readonly: bool) -> None:
+    def _check_meta(self, txn: lmdb.Transaction[bytes], settings: Settings, readonly: bool) -> None:
         """Refuse a store written in another format or hashed with another algorithm or key."""
         meta = self.db["meta"]
         want = {
             b"format": str(FORMAT_VERSION).encode(),
-            b"hash": settings.hash_algorithm.encode(),
-            b"key_id": settings.hash_key_id.encode(),
+            b"hash": settings.index.hash.encode(),
+            b"key_id": settings.index.key_id.encode(),
         }
         have = {k: txn.get(k, db=meta) for k in want}
         if all(v is None for v in have.values()):
@@ -141,7 +142,7 @@ class Store:
                     txn.put(k, v, db=meta)
             return
         problems = [
-            f"{k.decode()} is {have[k].decode() if have[k] is not None else '(unset)'}, configuration says {v.decode()}"
+            f"{k.decode()} is {'(unset)' if (got := have[k]) is None else got.decode()}, configuration says {v.decode()}"
             for k, v in want.items()
             if have[k] != v
         ]
@@ -151,25 +152,23 @@ class Store:
                 "Index keys depend on the hash algorithm and key: re-import into a new data directory to change them."
             )
 
-    def read(self) -> View:
-        """One read transaction (use as `with store.read() as view`): a consistent snapshot that sees every
+    def read(self) -> Txn:
+        """One read transaction (use as `with store.read() as txn`): a consistent snapshot that sees every
         commit made before it began."""
-        return View(self, self.env.begin(buffers=False))
+        return Txn(self, self.env.begin(buffers=False))
 
-    def write(self) -> View:
-        """One write transaction (`with store.write() as view`): committed, and synced, when the block ends
+    def write(self) -> Txn:
+        """One write transaction (`with store.write() as txn`): committed, and synced, when the block ends
         normally; aborted on any error."""
-        return View(self, self.env.begin(write=True))
-
-    def sync(self) -> None:
-        self.env.sync(True)
+        return Txn(self, self.env.begin(write=True))
 
     def close(self) -> None:
         self.env.close()
 
 
-class View:
-    """Typed access to the databases inside one transaction. Cheap to create; never outlives its txn.
+class Txn:
+    """One LMDB transaction (`txn`, buffers=False: every value is bytes) with typed access to the databases.
+    Cheap to create; never outlives its transaction. (Not "view": a view is a blueprint's attribute projection.)
 
     As a context manager it owns the transaction: commit on a normal exit, abort on an exception (a plain
     class, not contextlib: this sits on the Resolve path).
@@ -177,13 +176,13 @@ class View:
 
     __slots__ = ("store", "txn", "_records", "_prober")
 
-    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+    def __init__(self, store: Store, txn: lmdb.Transaction[bytes]) -> None:
         self.store = store
         self.txn = txn
         self._records: dict[bytes, Record | None] = {}
         self._prober: Prober | None = None
 
-    def __enter__(self) -> View:
+    def __enter__(self) -> Txn:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -246,11 +245,11 @@ class View:
             self._prober = Prober(self.txn, store.index_dbs, store.records_db, store.hasher.key)
         return self._prober
 
-    def probe(self, kind: Kind, value: str, limit: int) -> tuple[int, list[bytes]]:
-        """Customers holding `value`: (entries under its key, confirmed uuids).
+    def probe(self, kind: Kind, value: str, limit: int) -> Probed:
+        """Customers holding `value`.
 
-        When more than `limit` entries share the key, no record is read and ([count], []) is returned:
-        the caller treats the identifier as fanned-out.
+        When more than `limit` entries share the key, no record is read and `uuids` is empty: the caller
+        treats the identifier as fanned-out.
         """
         return self.prober.probe(kind, value, limit)
 

@@ -11,7 +11,7 @@ import functools
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from resolver import ledger
 from resolver.attributes import AttributeSchema
@@ -30,7 +30,7 @@ from resolver.errors import (
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region
 from resolver.records import Record
-from resolver.store import View, uuid_bytes, uuid_text
+from resolver.store import Txn, uuid_bytes, uuid_text
 
 MAX_DUPLICATES_REPORTED = 10
 
@@ -171,7 +171,7 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         skipped=tuple(skipped),
         new_uuid=new_uuid or str(uuidlib.uuid4()),
         now_us=now_us,
-        expires_us=now_us + int(settings.idempotency_retention_s * 1_000_000),
+        expires_us=now_us + int(settings.reliability.idempotency_retention_s * 1_000_000),
     )
 
 
@@ -181,20 +181,20 @@ def _source_ok(source_system: str) -> bool:
     return len(source_system) <= 64 and all(c.isalnum() or c in "_.-" for c in source_system)
 
 
-def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
+def apply(txn: Txn, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
     """Execute the command inside the caller's write transaction (ledger, record, indexes, change log).
 
     Raises a domain error before anything is written when the request cannot be applied; the caller's
     transaction then aborts, so the write is whole or nothing.
     """
-    stored = ledger.replay(view, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+    stored = ledger.replay(txn, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
     if stored is not None:
         return UpsertResult.from_json(stored, replayed=True)
 
-    current = _target(view, cmd, settings)
+    current = _target(txn, cmd, settings)
     ext = cmd.add.external_id
     if ext is not None:
-        _, holders = view.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30)
+        holders = txn.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30).uuids
         others = [uuid_text(h) for h in holders if current is None or uuid_text(h) != current.uuid]
         if others:
             raise AlreadyExists(f"external_id is already held by customer {others[0]}", holder=others[0])
@@ -221,17 +221,25 @@ def apply(view: View, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
     else:
         action = "UNCHANGED"
     if action != "UNCHANGED":
-        _reindex(view, current, updated)
-        view.put_record(updated)
-        view.append_change(_change_entry(cmd, updated, action, changes))
-    result = _result(cmd, updated, action, _potential_duplicates(view, updated, settings))
-    ledger.record(view, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, result.to_json())
+        _reindex(txn, current, updated)
+        txn.put_record(updated)
+        txn.append_change(_change_entry(cmd, updated, action, changes))
+    result = _result(cmd, updated, action, _potential_duplicates(txn, updated, settings))
+    ledger.record(txn, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, result.to_json())
     return result
 
 
-def planned_create(cmd: UpsertCommand) -> tuple[Record, dict[str, Any], UpsertResult] | None:
+class PlannedCreate(NamedTuple):
+    """What `apply` writes and answers for a plain create (`planned_create`)."""
+
+    record: Record
+    change: dict[str, Any]  # its change-log entry (`append_change` adds the sequence number)
+    result: UpsertResult
+
+
+def planned_create(cmd: UpsertCommand) -> PlannedCreate | None:
     """What `apply` writes and answers for `cmd` in a store where nothing holds its key or its identifiers
-    (no ledger entry, no index entry under any identifier's key): (record, change-log entry, response).
+    (no ledger entry, no index entry under any identifier's key).
 
     None when the command is not a plain create (it names a customer_uuid, an expected_version or
     identifiers to remove): only `apply` decides those. The bulk importer uses this to write creates
@@ -241,7 +249,8 @@ def planned_create(cmd: UpsertCommand) -> tuple[Record, dict[str, Any], UpsertRe
             or cmd.remove.emails or cmd.remove.phones:
         return None
     rec, changes = _updated(None, cmd)  # apply's own rule: with no target, `_updated(None, cmd)` is the create
-    return rec, _change_entry(cmd, rec, "CREATED", changes), _result(cmd, rec, "CREATED", ())
+    return PlannedCreate(record=rec, change=_change_entry(cmd, rec, "CREATED", changes),
+                         result=_result(cmd, rec, "CREATED", ()))
 
 
 def _change_entry(cmd: UpsertCommand, updated: Record, action: str, changes: dict[str, Any]) -> dict[str, Any]:
@@ -266,7 +275,7 @@ def _result(cmd: UpsertCommand, updated: Record, action: str, duplicates: tuple[
     )
 
 
-def _target(view: View, cmd: UpsertCommand, settings: Settings) -> Record | None:
+def _target(txn: Txn, cmd: UpsertCommand, settings: Settings) -> Record | None:
     """Contract §4.3: the uuid given; else whom the external_id or the email resolves to; else nobody (create).
 
     A phone alone never selects an existing customer (phones are shared). An email held by customers with
@@ -274,21 +283,21 @@ def _target(view: View, cmd: UpsertCommand, settings: Settings) -> Record | None
     someone else.
     """
     if cmd.customer_uuid is not None:
-        rec = view.record(view.survivor(uuid_bytes(cmd.customer_uuid)))
+        rec = txn.record(txn.survivor(uuid_bytes(cmd.customer_uuid)))
         if rec is None:
             raise NotFound(f"no customer {cmd.customer_uuid}")
         return rec
     ext = cmd.add.external_id
-    if ext is not None and "external_id" in settings.write_keys:
-        _, hits = view.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30)
+    if ext is not None and "external_id" in settings.matching.write_keys:
+        hits = txn.probe(Kind.EXTERNAL_ID, ext, limit=1 << 30).uuids
         if hits:
-            return view.record(hits[0])
-    if "email" in settings.write_keys:
+            return txn.record(hits[0])
+    if "email" in settings.matching.write_keys:
         found: dict[bytes, Record] = {}
         for email in cmd.add.emails:
-            _, hits = view.probe(Kind.EMAIL, email, limit=settings.max_fanout)
+            hits = txn.probe(Kind.EMAIL, email, limit=settings.matching.max_fanout).uuids
             for uid in hits:
-                rec = view.record(uid)
+                rec = txn.record(uid)
                 if rec is not None and (ext is None or rec.external_id in (None, ext)):
                     found[uid] = rec
         if len(found) > 1:
@@ -348,23 +357,23 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
 _MISSING = object()
 
 
-def _reindex(view: View, old: Record | None, new: Record) -> None:
+def _reindex(txn: Txn, old: Record | None, new: Record) -> None:
     uid = uuid_bytes(new.uuid)
     before = set(old.identifiers()) if old is not None else set()
     after = set(new.identifiers())
     for kind, value in before - after:
-        view.index_remove(kind, value, uid)
+        txn.index_remove(kind, value, uid)
     for kind, value in after - before:
-        view.index_add(kind, value, uid)
+        txn.index_add(kind, value, uid)
 
 
-def _potential_duplicates(view: View, rec: Record, settings: Settings) -> tuple[str, ...]:
+def _potential_duplicates(txn: Txn, rec: Record, settings: Settings) -> tuple[str, ...]:
     """Other customers sharing a phone or email with `rec` (bounded; fanned-out identifiers not expanded)."""
     me = uuid_bytes(rec.uuid)
     others: set[bytes] = set()
     for kind, value in rec.identifiers():
         if kind is Kind.EXTERNAL_ID:
             continue
-        _, hits = view.probe(kind, value, limit=settings.max_fanout)
+        hits = txn.probe(kind, value, limit=settings.matching.max_fanout).uuids
         others.update(h for h in hits if h != me)
     return tuple(sorted(uuid_text(u) for u in others)[:MAX_DUPLICATES_REPORTED])

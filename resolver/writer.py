@@ -17,21 +17,22 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from resolver.errors import ResolverError
-from resolver.store import Store, View
+from resolver.store import Store, Txn
 
 log = logging.getLogger("resolver.writer")
 T = TypeVar("T")
+C = TypeVar("C")  # a command
 MAX_BATCH = 256
 _STOP = object()
 
 
-def apply_nested(store: Store, parent: View, fn: Callable[[View, Any], T], command: Any) -> T:
-    """Run `fn(view, command)` in a nested transaction of `parent`: kept if it returns, rolled back alone
-    if it raises (the exception propagates). Each command gets a fresh View, so no record cached by an
+def apply_nested(store: Store, parent: Txn, fn: Callable[[Txn, C], T], command: C) -> T:
+    """Run `fn(txn, command)` in a nested transaction of `parent`: kept if it returns, rolled back alone
+    if it raises (the exception propagates). Each command gets a fresh Txn, so no record cached by an
     aborted command survives it."""
     child = store.env.begin(write=True, parent=parent.txn)
     try:
-        result = fn(View(store, child), command)
+        result = fn(Txn(store, child), command)
     except BaseException:
         child.abort()
         raise
@@ -40,7 +41,7 @@ def apply_nested(store: Store, parent: View, fn: Callable[[View, Any], T], comma
 
 
 class Writer:
-    """Applies `fn(view, command)` for submitted commands, in submission order, in batched transactions."""
+    """Applies `fn(txn, command)` for submitted commands, in submission order, in batched transactions."""
 
     def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
         self.store = store
@@ -49,7 +50,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="resolver-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[View, Any], T], command: Any) -> T:
+    def submit(self, fn: Callable[[Txn, C], T], command: C) -> T:
         """Apply one command; returns its result or raises its error, once the write is durable."""
         future: Future[T] = Future()
         self._queue.put((fn, command, future))
@@ -76,13 +77,13 @@ class Writer:
                 batch.append(nxt)
             self._apply(batch)
 
-    def _apply(self, batch: list[tuple[Callable[[View, Any], Any], Any, Future[Any]]]) -> None:
+    def _apply(self, batch: list[tuple[Callable[[Txn, Any], Any], Any, Future[Any]]]) -> None:
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
-            with self.store.write() as view:
+            with self.store.write() as txn:
                 for fn, command, future in batch:
                     try:
-                        outcomes.append((future, True, apply_nested(self.store, view, fn, command)))
+                        outcomes.append((future, True, apply_nested(self.store, txn, fn, command)))
                     except ResolverError as exc:
                         outcomes.append((future, False, exc))
                     except Exception as exc:  # a bug in one command must not sink the others

@@ -72,25 +72,25 @@ def make_server() -> Iterator[Callable[[Settings], object]]:
     After they stop, `resolver check` runs over every data directory the test wrote: whatever a test did,
     indexes and records must agree.
     """
+    from resolver.bootstrap import build_server
     from resolver.check import find_problems
-    from resolver.server import start
     from resolver.store import Store
 
     running = []
 
     def make(s: Settings):  # noqa: ANN202
-        r = start(s, sweeper=False)
+        r = build_server(s, sweeper=False)
         running.append(r)
         return r
 
     yield make
     for r in running:
         r.stop(grace=0)  # idempotent: some tests stop their server themselves
-    for s in {str(r.service.settings.data_dir): r.service.settings for r in running}.values():
+    for s in {str(r.service.settings.server.data_dir): r.service.settings for r in running}.values():
         store = Store(s, readonly=True)
         try:
             with store.read() as view:
-                assert find_problems(view) == [], f"resolver check fails after the test's writes in {s.data_dir}"
+                assert find_problems(view) == [], f"resolver check fails after the test's writes in {s.server.data_dir}"
         finally:
             store.close()
 

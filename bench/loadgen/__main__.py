@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         if target_ms is None:
             from resolver.config import load_settings
 
-            target_ms = load_settings(args.config).latency_target_ms
+            target_ms = load_settings(args.config).reliability.latency_target_ms
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         out: dict[str, Any] = sweep(args.sweep_of, rates, target_ms, target=args.target, server_pid=args.server_pid,
                                     clients=args.clients, data=data, step_s=args.step, floor=not args.no_floor,

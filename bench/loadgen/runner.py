@@ -22,15 +22,17 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from bench.loadgen.procstat import tree_cpu_seconds
 from bench.loadgen.schedule import intended_offsets
 from bench.loadgen.workload import Data
+from bench.procstat import tree_cpu_seconds
 
 # latencies in µs, 1 µs .. 60 s, 3 significant digits
 LOWEST, HIGHEST, DIGITS = 1, 60_000_000, 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 CURVE = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)
 SLICE_S = 0.1  # the per-slice timeline of the slowest call
+LEAD_S = 0.5  # from the clients' start signal to the first phase: every client is sleeping on the timeline by then
+GAP_S = 0.3  # between phases, for in-flight calls to drain
 PR_SET_TIMERSLACK = 29
 
 
@@ -289,8 +291,8 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
 # -- the parent ------------------------------------------------------------------------------------------
 
 
-def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = None, gap_s: float = 0.3,
-               seed: int = 1, run_id: str | None = None, lead_s: float = 0.5) -> list[PhaseResult]:
+def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = None, gap_s: float = GAP_S,
+               seed: int = 1, run_id: str | None = None, lead_s: float = LEAD_S) -> list[PhaseResult]:
     """Run `phases` back to back (with `gap_s` between them for in-flight calls to drain) from `clients`
     processes; return one merged result per recorded phase, with the server's CPU seconds read around it."""
     if not phases:

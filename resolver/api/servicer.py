@@ -71,10 +71,10 @@ def resolve_response(r: ResolveResult) -> pb.ResolveResponse:
     )
     if r.attributes:
         resp.attributes.update(r.attributes)
-    for uuid, attributes in r.candidates:
-        candidate = resp.candidates.add(customer_uuid=uuid)
-        if attributes:
-            candidate.attributes.update(attributes)
+    for c in r.candidates:
+        candidate = resp.candidates.add(customer_uuid=c.customer_uuid)
+        if c.attributes:
+            candidate.attributes.update(c.attributes)
     if r.conflicts:
         resp.conflicts.extend(r.conflicts)
     for p in r.probes:

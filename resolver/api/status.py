@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -33,6 +35,14 @@ def _pack(msg: object) -> any_pb2.Any:
     return packed
 
 
+def _bad_request(violations: Iterable[errors.FieldViolation]) -> error_details_pb2.BadRequest:
+    """Every bad field of a request, as the BadRequest detail clients read."""
+    return error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+        for v in violations
+    ])
+
+
 def to_status(exc: errors.ResolverError) -> grpc.Status:
     """The gRPC status for a domain error: code, message, ErrorInfo and (when fields are bad) BadRequest."""
     return rpc_status.to_status(to_rpc_status(exc))
@@ -44,24 +54,9 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
     metadata: dict[str, str] = {}
     details = []
     if isinstance(exc, errors.InvalidInput):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
-                    for v in exc.violations
-                ]
-            )
-        )
+        details.append(_bad_request(exc.violations))
     elif isinstance(exc, errors.IdempotencyKeyReused):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="idempotency_key", description=exc.message, reason=exc.reason
-                    )
-                ]
-            )
-        )
+        details.append(_bad_request([errors.FieldViolation("idempotency_key", exc.message, exc.reason)]))
     elif isinstance(exc, errors.AlreadyExists):
         metadata["holder"] = exc.holder
     elif isinstance(exc, errors.FailedPrecondition) and exc.candidates:
@@ -76,14 +71,7 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
         if exc.dlq_id:
             metadata["dead_letter_id"] = str(exc.dlq_id)
         if exc.violations:
-            details.append(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
-                        for v in exc.violations
-                    ]
-                )
-            )
+            details.append(_bad_request(exc.violations))
     details.insert(0, error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
     return status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
 

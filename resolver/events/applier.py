@@ -24,7 +24,7 @@ from resolver.events import counters, dlq, envelope
 from resolver.events.apply import Applied, apply_event
 from resolver.events.format import interpret
 from resolver.events.inbox import dedupe_key, remember, sweep_ids
-from resolver.store import Store, View
+from resolver.store import Store, Txn
 from resolver.writer import apply_nested
 
 log = logging.getLogger("resolver.events")
@@ -47,7 +47,7 @@ def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settin
     """Interpret and apply one stored event in a transaction nested in `parent`; EventRejected if it cannot be."""
     ev = interpret(meta["source"], meta["webhook_id"], body, settings, schema)
     new_uuid = str(uuidlib.uuid4())
-    return apply_nested(store, View(store, parent), lambda view, e: apply_event(view, e, schema, now_us=now_us,
+    return apply_nested(store, Txn(store, parent), lambda view, e: apply_event(view, e, schema, now_us=now_us,
                                                                                  new_uuid=new_uuid), ev)
 
 
@@ -131,7 +131,7 @@ class Applier:
 
     def _sweep(self) -> None:
         """Forget webhook-ids older than the idempotency retention (at least twice the timestamp tolerance)."""
-        keep_s = max(self.settings.idempotency_retention_s, 2 * self.settings.events.timestamp_tolerance_s)
+        keep_s = max(self.settings.reliability.idempotency_retention_s, 2 * self.settings.events.timestamp_tolerance_s)
         before = _now_us() - int(keep_s * 1_000_000)
         while sweep_ids(self.store, before) == 1000 and not self._stop.is_set():
             pass
@@ -142,7 +142,7 @@ class Applier:
         while not self._stop.is_set():
             started = time.monotonic()
             if started >= next_sweep:
-                next_sweep = started + self.settings.sweep_interval_s
+                next_sweep = started + self.settings.storage.sweep_interval_s
                 try:
                     self._sweep()
                 except Exception:

@@ -20,7 +20,7 @@ from resolver.errors import EventRejected
 from resolver.events.format import ChangeEvent
 from resolver.normalize import Kind
 from resolver.records import Record
-from resolver.store import View, uuid_bytes
+from resolver.store import Txn, uuid_bytes
 
 _U64 = struct.Struct(">Q")
 _MISSING = object()
@@ -35,7 +35,7 @@ class Applied:
     stale: list[str] = field(default_factory=list)
 
 
-def apply_event(view: View, ev: ChangeEvent, schema: AttributeSchema, *, now_us: int, new_uuid: str) -> Applied:
+def apply_event(view: Txn, ev: ChangeEvent, schema: AttributeSchema, *, now_us: int, new_uuid: str) -> Applied:
     """Apply `ev`; raise EventRejected (UNKNOWN_RECORD, FIELD_OWNED_BY_OTHER_SOURCE, RECORD_DELETED) before
     writing anything when it cannot be applied."""
     txn = view.txn

@@ -7,9 +7,9 @@ import argparse
 import datetime as dt
 import sys
 
+from resolver.bootstrap import build_events, build_service
 from resolver.config import Settings
 from resolver.errors import ResolverError
-from resolver.service import Service
 
 
 def _when(us: int) -> str:
@@ -18,11 +18,10 @@ def _when(us: int) -> str:
 
 def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from resolver.events.dlq import masked_payload
-    from resolver.events.runtime import Events
 
-    service = Service(settings)
+    service = build_service(settings)
     try:
-        events = Events(service)
+        events = build_events(service)
         if args.dlq_command == "list":
             items = events.list_dead_letters(args.after, args.limit)
             for m in items:

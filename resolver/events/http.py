@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from resolver.address import parse_address
 from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
 from resolver.events.inbox import COMMIT_TIMEOUT_S, Ingestor
 
@@ -90,13 +91,12 @@ class HttpEndpoint:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        host, _, port = self.listen.rpartition(":")
-        host = host.strip("[]")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        address = parse_address(self.listen)
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, int(port)))
+            sock.bind((address.host, address.port))
         except OSError as exc:
             sock.close()
             raise OSError(f"cannot listen for webhooks on {self.listen}: {exc.strerror}") from None

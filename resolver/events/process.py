@@ -24,7 +24,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from resolver.bootstrap import build_events, build_service
 from resolver.config import Settings
+from resolver.logs import setup_logging
 
 log = logging.getLogger("resolver.events.process")
 PROCESS_NAME = "resolver-events"  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
@@ -66,22 +68,17 @@ def child_main(settings: Settings, conn: Connection) -> None:
     """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
     lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
     _set_name(PROCESS_NAME)
-    from resolver.cli import setup_logging
-
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    from resolver.events.runtime import Events
-    from resolver.service import Service
-
     try:
-        service = Service(settings)
+        service = build_service(settings)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    events = Events(service)
+    events = build_events(service)
     try:
         events.start(applier=True)
     except Exception as exc:

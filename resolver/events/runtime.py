@@ -2,7 +2,7 @@
 
 Which parts run where is the caller's choice (`start(applier=..., http=...)`): `resolver serve` runs the webhook
 endpoint and the applier in the events process (resolver.events.process) and only gRPC admission and the DLQ
-RPCs in the serving workers; `resolver.server.start()` can run everything as threads of one process (tests).
+RPCs in the serving workers; `resolver.bootstrap.build_server()` can run everything as threads of one process (tests).
 """
 
 from __future__ import annotations

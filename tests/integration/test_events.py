@@ -28,13 +28,13 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from resolver.bootstrap import build_service
 from resolver.cli import main as cli_main
 from resolver.config import Settings, load_settings
 from resolver.errors import InboxFull
 from resolver.events import counters as event_counters
 from resolver.events.process import PROCESS_NAME
 from resolver.events.signatures import sign
-from resolver.service import Service
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.integration.helpers import resolve_req, upsert_req
@@ -113,12 +113,12 @@ class Client:
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[[Settings], Client]]:
-    from resolver.server import start
+    from resolver.bootstrap import build_server
 
     started: list[Client] = []
 
     def make(s: Settings) -> Client:
-        c = Client(start(s, sweeper=False, applier=True))
+        c = Client(build_server(s, sweeper=False, applier=True))
         started.append(c)
         return c
 
@@ -397,9 +397,9 @@ def test_back_pressure_429_and_nothing_lost(tmp_path: Path, start_server: Callab
 
 
 def test_inbox_full_is_429_and_resource_exhausted_with_retry_info(tmp_path: Path) -> None:
-    from resolver.server import start
+    from resolver.bootstrap import build_server
 
-    running = start(make_settings(tmp_path, blueprint(rate=5, batch=1, high_water=2)), sweeper=False, applier=False)
+    running = build_server(make_settings(tmp_path, blueprint(rate=5, batch=1, high_water=2)), sweeper=False, applier=False)
     c = Client(running)
     try:
         codes = []
@@ -437,7 +437,7 @@ def test_admissions_within_the_commit_window_share_one_synced_transaction(
     from resolver.events.inbox import Ingestor
 
     text = blueprint().replace("[events]\n", f"[events]\ncommit_window_ms = {window_ms}\n")
-    service = Service(make_settings(tmp_path, text))
+    service = build_service(make_settings(tmp_path, text))
     ingestor = Ingestor(service.store, service.settings, service.schema)
     bodies = [event(f"win-{i}", {"Tier__c": str(i)}) for i in range(4)]
     gate = Barrier(4 if together else 1)
@@ -468,7 +468,7 @@ def test_a_full_inbox_refuses_without_a_write_and_still_answers_duplicates(tmp_p
     answered as that duplicate, not refused."""
     from resolver.events.inbox import Ingestor
 
-    service = Service(make_settings(tmp_path, blueprint(rate=5, batch=1, high_water=2)))
+    service = build_service(make_settings(tmp_path, blueprint(rate=5, batch=1, high_water=2)))
     ingestor = Ingestor(service.store, service.settings, service.schema)
     first = event("hammer-0", {"Tier__c": "gold"})
     try:
@@ -500,7 +500,7 @@ def test_an_admission_whose_caller_stopped_waiting_is_not_written(tmp_path: Path
     from resolver.events.inbox import Ingestor
 
     text = blueprint().replace("[events]\n", "[events]\ncommit_window_ms = 500\n")
-    service = Service(make_settings(tmp_path, text))
+    service = build_service(make_settings(tmp_path, text))
     ingestor = Ingestor(service.store, service.settings, service.schema)
     kept, dropped = event("cancel-kept", {"Tier__c": "gold"}), event("cancel-dropped", {"Tier__c": "gold"})
     try:
@@ -627,7 +627,7 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = WAIT_S) -> No
 
 def stored_counters(config: Path, data: Path) -> tuple[dict[str, Any], list[str]]:
     """With the server stopped: the event counters snapshot and the webhook ids in the change log."""
-    svc = Service(load_settings(config, environ=ENV, data_dir=str(data)))
+    svc = build_service(load_settings(config, environ=ENV, data_dir=str(data)))
     try:
         with svc.store.read() as view:
             snap = event_counters.snapshot(view.txn, svc.store)
@@ -744,7 +744,7 @@ def test_kill_9_mid_drain_applies_every_accepted_event_once(tmp_path: Path) -> N
             assert r.outcome == pb.OUTCOME_MATCHED and r.attributes["credit_limit"] == value
     finally:
         second.kill(signal.SIGTERM)
-    svc = Service(s)
+    svc = build_service(s)
     try:
         with svc.store.read() as view:
             ids = [ch["event"]["webhook_id"] for ch in view.iter_changes() if "event" in ch]

@@ -13,13 +13,16 @@ from typing import Any
 import lmdb
 import pytest
 
-from resolver import bulk, importer
+from resolver import bulk
 from resolver.attributes import AttributeSchema
 from resolver.check import find_problems
 from resolver.cli import build_parser
-from resolver.config import Settings
+from resolver.config import Settings, load_settings
 from resolver.identifiers import RawIdentifiers, policy_from
-from resolver.importer import new_uuids, run_import, simple_input
+from resolver.importer import prepare as importer_prepare
+from resolver.importer import run_import
+from resolver.importer.jsonl import simple_input
+from resolver.importer.prepare import new_uuids
 from resolver.store import Store
 from resolver.upsert import UpsertInput, _change_entry, _result, _updated, planned_create, prepare
 from tests.integration.helpers import phone
@@ -46,8 +49,8 @@ def deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
             yield str(uuid.UUID(int=i, version=4))
 
     clock = itertools.count(1_800_000_000_000_000, 1000)
-    monkeypatch.setattr(importer, "new_uuids", uuids)
-    monkeypatch.setattr(importer, "now_us", lambda: next(clock))
+    monkeypatch.setattr(importer_prepare, "new_uuids", uuids)
+    monkeypatch.setattr(importer_prepare, "now_us", lambda: next(clock))
 
 
 def run(settings: Settings, source: Path, *args: str) -> int:
@@ -103,7 +106,7 @@ def test_the_bulk_path_writes_exactly_what_apply_writes(tmp_path: Path, monkeypa
         if path == "apply":
             monkeypatch.setattr(bulk.BulkWriter, "try_create", lambda self, planned: False)
         deterministic(monkeypatch)
-        settings = Settings(data_dir=tmp_path / path, default_region="US")
+        settings = load_settings(None, data_dir=str(tmp_path / path), default_region="US")
         run(settings, first, "--batch-size", "8")  # customers that exist before the file is imported
         capsys.readouterr()
         code = run(settings, source, "--batch-size", "16", "--rejects", str(tmp_path / f"{path}.rejected.jsonl"))
@@ -142,13 +145,13 @@ def test_most_rows_of_a_load_take_the_bulk_path(tmp_path: Path, monkeypatch: pyt
     source = write_jsonl(tmp_path / "load.jsonl", [
         {"identifiers": {"externalId": f"L-{i}", "phones": [phone(i // 2 * 2)]}} for i in range(100)  # pairs share
     ])
-    assert run(Settings(data_dir=tmp_path / "data"), source, "--batch-size", "10") == 0
+    assert run(load_settings(None, data_dir=str(tmp_path / "data")), source, "--batch-size", "10") == 0
     assert summary(capsys.readouterr().out)["created"] == 100
     assert taken.count(True) == 50 and taken.count(False) == 50  # the second of each pair shares a phone
 
 
 def test_planned_create_is_what_apply_makes_of_a_create() -> None:
-    settings = Settings(default_region="US")
+    settings = load_settings(None, default_region="US")
     schema, policy = AttributeSchema(settings), policy_from(settings)
     inputs = [
         UpsertInput("k1", RawIdentifiers("X-1", ("A@Example.com", "a@example.com"), (phone(1), "(650) 253-0001")),
@@ -172,7 +175,7 @@ def test_planned_create_is_what_apply_makes_of_a_create() -> None:
 def test_a_failed_batch_leaves_the_batches_before_it_and_the_import_resumes(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = load_settings(None, data_dir=str(tmp_path / "data"))
     source = write_jsonl(tmp_path / "crash.jsonl", [{"identifiers": {"externalId": f"K-{i}", "phones": [phone(i)]}}
                                                     for i in range(50)])
     flushes = 0

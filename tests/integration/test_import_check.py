@@ -27,15 +27,19 @@ from google.protobuf import json_format
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from resolver.api.servicer import upsert_input
+from resolver.bootstrap import build_service
 from resolver.check import find_problems
 from resolver.cli import build_parser
 from resolver.config import Settings, load_settings
 from resolver.identifiers import RawIdentifiers
-from resolver.importer import JsonParser, KeyMaker, RowProblem, run_import, simple_input, split_phones
+from resolver.importer import run_import
+from resolver.importer.csvrows import split_phones
+from resolver.importer.jsonl import JsonParser, simple_input
+from resolver.importer.prepare import KeyMaker
+from resolver.importer.rows import RowProblem
 from resolver.normalize import Kind, mask
 from resolver.records import Record
 from resolver.resolve import ResolveInput
-from resolver.service import Service
 from resolver.store import Store, uuid_bytes
 from resolver.upsert import UpsertInput
 from resolver.v1 import resolver_pb2 as pb
@@ -230,7 +234,7 @@ def test_import_100k_customers_with_a_progress_bar_then_check_then_reimport_chan
     assert check_summary(check.stdout) == {"records": n, "aliases": 0, "external_id": n, "email": n - n // 25,
                                            "phone": n, "problems": 0}
 
-    service = Service(Settings(data_dir=data))
+    service = build_service(load_settings(None, data_dir=str(data)))
     try:
         rows = list(customers(20))  # the same first rows: customer 19 shares customer 18's phone
         r = service.resolve(ResolveInput(RawIdentifiers(phones=tuple(rows[19]["identifiers"]["phones"])),
@@ -328,7 +332,7 @@ def test_reimport_replays_phone_only_rows_and_equal_rows_are_still_separate_writ
         {"identifiers": {"externalId": "T-1"}, "attributes": {"name": "B"}},
         {"identifiers": {"externalId": "T-1"}, "attributes": {"name": "A"}},  # equal to line 2: still applied
     ]
-    source = write_jsonl(settings.data_dir.parent / "aba.jsonl", rows)
+    source = write_jsonl(settings.server.data_dir.parent / "aba.jsonl", rows)
     assert run_import_in_process(settings, source) == 0
     records = records_by_external_id(settings)
     assert records["T-1"].attributes == {"name": "A"} and records["T-1"].version == 3
@@ -419,7 +423,7 @@ def test_a_large_file_is_prepared_by_workers_and_applied_in_file_order(tmp_path:
     assert result.returncode == 0, result.stderr
     assert summary(result.stdout) == {"rows": 6000, "created": 50, "updated": 5950, "unchanged": 0, "replayed": 0,
                                       "rejected": 0}
-    records = records_by_external_id(Settings(data_dir=tmp_path / "data"))
+    records = records_by_external_id(load_settings(None, data_dir=str(tmp_path / "data")))
     assert {ext: r.attributes["seq"] for ext, r in records.items()} == {f"W-{i}": 5950 + i for i in range(50)}
 
 
@@ -462,7 +466,7 @@ def test_csv_import_coerces_attributes_by_the_blueprint_and_splits_multi_valued_
 
 
 def test_csv_in_an_open_schema_keeps_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = load_settings(None, data_dir=str(tmp_path / "data"))
     source = write_csv(tmp_path / "open.csv", ["Email", "score", "note"], [["o@example.com", "10", "x;y"]])
     assert run_import_in_process(settings, source) == 0
     (record,) = records_by_external_id(settings).values()
@@ -481,7 +485,7 @@ def test_a_bad_csv_header_is_a_file_error(tmp_path: Path, settings: Settings, he
     assert run_import_in_process(settings, source) == 2
     err = capsys.readouterr().err
     assert "bad CSV header" in err and problem in err
-    assert not settings.data_dir.exists()  # nothing was opened, let alone written
+    assert not settings.server.data_dir.exists()  # nothing was opened, let alone written
 
 
 def test_a_csv_row_that_is_not_utf8_is_refused_alone(tmp_path: Path, settings: Settings,
@@ -551,7 +555,7 @@ def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: S
     records = records_by_external_id(populated)
     uid = uuid_bytes(records["K-3"].uuid)
     damage(populated, lambda store, txn: txn.delete(store.hasher.key(Kind.PHONE, phone(3)), uid, db=store.ix[Kind.PHONE]))
-    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.data_dir, cwd=tmp_path)
+    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.server.data_dir, cwd=tmp_path)
     assert r.returncode == 1
     assert f"customer {records['K-3'].uuid}: phone {mask(Kind.PHONE, phone(3))} is not in ix_phone" in r.stdout
     assert phone(3) not in r.stdout + r.stderr  # masked, never raw
@@ -562,7 +566,7 @@ def test_check_fails_when_an_entry_points_to_a_customer_without_the_identifier(t
                                                                                blueprint: Path) -> None:
     uid = uuid_bytes(records_by_external_id(populated)["K-1"].uuid)
     damage(populated, lambda store, txn: txn.put(store.hasher.key(Kind.PHONE, phone(99)), uid, db=store.ix[Kind.PHONE]))
-    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.data_dir, cwd=tmp_path)
+    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.server.data_dir, cwd=tmp_path)
     assert r.returncode == 1
     assert re.search(r"ix_phone: entry [0-9a-f]{12}… -> customer [0-9a-f-]{36}: the customer holds no phone with that key",
                      r.stdout), r.stdout
@@ -571,7 +575,7 @@ def test_check_fails_when_an_entry_points_to_a_customer_without_the_identifier(t
 
 def test_check_passes_on_a_consistent_store_with_merges(populated: Settings) -> None:
     records = records_by_external_id(populated)
-    service = Service(populated)
+    service = build_service(populated)
     try:
         service.merge("m-1", records["K-0"].uuid, [records["K-1"].uuid])
         service.merge("m-2", records["K-2"].uuid, [records["K-0"].uuid])  # K-1 -> K-0 -> K-2: a chain of aliases

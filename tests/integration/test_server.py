@@ -174,7 +174,8 @@ def test_bad_blueprint_is_a_clear_error_exit_2(tmp_path):  # noqa: ANN001
 
 
 def test_client_retries_unavailable_until_the_server_is_up(settings):  # noqa: ANN001
-    from resolver.server import reserve_port, start
+    from resolver.bootstrap import build_server
+    from resolver.server import reserve_port
 
     with reserve_port("127.0.0.1:0") as port:
         pass  # a free port, released: nobody listens there yet
@@ -183,7 +184,7 @@ def test_client_retries_unavailable_until_the_server_is_up(settings):  # noqa: A
         t = threading.Thread(target=lambda: box.update(r=client.upsert(idempotency_key="late-1", external_id="L-1")))
         t.start()
         threading.Event().wait(0.4)  # the first attempts find no server: UNAVAILABLE
-        running = start(settings.with_overrides(listen=f"127.0.0.1:{port}"), sweeper=False)
+        running = build_server(settings.with_overrides(listen=f"127.0.0.1:{port}"), sweeper=False)
         try:
             t.join(30)
             assert box["r"].action == pb.ACTION_CREATED

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp import web
 
-from bench.events_drain import _Conn
+from bench.events.pusher import Connection as _Conn
 
 
 @pytest.fixture()

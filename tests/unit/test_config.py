@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import describe, load_settings, settings_from_document
+from resolver.config import (
+    EventSettings,
+    MatchingSettings,
+    ServerSettings,
+    Settings,
+    describe,
+    load_settings,
+    settings_from_document,
+)
 from resolver.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_no_blueprint_runs_on_defaults() -> None:
     s = load_settings(None)
-    assert (s.listen, str(s.data_dir), s.hash_algorithm, s.phone_acceptance) == (
+    assert (s.server.listen, str(s.server.data_dir), s.index.hash, s.matching.phone_acceptance) == (
         "127.0.0.1:50051", "data", "xxh3-128", "valid")
-    assert s.open_schema and s.idempotency_retention_s == 86400
+    assert s.open_schema and s.reliability.idempotency_retention_s == 86400
 
 
 def test_example_blueprint_is_valid() -> None:
     s = load_settings(ROOT / "examples" / "blueprint.toml")
-    assert s.default_region == "US" and s.views["default"][0] == "name"
+    assert s.matching.default_region == "US" and s.views["default"][0] == "name"
     assert s.attributes["status"].owner == "SALESFORCE"
     assert "attributes (7)" in describe(s)
 
@@ -57,14 +65,14 @@ def test_semantic_problems_are_listed_together() -> None:
 def test_secret_by_reference_only_and_never_shown(tmp_path: Path) -> None:
     doc = {"index": {"hash": "blake2b", "key_id": "k1", "secret": {"env": "IDX_KEY"}}}
     s = settings_from_document(doc, {"IDX_KEY": "s3cret-value"})
-    assert s.hash_secret == b"s3cret-value"
+    assert s.index.secret == b"s3cret-value"
     assert "s3cret-value" not in describe(s) and "s3cret-value" not in repr(s)
     with pytest.raises(ConfigError, match="IDX_KEY is not set"):
         settings_from_document(doc, {})
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     s = settings_from_document({"index": {"hash": "blake2b", "key_id": "k1", "secret": {"file": str(key_file)}}}, {})
-    assert s.hash_secret == b"from-file"
+    assert s.index.secret == b"from-file"
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
@@ -87,3 +95,35 @@ def test_events_process_priority_is_validated() -> None:
         with pytest.raises(ConfigError) as e:
             settings_from_document({"events": {"process_nice": bad}}, {})
         assert "events.process_nice" in str(e.value), bad
+
+
+def test_an_absent_key_takes_its_table_default() -> None:
+    doc = {"server": {"listen": "[::1]:7000", "grace_period_s": 2}, "matching": {"default_region": "gb"}}
+    s = settings_from_document(doc, {})
+    assert s.server == ServerSettings(listen="[::1]:7000", grace_period_s=2.0)
+    assert isinstance(s.server.grace_period_s, float)
+    assert s.matching == MatchingSettings(default_region="GB")
+    assert s.events == EventSettings() and s == Settings(server=s.server, matching=s.matching)
+    with_source = settings_from_document({"sources": {"CRM": {}}}, {})
+    assert with_source.events == EventSettings(enabled=True)  # declaring a source turns events on
+
+
+def test_flat_overrides_land_in_their_table_and_are_revalidated(tmp_path: Path) -> None:
+    s = load_settings(None, data_dir=str(tmp_path), max_fanout=4, idempotency_retention_s=1, rate_per_s=None)
+    assert (s.server.data_dir, s.matching.max_fanout, s.reliability.idempotency_retention_s) == (tmp_path, 4, 1.0)
+    assert s.events.rate_per_s == EventSettings().rate_per_s  # None: not overridden
+    t = s.with_overrides(events=EventSettings(rate_per_s=7), high_water=5, listen="[::1]:0")
+    assert (t.events.rate_per_s, t.events.high_water, t.server.listen, t.server.data_dir) == (7, 5, "[::1]:0", tmp_path)
+    with pytest.raises(ConfigError, match="server.listen: 'nowhere' is not HOST:PORT"):
+        s.with_overrides(listen="nowhere")
+    with pytest.raises(ConfigError, match="events.http_listen: '127.0.0.1:70000' is not HOST:PORT"):
+        s.with_overrides(http_listen="127.0.0.1:70000")
+    with pytest.raises(TypeError):
+        s.with_overrides(no_such_setting=1)
+
+
+def test_listen_addresses_are_validated_by_one_parser() -> None:
+    assert settings_from_document({"events": {"http_listen": ""}}, {}).events.http_listen == ""
+    for bad in ("[::1]:65536", ":80"):
+        with pytest.raises(ConfigError, match=r"server\.listen: .* is not HOST:PORT"):
+            settings_from_document({"server": {"listen": bad}}, {})

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _email_py, _hotpath
+from resolver import _email_c, _email_py, _hotpath
 from resolver import normalize as reference
 from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
-
-_email_c = importlib.import_module("resolver._email_c")
 
 CONFIGURED = Policy(blocked_values=frozenset({"Shared@Example.com", "x@y"}), blocked_patterns=(re.compile(r".*@test\.invalid"),))
 POLICIES = [DEFAULT_POLICY, CONFIGURED]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 
 import pytest
@@ -11,10 +10,9 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _hotpath, _keys_py
-
 # The compiled module is built by `make build` in every mode; the switch only decides which one serves.
-_keys_c = importlib.import_module("resolver._keys_c")
+from resolver import _hotpath, _keys_c, _keys_py
+
 IMPLEMENTATIONS = [pytest.param(_keys_py, id="pure"), pytest.param(_keys_c, id="compiled")]
 
 
@@ -52,3 +50,10 @@ def test_bad_hasher_configuration_is_refused(impl, args) -> None:  # noqa: ANN00
 def test_compiled_equals_pure(kind: int, value: str, secret: bytes) -> None:
     for alg, key in (("xxh3-128", None), ("blake2b", secret)):
         assert _keys_c.KeyHasher(alg, key).key(kind, value) == _keys_py.KeyHasher(alg, key).key(kind, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.integers(0, 255), value=st.text(min_size=100, max_size=700))
+def test_compiled_equals_xxhash_for_long_values(kind: int, value: str) -> None:
+    """Every xxh3 length class (129-240 bytes, the long loop) and the heap buffer past 512 bytes of input."""
+    assert _keys_c.KeyHasher().key(kind, value) == xxhash.xxh3_128_digest(bytes((kind,)) + value.encode("utf-8"))

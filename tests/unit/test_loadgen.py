@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import Phase, intended_offsets, run_phases
-from bench.loadgen.procstat import tree_cpu_seconds
+from bench.procstat import tree_cpu_seconds
 
 
 class StallingHealth(health_pb2_grpc.HealthServicer):

@@ -6,7 +6,6 @@ reference must give the same E.164 string, or the same exception class, reason a
 
 from __future__ import annotations
 
-import importlib
 import random
 import re
 
@@ -16,13 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
-from resolver import _hotpath, _phone_py
+from resolver import _hotpath, _phone_c, _phone_consts, _phone_py
 from resolver import normalize as reference
 from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
 from tests.unit.test_normalize import example_numbers  # one corpus definition for both suites
-
-_phone_c = importlib.import_module("resolver._phone_c")
 
 POSSIBLE = Policy(phone_acceptance="possible")
 GB_DEFAULT = Policy(default_region="GB")
@@ -62,6 +59,15 @@ def test_selector_loads_the_implementation_the_switch_asks_for() -> None:
         assert _hotpath.IMPLEMENTATION == "compiled"
         assert _hotpath.normalize_phone is _phone_c.normalize_phone
         assert _hotpath.phone_stats is _phone_c.phone_stats
+
+
+def test_limits_are_phonenumbers_own() -> None:
+    """resolver/_phone_consts.py names phonenumbers' private limits; both implementations read them there."""
+    from phonenumbers import phonenumberutil
+
+    assert _phone_consts.MAX_INPUT == phonenumberutil._MAX_INPUT_STRING_LENGTH
+    assert _phone_consts.MIN_NSN == phonenumberutil._MIN_LENGTH_FOR_NSN
+    assert _phone_consts.MAX_NSN == phonenumberutil._MAX_LENGTH_FOR_NSN
 
 
 def test_identifiers_use_the_selected_normalizer() -> None:

@@ -8,18 +8,20 @@ Prober is compared on a real LMDB store written through the Upsert path, with sh
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _hotpath, _probe_py
+from resolver import _hotpath, _probe_c, _probe_py
+from resolver._probe_types import Decision, Fanned, Probed, ProbeRow
+from resolver.bootstrap import build_service
 from resolver.config import load_settings
 from resolver.identifiers import RawIdentifiers
 from resolver.normalize import Kind
@@ -27,8 +29,6 @@ from resolver.records import Record
 from resolver.service import Service
 from resolver.store import uuid_bytes, uuid_text
 from resolver.upsert import UpsertInput
-
-_probe_c = importlib.import_module("resolver._probe_c")
 
 text = st.text(st.characters(codec="utf-8"), max_size=12)
 awkward = st.one_of(text, st.sampled_from(['a"b', "a\\b", "x\ny", "\u2028", "é@example.com", "+15550100", "", "]", ",\"x"]))
@@ -111,7 +111,7 @@ def test_bytes_that_are_not_a_record_are_never_guessed(raw: bytes) -> None:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Service:
     """A small store written through Upsert: shared phones and emails, one phone past the fan-out limit."""
     data = Path(tmp_path_factory.mktemp("probe")) / "data"
-    svc = Service(load_settings(None, data_dir=str(data), default_region="US", max_fanout=4))
+    svc = build_service(load_settings(None, data_dir=str(data), default_region="US", max_fanout=4))
     rng = random.Random(5)
     for i in range(120):
         phones = [f"+1650253{rng.randrange(40):04d}"] + ([f"+1415555{i:04d}"] if i % 3 else [])
@@ -144,14 +144,29 @@ def test_prober_decisions_agree(store: Service, explain: bool) -> None:
         seen = set()
         for ext, emails, phones in queries:
             want = twin.decide(ext, emails, phones, 4, explain)
-            assert compiled.decide(ext, emails, phones, 4, explain) == want
-            seen.add(want[0])
+            got = compiled.decide(ext, emails, phones, 4, explain)
+            assert got == want
+            _assert_same_decision(got, want)
+            seen.add(want.outcome)
             for kind, vals in ((1, [ext] if ext else []), (2, emails), (3, phones)):
                 for v in vals:
-                    assert compiled.probe(kind, v, 4) == twin.probe(kind, v, 4)
+                    probed = compiled.probe(kind, v, 4)
+                    assert probed == twin.probe(kind, v, 4)
+                    assert type(probed) is Probed
         sets = [(e, m, p, explain) for e, m, p in queries]
         assert compiled.decide_many(sets, 4) == twin.decide_many(sets, 4)
     assert seen == {_probe_py.NOT_FOUND, _probe_py.MATCHED, _probe_py.AMBIGUOUS}
+
+
+def _assert_same_decision(got: Any, want: Decision) -> None:
+    """The compiled Decision (a cdef class) has the twin's NamedTuple fields, and behaves as that NamedTuple."""
+    assert type(want) is Decision and type(got) is _probe_c.Decision
+    for name in Decision._fields:
+        assert getattr(got, name) == getattr(want, name), name
+    assert want == got and not got != want and tuple(got) == tuple(want) and len(got) == len(want)
+    assert [got[i] for i in range(len(want))] == list(want) and repr(got) == repr(want)
+    assert all(type(f) is Fanned for f in want.fanned + got.fanned)
+    assert all(type(r) is ProbeRow for r in want.probes + got.probes)
 
 
 def test_a_hash_collision_never_returns_a_customer(store: Service) -> None:
@@ -180,7 +195,7 @@ def test_fields_of_a_confirmed_record_match_the_decoded_record(store: Service) -
         for prober in (_probe_py.Prober(*args), _probe_c.Prober(*args)):
             assert prober.fields(uid, ("uuid", "version", "attributes")) == [rec.uuid, rec.version, rec.attributes]
             decision = prober.decide(None, [], [rec.phones[0]], 4, False)
-            assert uid in decision[2]
+            assert uid in decision.uuids
             assert prober.fields(uid, ("phones", "absent")) == [rec.phones, None]  # from the confirmed bytes
             assert prober.fields(b"\0" * 16, ("uuid",)) is None
 

@@ -56,7 +56,7 @@ def load(dsn: str, path: str, settings: Settings) -> dict[str, Any]:
                     d = json.loads(line)
                     ids = d.get("identifiers", {})
                     raw = RawIdentifiers(ids.get("externalId", ""), tuple(ids.get("emails", ())), tuple(ids.get("phones", ())))
-                    norm, failures = normalize_identifiers(raw, d.get("defaultRegion") or settings.default_region,
+                    norm, failures = normalize_identifiers(raw, d.get("defaultRegion") or settings.matching.default_region,
                                                            policy, "identifiers")
                     if failures:
                         rejected += 1

@@ -25,6 +25,7 @@ import psycopg
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from resolver.address import parse_address
 from resolver.config import Settings, load_settings
 from resolver.identifiers import RawIdentifiers, normalize_identifiers, policy_from
 from resolver.v1 import resolver_pb2 as pb
@@ -63,13 +64,13 @@ class PeerResolver:
         s = self.settings
         ids = req.identifiers
         raw = RawIdentifiers(ids.external_id, tuple(ids.emails), tuple(ids.phones))
-        norm, failures = normalize_identifiers(raw, req.default_region or s.default_region, self.policy, "identifiers")
+        norm, failures = normalize_identifiers(raw, req.default_region or s.matching.default_region, self.policy, "identifiers")
         resp = pb.ResolveResponse(outcome=pb.OUTCOME_NOT_FOUND)
         for f in failures:
             resp.skipped.add(kind=int(f.kind.value) if hasattr(f.kind, "value") else 0, reason=f.error.reason)
         fields = tuple(req.fields) or (s.views.get(req.view) if req.view else self.default_fields)
         cur = self._cursor()
-        limit = s.max_fanout + 1
+        limit = s.matching.max_fanout + 1
         kinds = ((pb.MATCH_KIND_EXTERNAL_ID, [norm.external_id] if norm.external_id else []),
                  (pb.MATCH_KIND_EMAIL, norm.emails), (pb.MATCH_KIND_PHONE, norm.phones))
         decided: list[Row] | None = None
@@ -77,7 +78,7 @@ class PeerResolver:
             holders: dict[int, Row] = {}
             for value in values:
                 rows: list[Row] = cur.execute(QUERIES[kind], (value, limit), prepare=True).fetchall()
-                if len(rows) > s.max_fanout:
+                if len(rows) > s.matching.max_fanout:
                     resp.skipped.add(kind=kind, reason="FAN_OUT_LIMIT")
                     continue
                 holders.update((r[0], r) for r in rows)
@@ -91,7 +92,7 @@ class PeerResolver:
                     resp.attributes.CopyFrom(_struct(r[2], fields))
                 else:
                     resp.outcome, resp.matched_on = pb.OUTCOME_AMBIGUOUS, kind
-                    for r in decided[: s.max_candidates]:
+                    for r in decided[: s.matching.max_candidates]:
                         resp.candidates.add(customer_uuid=r[1], attributes=_struct(r[2], fields))
             elif resp.outcome == pb.OUTCOME_MATCHED and decided[0][0] not in holders:
                 resp.conflicts.extend(r[1] for r in holders.values() if r[1] not in resp.conflicts)
@@ -116,8 +117,8 @@ class PeerServicer(resolver_pb2_grpc.IdentityResolverServicer):
 
 
 def start(dsn: str, settings: Settings, listen: str) -> tuple[grpc.Server, int]:
-    server = grpc.server(ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-                         maximum_concurrent_rpcs=settings.max_concurrent_rpcs, options=[("grpc.so_reuseport", 1)])
+    server = grpc.server(ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
+                         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs, options=[("grpc.so_reuseport", 1)])
     resolver_pb2_grpc.add_IdentityResolverServicer_to_server(PeerServicer(PeerResolver(dsn, settings)), server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
@@ -146,20 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes sharing the port (default: the blueprint's)")
     a = p.parse_args(argv)
     settings = load_settings(a.config)
-    workers = a.workers or settings.workers
+    workers = a.workers or settings.server.workers
     from resolver.server import reserve_port
 
     ctx = multiprocessing.get_context("spawn")
     with reserve_port(a.listen) as port:
-        host = a.listen.rpartition(":")[0]
+        listen = str(parse_address(a.listen).with_port(port))
         ready = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(a.dsn, settings, f"{host}:{port}", ready), name=f"peer-{i}")
+        procs = [ctx.Process(target=_worker, args=(a.dsn, settings, listen, ready), name=f"peer-{i}")
                  for i in range(workers)]
         for proc in procs:
             proc.start()
         for _ in procs:
             ready.get(timeout=60)
-        print(f"peer: serving on {host}:{port} ({workers} workers)", flush=True)
+        print(f"peer: serving on {listen} ({workers} workers)", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,0 +1,121 @@
+"""What the run proves, from its raw material: the drain's figures from the counter samples, the customers'
+values after it, the change log and DLQ against what the pusher was told, and the verdicts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.events.crm import event_of, webhook_prefix
+
+
+def drain_figures(rows: list[list[float]], push: dict[str, Any], dur_b: float, drained_at: float,
+                  configured_rate: float) -> dict[str, Any]:
+    """The drain as the counter samples (`Sampler` rows, s after the release) and the pusher saw it: when the
+    inbox emptied, the applier's rate overall and during window B, and whether events flowed through all of B."""
+    good = [r for r in rows if r[1] >= 0]
+    in_window = [r for r in good if r[0] <= dur_b]
+    busy = [r for r in good if r[2] > 0]
+    first_apply = busy[0][0] if busy else None
+    empty = next((r for r in good if r[0] > 0.5 and r[5] == 0 and r[1] >= len(push["accepted"])), None)
+    applied_total = good[-1][2] + good[-1][3] if good else 0
+    rate = None
+    if first_apply is not None and empty is not None and empty[0] > first_apply:
+        rate = round(applied_total / (empty[0] - first_apply), 1)  # samples every 0.5 s: a few % either way
+    win_rate = None
+    if len(in_window) >= 2:
+        r0, r1 = in_window[0], in_window[-1]
+        win_rate = round(((r1[2] + r1[3]) - (r0[2] + r0[3])) / max(r1[0] - r0[0], 1e-9), 1)
+    return {"samples": good, "columns": ["t_s", "accepted", "applied", "dead_lettered", "throttled", "in_inbox"],
+            "window_b_s": dur_b, "drained": empty is not None, "inbox_empty_after_s": empty[0] if empty else None,
+            "waited_s": round(drained_at, 1),
+            "inbox_nonempty_through_window_b": bool(in_window) and all(r[5] > 0 for r in in_window if r[0] >= 1.0),
+            # the inbox not yet drained when window B ended, and through B either never empty (back-pressure) or fed
+            # in every second (admissions slower than the applier)
+            "events_flowing_through_window_b": (empty is not None and empty[0] >= dur_b and bool(in_window)
+                                                and (all(r[5] > 0 for r in in_window if r[0] >= 1.0)
+                                                     or all(n > 0 for n in push["accepted_per_s"][:int(dur_b)]))),
+            "admissions_in_window_b_per_s": round(sum(push["accepted_per_s"][:int(dur_b)]) / max(int(dur_b), 1), 1),
+            "inbox_max": max((r[5] for r in good), default=0),
+            "inbox_min_in_window_b": min((r[5] for r in in_window if r[0] >= 1.0), default=None),
+            "inbox_max_in_window_b": max((r[5] for r in in_window), default=None),
+            "drain_rate_per_s": rate, "drain_rate_in_window_b_per_s": win_rate, "configured_rate_per_s": configured_rate,
+            "admissions_per_s": (round(len(push["accepted"]) / push["last_accept_s"], 1)
+                                 if push.get("last_accept_s") else None),
+            "burst_admissions_per_s": (round(push["accepted_before_first_429"] / push["first_429_s"], 1)
+                                       if push.get("first_429_s") else None)}
+
+
+def check_visible(stub: Any, pb: Any, accepted: list[int], customers: int, n: int = 500) -> dict[str, Any]:
+    """Resolve up to `n` updated customers: each must show its newest accepted event's status and credit_limit."""
+    newest: dict[str, int] = {}
+    for j in accepted:
+        ext = event_of(j, customers).external_id
+        newest[ext] = max(j, newest.get(ext, -1))
+    exts = sorted(newest)
+    picked = exts[:: max(1, len(exts) // n)][:n]
+    wrong: list[str] = []
+    for ext in picked:
+        ev = event_of(newest[ext], customers)
+        status, credit = ev.status, ev.credit_limit
+        r = stub.Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id=ext), fields=["status", "credit_limit"]),
+                         timeout=5)
+        got = dict(r.attributes)
+        if r.outcome != pb.OUTCOME_MATCHED or got.get("status") != status or got.get("credit_limit") != credit:
+            wrong.append(f"{ext}: expected {status}/{credit}, got {pb.Outcome.Name(r.outcome)} {got}")
+    return {"checked": len(picked), "wrong": len(wrong), "examples": wrong[:5]}
+
+
+def reconcile(config: Path, data: Path, run_id: str, push: dict[str, Any]) -> dict[str, Any]:
+    """Read the change log and the DLQ (server stopped): every event the pusher had acknowledged 202 must be in
+    exactly one of them exactly once; no other event of this run may be there."""
+    from resolver.bootstrap import open_store
+    from resolver.config import load_settings
+    from resolver.events import dlq
+
+    prefix = webhook_prefix(run_id)
+    store = open_store(load_settings(config, data_dir=str(data)), readonly=True)
+    applied: Counter[int] = Counter()
+    dead: dict[int, str] = {}
+    try:
+        with store.read() as view:
+            for ch in view.iter_changes():
+                wid = ch.get("event", {}).get("webhook_id", "")
+                if wid.startswith(prefix):
+                    applied[int(wid[len(prefix):])] += 1
+            if "ev_dlq" in store.db:
+                for meta, _ in dlq.iterate(view.txn, store.db["ev_dlq"]):
+                    wid = meta.get("webhook_id", "")
+                    if wid.startswith(prefix):
+                        dead[int(wid[len(prefix):])] = str(meta.get("reason", "?"))
+    finally:
+        store.close()
+    acked = set(push["accepted"])
+    gave_up = {int(k) for k in push["gave_up"]}
+    seen = set(applied) | set(dead)
+    return {"acknowledged_202": len(acked), "applied_once": sum(1 for j in acked if applied[j] == 1 and j not in dead),
+            "dead_lettered": len(dead), "dead_letter_reasons": dict(Counter(dead.values())),
+            "applied_twice_or_more": sum(1 for c in applied.values() if c > 1),
+            "acknowledged_but_missing": sorted(acked - seen)[:20], "missing_count": len(acked - seen),
+            "stored_but_not_acknowledged": sorted(seen - acked)[:20], "unacknowledged_stored_count": len(seen - acked),
+            "given_up": len(gave_up), "accounted": len(acked) + len(gave_up), "pushed": push["events"],
+            "neither_acknowledged_nor_given_up": push["events"] - len(acked | gave_up)}
+
+
+def verdicts(r: dict[str, Any]) -> dict[str, Any]:
+    """The run's answers: the p99 ratio against the 1.3x target, no event lost, conservation, the 429s."""
+    a, b = r["window_a"]["latency_ms"], r["window_b"]["latency_ms"]
+    c = r.get("window_c", {}).get("latency_ms")
+    led, cnt = r["ledger"], r["counters"]["counters"]
+    ratio = b["p99"] / a["p99"] if a["p99"] else None
+    no_loss = (led["missing_count"] == 0 and led["applied_twice_or_more"] == 0 and led["neither_acknowledged_nor_given_up"] == 0
+               and led["unacknowledged_stored_count"] == 0 and cnt["accepted"] == led["acknowledged_202"]
+               and r["visible"]["wrong"] == 0)
+    return {"p99_ratio_b_over_a": None if ratio is None else round(ratio, 3),
+            "p99_ratio_b_over_c": round(b["p99"] / c["p99"], 3) if c and c["p99"] else None,
+            "p99_target_holds": ratio is not None and ratio <= 1.3,
+            "conserved": bool(r["counters"]["conserved"]) and r["check"]["exit"] == 0,
+            "no_event_lost": no_loss, "all_accepted": led["acknowledged_202"] == led["pushed"],
+            "throttled_429": r["pusher"]["codes"].get("429", 0), "first_429_s": r["pusher"]["first_429_s"],
+            "window_inside_drain": r["drain"]["events_flowing_through_window_b"]}

@@ -1,0 +1,9 @@
+"""Types of the compiled fast email path, ext/_email_c.pyx: its twin's signatures (resolver/_email_py.py)."""
+
+from resolver.normalize import Policy
+
+__all__ = ["email_stats", "normalize_email", "reset_email_stats"]
+
+def normalize_email(raw: str, policy: Policy = ...) -> str: ...
+def email_stats() -> dict[str, int]: ...
+def reset_email_stats() -> None: ...

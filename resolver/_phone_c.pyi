@@ -1,0 +1,9 @@
+"""Types of the compiled fast phone path, ext/_phone_c.pyx: its twin's signatures (resolver/_phone_py.py)."""
+
+from resolver.normalize import Policy
+
+__all__ = ["normalize_phone", "phone_stats", "reset_phone_stats"]
+
+def normalize_phone(raw: str, region: str | None = None, policy: Policy = ...) -> str: ...
+def phone_stats() -> dict[str, int]: ...
+def reset_phone_stats() -> None: ...

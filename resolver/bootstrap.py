@@ -1,0 +1,126 @@
+"""The composition root: the one place that builds the application from a validated Settings.
+
+    Settings -> Store -> Service (use cases, the writer thread) -> Events (admission, applier)
+             -> servicers -> gRPC server (health, reflection) -> Running
+
+Every entry point builds what it needs here: `resolver serve` and its workers (resolver.server), the events
+process, `import`, `check`, `dlq`, the tests and the benches. A cross-cutting part (TLS, auth, metrics) is
+wired in here once, not in each of them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from resolver.api.servicer import IdentityResolverServicer
+from resolver.attributes import AttributeSchema
+from resolver.config import Settings
+from resolver.events.runtime import Events
+from resolver.identifiers import policy_from
+from resolver.service import Service
+from resolver.store import Store
+from resolver.v1 import resolver_pb2, resolver_pb2_grpc
+from resolver.writer import Writer
+
+SERVICE_NAME = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
+
+
+def open_store(settings: Settings, *, readonly: bool = False) -> Store:
+    """The LMDB store named in `settings` alone (`resolver check`, inspection); the caller closes it.
+    `readonly=True` creates nothing: StoreError if there is no store there."""
+    return Store(settings, readonly=readonly)
+
+
+def build_service(settings: Settings, *, writer: bool = True, readonly: bool = False) -> Service:
+    """Open the store named in `settings` and the use cases over it; the caller closes the service.
+
+    `writer=False`: no writer thread (a bulk loader commits its own transactions; Upsert and Merge then raise).
+    `readonly=True` opens LMDB read-only (and implies no writer).
+    """
+    store = open_store(settings, readonly=readonly)
+    try:
+        return Service(settings, store, AttributeSchema(settings), policy_from(settings),
+                       Writer(store) if writer and not readonly else None)
+    except BaseException:
+        store.close()
+        raise
+
+
+def build_events(service: Service) -> Events:
+    """The events subsystem over `service` (nothing started: `Events.start` says which parts run here)."""
+    return Events(service)
+
+
+@dataclass
+class Running:
+    """A gRPC server serving in this process, and what it serves."""
+
+    server: grpc.Server
+    service: Service
+    health: health.HealthServicer
+    port: int
+    events: Events | None = None
+
+    @property
+    def http_port(self) -> int:
+        """The webhook endpoint's port (0: none here)."""
+        return self.events.http_port if self.events is not None else 0
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING and webhook intake closed, in-flight calls finish within `grace` (default: the
+        blueprint's grace period), then the events parts after their current batch, then storage."""
+        self.health.enter_graceful_shutdown()
+        if self.events is not None:
+            self.events.stop_intake()
+        self.server.stop(self.service.settings.server.grace_period_s if grace is None else grace).wait()
+        if self.events is not None:
+            self.events.stop()
+        self.service.close()
+
+
+def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | None = None,
+                 events_in_process: bool = True) -> Running:
+    """Open the store and serve on `server.listen` in this process (port 0 picks a free port).
+
+    With events enabled, gRPC IngestEvents and the DLQ RPCs are served here. `events_in_process=True` (tests,
+    embedding): the webhook endpoint starts here too, as a thread, and the applier runs where the sweeper runs
+    (one per data directory) unless `applier` says otherwise. `events_in_process=False` (the workers of
+    `resolver serve`): neither runs here (no applier unless `applier=True`); the events process has them.
+    """
+    service = build_service(settings)
+    events = build_events(service) if settings.events.enabled else None
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+        options=[("grpc.so_reuseport", 1)],
+    )
+    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service, events), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(settings.server.listen)
+    except RuntimeError as exc:
+        service.close()
+        raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+    if events is not None:
+        try:
+            if events_in_process:
+                events.start(applier=sweeper if applier is None else applier)
+            else:
+                events.start(applier=bool(applier), http=False)
+        except BaseException:
+            events.stop()
+            service.close()
+            raise
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if sweeper:
+        service.start_sweeper()
+    return Running(server, service, health_servicer, port, events)

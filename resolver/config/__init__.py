@@ -1,0 +1,29 @@
+"""The blueprint (contract §9): one TOML file, validated once at start-up into a frozen Settings object.
+
+schema.py: its shape (JSON Schema); tables.py: one frozen dataclass per table, the defaults; settings.py: the
+Settings object, its overrides and the rules across fields; load.py: reading and validating it; describe.py:
+`resolver blueprint check`'s summary.
+"""
+
+from resolver.config.describe import describe
+from resolver.config.load import load_settings, settings_from_document
+from resolver.config.schema import ATTRIBUTE_TYPES, BLUEPRINT_SCHEMA, DEFAULT_VIEW, PRECEDENCE
+from resolver.config.settings import Settings
+from resolver.config.tables import (
+    AttributeSpec,
+    EventSettings,
+    IndexSettings,
+    LoggingSettings,
+    MatchingSettings,
+    ReliabilitySettings,
+    ServerSettings,
+    SourceSpec,
+    StorageSettings,
+)
+
+__all__ = [
+    "ATTRIBUTE_TYPES", "BLUEPRINT_SCHEMA", "DEFAULT_VIEW", "PRECEDENCE",
+    "AttributeSpec", "EventSettings", "IndexSettings", "LoggingSettings", "MatchingSettings", "ReliabilitySettings",
+    "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
+    "describe", "load_settings", "settings_from_document",
+]

@@ -1,0 +1,49 @@
+"""`resolver blueprint check`'s summary of the settings."""
+
+from __future__ import annotations
+
+from resolver.config.schema import DEFAULT_VIEW, PRECEDENCE
+from resolver.config.settings import Settings
+
+
+def describe(s: Settings) -> str:
+    """A readable summary of the settings, for `resolver blueprint check` (secrets never shown)."""
+    server, storage, index, matching = s.server, s.storage, s.index, s.matching
+    lines = [
+        f"blueprint: {s.blueprint_path or '(none: built-in defaults)'}",
+        f"server: listen {server.listen}, {server.workers} worker(s) x {server.threads} threads, "
+        f"max {server.max_concurrent_rpcs} concurrent RPCs, grace {server.grace_period_s:g}s",
+        f"storage: {server.data_dir} (map size {storage.map_size_mb} MiB, {storage.max_readers} readers)",
+        f"index keys: {index.hash}" + (f" (key id {index.key_id}, secret set)" if index.secret else ""),
+        f"matching: {' > '.join(PRECEDENCE)}; writes select by {', '.join(matching.write_keys) or 'nothing'}; "
+        f"phones must be {matching.phone_acceptance}; default region {matching.default_region or '(none)'}; "
+        f"fan-out limit {matching.max_fanout}; up to {matching.max_candidates} candidates",
+        f"blocked: {len(matching.blocked_values)} value(s), {len(matching.blocked_patterns)} pattern(s) beyond the built-ins",
+    ]
+    if s.attributes:
+        lines.append(f"attributes ({len(s.attributes)}):")
+        for spec in s.attributes.values():
+            extras = [f"owner {spec.owner}"] if spec.owner else []
+            extras += ["sensitive"] if spec.sensitive else []
+            lines.append(f"  {spec.name}: {spec.type}" + (f" ({', '.join(extras)})" if extras else ""))
+    else:
+        lines.append("attributes: open schema (no attributes declared)")
+    views = dict(s.views) or {DEFAULT_VIEW: ("(all attributes)",)}
+    lines.append("views: " + "; ".join(f"{k} = {', '.join(v)}" for k, v in views.items()))
+    rel = s.reliability
+    lines.append(
+        f"reliability: peak {rel.peak_rps:g} Resolve/s, p99 target {rel.latency_target_ms:g} ms, "
+        f"idempotency retention {rel.idempotency_retention_s:g}s"
+    )
+    lines.append(f"logging: payload {s.logging.payload}, level {s.logging.level}")
+    for src in sorted(s.sources.values(), key=lambda x: x.name):
+        missing = f"; UNRESOLVED: {', '.join(src.unresolved)} (its webhooks are refused)" if src.unresolved else ""
+        lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), {len(src.secrets)} secret(s){missing}")
+    ev = s.events
+    lines.append(
+        f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; apply {ev.rate_per_s:g}/s "
+        f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s; "
+        f"commit window {ev.commit_window_ms:g} ms; "
+        f"events process nice +{ev.process_nice}{' (SCHED_IDLE)' if ev.process_sched_idle else ''}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The blueprint's shape (contract §9) as JSON Schema; the rules it cannot express are in `settings.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRECEDENCE = ("external_id", "email", "phone")
+ATTRIBUTE_TYPES = ("string", "integer", "number", "boolean", "date", "date-time")
+DEFAULT_VIEW = "default"
+
+_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+_SECRET_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"env": {"type": "string", "minLength": 1}, "file": {"type": "string", "minLength": 1}},
+    "minProperties": 1,
+    "maxProperties": 1,
+}
+
+# Semantic checks (a view naming an unknown attribute, ...) follow in `settings.check_settings`.
+BLUEPRINT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "version": {"const": 1},
+        "name": {"type": "string"},
+        "server": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "listen": {"type": "string", "pattern": r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+                "data_dir": {"type": "string", "minLength": 1},
+                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "threads": {"type": "integer", "minimum": 1, "maximum": 256},
+                "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
+                "grace_period_s": {"type": "number", "minimum": 0},
+            },
+        },
+        "storage": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "map_size_mb": {"type": "integer", "minimum": 16},
+                "max_readers": {"type": "integer", "minimum": 16},
+                "sweep_interval_s": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "index": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "hash": {"enum": ["xxh3-128", "blake2b"]},
+                "key_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,32}$"},
+                "secret": _SECRET_REF,
+            },
+        },
+        "matching": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "precedence": {"type": "array", "items": {"enum": list(PRECEDENCE)}},
+                "write_keys": {"type": "array", "items": {"enum": ["external_id", "email"]}, "uniqueItems": True},
+                "default_region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+                "phone_acceptance": {"enum": ["valid", "possible"]},
+                "max_fanout": {"type": "integer", "minimum": 2},
+                "max_candidates": {"type": "integer", "minimum": 1, "maximum": 100},
+                "blocked_values": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "blocked_patterns": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            },
+        },
+        "attributes": {
+            "type": "object",
+            "propertyNames": {"pattern": _NAME},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["type"],
+                "properties": {
+                    "type": {"enum": list(ATTRIBUTE_TYPES)},
+                    "description": {"type": "string"},
+                    "max_length": {"type": "integer", "minimum": 1},
+                    "min_length": {"type": "integer", "minimum": 0},
+                    "pattern": {"type": "string"},
+                    "enum": {"type": "array", "minItems": 1},
+                    "minimum": {"type": "number"},
+                    "maximum": {"type": "number"},
+                    "input_formats": {"type": "array", "items": {"type": "string", "minLength": 2}},
+                    "sensitive": {"type": "boolean"},
+                    "owner": {"type": "string", "minLength": 1},
+                },
+            },
+        },
+        "views": {
+            "type": "object",
+            "propertyNames": {"pattern": _NAME},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["fields"],
+                "properties": {
+                    "fields": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                    "description": {"type": "string"},
+                },
+            },
+        },
+        "reliability": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "peak_rps": {"type": "number", "exclusiveMinimum": 0},
+                "latency_target_ms": {"type": "number", "exclusiveMinimum": 0},
+                "idempotency_retention_s": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "logging": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}},
+        },
+        "sources": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "field_map": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "secrets": {"type": "array", "items": _SECRET_REF},
+                },
+            },
+        },
+        "events": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+                "rate_per_s": {"type": "number", "exclusiveMinimum": 0},
+                "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "high_water": {"type": "integer", "minimum": 1},
+                "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
+                "commit_window_ms": {"type": "number", "minimum": 0, "maximum": 1000},
+                "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
+                "process_sched_idle": {"type": "boolean"},
+            },
+        },
+    },
+}

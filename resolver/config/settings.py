@@ -1,0 +1,165 @@
+"""`Settings`: one instance per blueprint table, the flat-name overrides, and the rules across fields.
+
+The tables and their defaults are in `tables.py`; JSON Schema (`schema.py`) has checked each value's shape
+before these rules run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from resolver.address import parse_address
+from resolver.config.tables import (
+    AttributeSpec,
+    EventSettings,
+    IndexSettings,
+    LoggingSettings,
+    MatchingSettings,
+    ReliabilitySettings,
+    ServerSettings,
+    SourceSpec,
+    StorageSettings,
+)
+from resolver.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service needs, validated: one instance per blueprint table. Build with `load_settings`."""
+
+    blueprint_path: Path | None = None
+    name: str | None = None  # the blueprint's own `name`
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    matching: MatchingSettings = field(default_factory=MatchingSettings)
+    attributes: Mapping[str, AttributeSpec] = field(default_factory=dict)
+    views: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    sources: Mapping[str, SourceSpec] = field(default_factory=dict)
+    events: EventSettings = field(default_factory=EventSettings)
+
+    @property
+    def open_schema(self) -> bool:
+        """No attributes declared: any well-named scalar attribute is accepted (the no-config default)."""
+        return not self.attributes
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with overrides, re-validated (ConfigError); None values are ignored.
+
+        A key's own name overrides it in its table (`data_dir=`, `max_fanout=`, `rate_per_s=`); a table's or
+        another top-level field's name replaces it whole (`events=EventSettings(...)`).
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        top = {k: v for k, v in given.items() if k not in TABLE_OF}
+        for key, value in given.items():
+            if key in TABLE_OF:
+                table = TABLE_OF[key]
+                top[table] = replace(top.get(table, getattr(self, table)), **{key: convert(key, value)})
+        updated = replace(self, **top)
+        problems = check_settings(updated)
+        if problems:
+            raise ConfigError(problems)
+        return updated
+
+
+# The tables: the fields of Settings whose type is one of the dataclasses of tables.py.
+TABLES: dict[str, type[Any]] = {
+    name: t for name, t in get_type_hints(Settings).items() if isinstance(t, type) and is_dataclass(t)
+}
+# Each key's table, for flat overrides; a key in two tables (or named like a table) would make them ambiguous.
+TABLE_OF: dict[str, str] = {f.name: table for table, cls in TABLES.items() for f in fields(cls)}
+assert len(TABLE_OF) == sum(len(fields(cls)) for cls in TABLES.values()), "a key is declared in two tables"
+assert not TABLE_OF.keys() & {f.name for f in fields(Settings)}, "a key is named like a top-level field"
+
+# Keys whose TOML or command-line value is not yet the field's type; every other value is used as given.
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "data_dir": Path, "grace_period_s": float, "sweep_interval_s": float,
+    "write_keys": tuple, "default_region": str.upper, "blocked_values": frozenset, "blocked_patterns": tuple,
+    "peak_rps": float, "latency_target_ms": float, "idempotency_retention_s": float,
+    "rate_per_s": float, "timestamp_tolerance_s": float, "commit_window_ms": float,
+}
+assert _CONVERT.keys() <= TABLE_OF.keys()
+
+
+def convert(key: str, value: Any) -> Any:
+    """`value` as the field `key` holds it (`data_dir="x"` -> Path("x"), `peak_rps=100` -> 100.0)."""
+    conv = _CONVERT.get(key)
+    return value if conv is None else conv(value)
+
+
+def check_settings(s: Settings) -> list[str]:
+    """Every cross-field problem in `s`, as `table.key: what is wrong` lines (empty: valid)."""
+    problems: list[str] = []
+    index, matching = s.index, s.matching
+    if index.hash == "blake2b":
+        if not index.secret:
+            problems.append("index.secret: blake2b needs a secret (env or file)")
+        elif len(index.secret) > 64:
+            problems.append("index.secret: a blake2b key is at most 64 bytes")
+        if not index.key_id:
+            problems.append("index.key_id: blake2b needs a key id, so a store hashed with another key is refused")
+    elif index.secret:
+        problems.append("index.secret: only used with hash = \"blake2b\"")
+    if matching.default_region is not None:
+        import phonenumbers
+
+        if matching.default_region not in phonenumbers.SUPPORTED_REGIONS:
+            problems.append(f"matching.default_region: {matching.default_region!r} is not a region phonenumbers knows")
+    for pattern in matching.blocked_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"matching.blocked_patterns: {pattern!r} is not a regular expression: {exc}")
+    for name, spec in s.attributes.items():
+        problems += _check_attribute(name, spec)
+    for source in s.sources.values():
+        targets = list(source.field_map.values())
+        problems += [
+            f"sources.{source.name}.field_map: {crm} maps to {attr!r}, which is not a declared attribute"
+            for crm, attr in source.field_map.items()
+            if s.attributes and attr not in s.attributes
+        ]
+        problems += [
+            f"sources.{source.name}.field_map: several CRM fields map to {attr!r}"
+            for attr in sorted({a for a in targets if targets.count(a) > 1})
+        ]
+    for view, names in s.views.items():
+        unknown = [f for f in names if s.attributes and f not in s.attributes]
+        if unknown:
+            problems.append(f"views.{view}.fields: unknown attribute(s) {', '.join(unknown)}")
+    problems += _check_address("server.listen", s.server.listen)
+    if s.events.http_listen:  # "": no HTTP endpoint
+        problems += _check_address("events.http_listen", s.events.http_listen)
+    return problems
+
+
+def _check_address(where: str, text: str) -> list[str]:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        return [f"{where}: {exc}"]
+    return []
+
+
+def _check_attribute(name: str, spec: AttributeSpec) -> list[str]:
+    where = f"attributes.{name}"
+    problems = []
+    text_only = ("max_length", "min_length", "pattern")
+    if spec.type != "string":
+        problems += [f"{where}.{k}: only for type string" for k in text_only if getattr(spec, k) is not None]
+    if spec.type not in ("integer", "number"):
+        problems += [f"{where}.{k}: only for numbers" for k in ("minimum", "maximum") if getattr(spec, k) is not None]
+    if spec.input_formats and spec.type not in ("date", "date-time"):
+        problems.append(f"{where}.input_formats: only for date and date-time")
+    if spec.pattern is not None:
+        try:
+            re.compile(spec.pattern)
+        except re.error as exc:
+            problems.append(f"{where}.pattern: not a regular expression: {exc}")
+    return problems

@@ -1,0 +1,127 @@
+"""One frozen dataclass per blueprint table, each default stated once, here; and the attribute and source specs.
+
+Field names are the blueprint's keys (`[server] listen` is `settings.server.listen`). A table built from
+TOML passes only the keys present, so an absent key takes the default below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeSpec:
+    """One declared attribute: its type and constraints, sensitivity and owning source system."""
+
+    name: str
+    type: str
+    max_length: int | None = None
+    min_length: int | None = None
+    pattern: str | None = None
+    enum: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    input_formats: tuple[str, ...] = ()
+    sensitive: bool = False
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A CRM source system: how its field names map to attributes, and its webhook secrets (resolved).
+
+    `secrets` are the raw HMAC keys (a `whsec_<base64>` value is decoded); `unresolved` names the
+    references that could not be read at load time (the source's webhooks are then refused, 401).
+    """
+
+    name: str
+    field_map: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    unresolved: tuple[str, ...] = ()
+
+
+def _one_worker_per_core() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """`[server]`: the gRPC endpoint, the data directory and the serving processes."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./data")
+    workers: int = field(default_factory=_one_worker_per_core)
+    threads: int = 16
+    max_concurrent_rpcs: int = 256
+    grace_period_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """`[storage]`: the LMDB environment, and how often expired ledger entries are swept."""
+
+    map_size_mb: int = 64 * 1024
+    max_readers: int = 1024
+    sweep_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSettings:
+    """`[index]`: how identifiers become index keys."""
+
+    hash: str = "xxh3-128"
+    key_id: str = ""
+    secret: bytes | None = field(default=None, repr=False)  # read from its env/file reference at load time
+
+
+@dataclass(frozen=True, slots=True)
+class MatchingSettings:
+    """`[matching]`: which keys select a record on write, phone parsing, and the limits of a probe."""
+
+    write_keys: tuple[str, ...] = ("external_id", "email")
+    default_region: str | None = None
+    phone_acceptance: str = "valid"
+    max_fanout: int = 25
+    max_candidates: int = 10
+    blocked_values: frozenset[str] = frozenset()
+    blocked_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReliabilitySettings:
+    """`[reliability]`: the load the deployment expects, and how long an idempotency key is remembered."""
+
+    peak_rps: float = 2000.0
+    latency_target_ms: float = 1.0
+    idempotency_retention_s: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """`[logging]`: the log level; `payload` is accepted and shown, and nothing reads it yet (issue 16)."""
+
+    level: str = "INFO"
+    payload: str = "masked"
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """`[events]`: CRM change events (contract §5): the HTTP endpoint, admission and the applier's pace.
+
+    The figures behind `rate_per_s`, `commit_window_ms` and the process priority are in bench/README.md.
+    """
+
+    enabled: bool = False  # the loader turns it on when a source is declared: no source, no port opened
+    http_listen: str = "127.0.0.1:8081"  # "" : no HTTP endpoint (gRPC IngestEvents only)
+    rate_per_s: float = 100.0  # applied per second; a full inbox paces intake too, so it caps what a push costs Resolve
+    batch: int = 100  # events per applier write transaction
+    high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED
+    timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future
+    max_body_bytes: int = 256 * 1024
+    commit_window_ms: float = 5.0  # admissions within it share one synced commit, at most this much added to a 202
+    process_nice: int = 10  # the events process yields the CPU to the serving workers (os.nice increment)
+    process_sched_idle: bool = True  # ... and runs only on CPU they leave: a waking worker preempts it at once

@@ -1,0 +1,75 @@
+"""`resolver import FILE`: bulk-load customers from JSON lines (UpsertRequest, proto3 JSON) or CSV.
+
+Each row is an Upsert, validated exactly as the API validates it (`resolver.upsert.prepare`). Accepted rows
+are applied in batches: one durable write transaction per batch, so a row that cannot be applied is refused
+alone and the rest of its batch commits. Refused rows go to a rejects file with their reasons and their
+original text, to fix and re-import. A row without an idempotency key gets one made from the file and the
+row, so importing the same file again replays every committed row and creates nothing twice.
+
+formats: what the file is, its reader; jsonl, csvrows: reading and parsing rows; prepare: row -> validated,
+encoded command (no store access, so it runs in worker processes too); pool: those workers, and the rows in
+file order; commit: the batches and the rejects file; report: what the user sees; rows: the row type they
+all share.
+
+Exit codes: 0 every row was applied, 1 some were rejected, 2 the file, its header or an option is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from resolver.bootstrap import build_service
+from resolver.config import Settings
+from resolver.errors import IdentifierError
+from resolver.importer.commit import Importer
+from resolver.importer.formats import format_of, open_source, scan
+from resolver.importer.pool import prepared, start_workers
+from resolver.importer.prepare import KeyMaker, Preparer
+from resolver.importer.report import fail
+from resolver.importer.rows import FileProblem
+from resolver.normalize import check_region
+
+__all__ = ["run_import"]
+
+
+def run_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Import args.file into the store of `settings`; print a summary line; exit code 0, 1 or 2."""
+    path = Path(args.file)
+    fmt = format_of(path, args.format)
+    if fmt is None:
+        return fail(f"{path}: cannot tell the format from the name; give --format jsonl or --format csv")
+    if args.batch_size < 1:
+        return fail("--batch-size must be at least 1")
+    try:
+        region = check_region(args.default_region) or ""
+    except IdentifierError as exc:
+        return fail(f"--default-region {args.default_region!r}: {exc.message}")
+    if not path.is_file():
+        return fail(f"{path}: no such file")
+    rejects = Path(args.rejects) if args.rejects else path.with_name(path.name + ".rejected.jsonl")
+    if rejects.resolve() == path.resolve():
+        return fail(f"{rejects}: the rejects file cannot be the input file")
+    if not rejects.parent.is_dir():
+        return fail(f"{rejects}: no such directory for the rejects file")
+
+    started = time.monotonic()
+    lines, digest = scan(path)
+    with ExitStack() as stack:
+        try:
+            source = open_source(path, fmt, settings, KeyMaker(digest, region, args.source_system), stack)
+        except FileProblem as exc:
+            return fail(f"{path}: {exc}")
+        preparer = Preparer(settings, source.parse)
+        # Fork the workers first: an LMDB environment must never cross a fork.
+        workers = start_workers(preparer, lines)
+        if workers is not None:
+            stack.callback(workers.close)
+        service = build_service(settings, writer=False)
+        stack.callback(service.close)
+        importer = Importer(service, rejects, batch_size=args.batch_size, progress=not args.no_progress)
+        return importer.run(prepared(source.rows, preparer, workers), total=lines - source.header_lines,
+                            skip=source.header_lines, name=path, started=started)
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow exceptions

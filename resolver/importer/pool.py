@@ -1,0 +1,135 @@
+"""Preparing rows in file order: here, or in worker processes for a large file.
+
+The workers are forked before the store is opened (an LMDB environment must never cross a fork). A JSON-lines
+file travels to them as raw blocks of lines (resolver.importer.jsonl), a CSV file as chunks of parsed cells;
+what comes back is compact (resolver.bulk). A few chunks are in flight at a time: enough to keep every worker
+busy, never the whole file in memory.
+
+Each worker keeps its Preparer in a module global, `_preparer`, set by the pool's initializer. A Pool runs
+module-level functions by name with pickled arguments; the Preparer (compiled schema, key hasher) is neither
+cheap nor always possible to pickle with every task, so the initializer receives it once, inherited through
+fork, and a per-process global is the only place it can leave it for the tasks. Nothing else reads it, and
+only worker processes set it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from multiprocessing.pool import AsyncResult, Pool
+from typing import Any, NamedTuple
+
+from resolver.importer.jsonl import Block, block_rows
+from resolver.importer.prepare import Preparer
+from resolver.importer.rows import FileProblem, Outcome, Payload, Row, decided
+
+CHUNK_ROWS = 500  # CSV rows handed to a worker at a time
+POOL_MIN_ROWS = 5000  # below this, forking workers costs more than it saves
+MAX_WORKERS = 8
+IN_FLIGHT = 3  # chunks in flight per worker
+
+_preparer: Preparer | None = None  # a worker process's own (the module docstring says why a global)
+
+
+def _init_worker(preparer: Preparer) -> None:
+    global _preparer
+    _preparer = preparer
+    preparer.reseed()  # never share a random stream across a fork
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
+
+
+def _prepare_payloads(lines: list[int], payloads: list[Payload]) -> list[Outcome]:
+    assert _preparer is not None
+    return _preparer.outcomes(lines, payloads)
+
+
+def _prepare_block(block: Block) -> list[Row]:
+    assert _preparer is not None
+    return _preparer.rows(block_rows(block))
+
+
+class Workers:
+    """A pool of worker processes that prepare rows with a copy of the parent's Preparer."""
+
+    def __init__(self, preparer: Preparer, count: int) -> None:
+        # fork: the preparer (parser, compiled schema) is inherited, not pickled; nothing here holds LMDB yet
+        self.pool: Pool = multiprocessing.get_context("fork").Pool(count, _init_worker, (preparer,))
+        self.count = count
+
+    def close(self) -> None:
+        """Stop the workers (every result is in, or no longer wanted, by the time this is called)."""
+        self.pool.terminate()
+        self.pool.join()
+
+
+def start_workers(preparer: Preparer, lines: int) -> Workers | None:
+    """Worker processes for a large file on a machine with several CPUs (None: prepare in this process)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus < 2 or lines < POOL_MIN_ROWS:
+        return None
+    return Workers(preparer, min(cpus, MAX_WORKERS))
+
+
+class _Pending(NamedTuple):
+    chunk: list[Row] | None  # the CSV rows the result has the outcomes of; None: the result is the rows (a block)
+    result: AsyncResult[Any]
+
+    def rows(self) -> list[Row]:
+        got = self.result.get()
+        return got if self.chunk is None else decided(self.chunk, got)
+
+
+def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer, workers: Workers | None) -> Iterator[list[Row]]:
+    """Every row of `source` (CSV rows, or blocks of JSON lines) with its outcome, in file order, a chunk at a
+    time. When reading fails (FileProblem), the rows read before it are yielded first, then it is raised."""
+    pending: deque[_Pending] = deque()
+    window = IN_FLIGHT * workers.count if workers is not None else 0
+    problem: FileProblem | None = None
+    chunks = _chunks(source, CHUNK_ROWS)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            break
+        except FileProblem as exc:  # the rows read before it still go through
+            problem = exc
+            break
+        if workers is None:
+            yield preparer.rows(block_rows(chunk) if isinstance(chunk, Block) else chunk)
+            continue
+        if isinstance(chunk, Block):
+            pending.append(_Pending(None, workers.pool.apply_async(_prepare_block, (chunk,))))
+        else:
+            lines = [r.line for r in chunk if r.payload is not None]
+            payloads = [r.payload for r in chunk if r.payload is not None]
+            pending.append(_Pending(chunk, workers.pool.apply_async(_prepare_payloads, (lines, payloads))))
+        if len(pending) >= window:
+            yield pending.popleft().rows()
+    while pending:
+        yield pending.popleft().rows()
+    if problem is not None:
+        raise problem
+
+
+def _chunks(items: Iterator[Row] | Iterator[Block], size: int) -> Iterator[list[Row] | Block]:
+    """Lists of `size` CSV rows (blocks of JSON lines pass through as they are); when reading fails, the
+    partial list first, then the error."""
+    chunk: list[Row] = []
+    try:
+        for item in items:
+            if isinstance(item, Block):
+                yield item
+                continue
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    except FileProblem:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk

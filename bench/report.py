@@ -29,7 +29,17 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    names: list[str] = []
+
+    def save(fig: Any, ax: Any, name: str) -> None:
+        """Grid and legend on `ax`; `fig` written to OUT/NAME and closed."""
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
     peak = results["peak"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, style in (("resolve", "o-"), ("floor", "s--"), ("peer", "^-.")):
@@ -45,12 +55,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     ax.axhline(results["blueprint"]["latency_target_ms"], color="red", lw=0.8, ls=":", label="p99 target")
     ax.set_ylabel("latency from intended send (ms)")
     ax.set_title(f"call-setup at {results['blueprint']['peak_rps']:g}/s, {results['customers']:,} customers")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency_by_percentile.png", dpi=110)
-    plt.close(fig)
-    names.append("latency_by_percentile.png")
+    save(fig, ax, "latency_by_percentile.png")
 
     sweep = results.get("sweep")
     if sweep and sweep["steps"]:
@@ -65,12 +70,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("offered rate (requests/s)")
         ax.set_ylabel("p99 (ms)")
         ax.set_title("p99 against offered load (open loop)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "p99_vs_load.png", dpi=110)
-        plt.close(fig)
-        names.append("p99_vs_load.png")
+        save(fig, ax, "p99_vs_load.png")
     return names
 
 

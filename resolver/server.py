@@ -15,9 +15,10 @@ import gc
 import logging
 import multiprocessing
 import os
+import select
 import signal
+import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -34,8 +35,6 @@ log = logging.getLogger("resolver.server")
 @contextmanager
 def reserve_port(listen: str) -> Iterator[int]:
     """Hold the address with SO_REUSEPORT so every worker binds the same port (port 0: pick one)."""
-    import socket
-
     address = parse_address(listen)
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -54,27 +53,49 @@ def settle() -> None:
     gc.freeze()
 
 
-def _wait_for_signal(tick: Callable[[], None] | None = None, every: float = 0.5) -> int:
-    """Block until SIGTERM/SIGINT (calling `tick` every `every` seconds meanwhile); the signal number."""
-    stop = threading.Event()
-    received: list[int] = []
+class _Signals:
+    """The signals that stop a process, awaited with no lock taken in a signal handler.
 
-    def handler(signum: int, _frame: Any) -> None:
-        received.append(signum)
-        stop.set()
+    A handler runs in the main thread between two bytecodes. One that sets a threading.Event can deadlock with
+    the main thread's own Event.wait (both take the Event's non-reentrant lock): the process then ignores
+    SIGTERM for good. Here the handler does nothing; the interpreter writes the signal number to a socket
+    (signal.set_wakeup_fd), and `wait` selects on it. Installed before start-up, so a signal that arrives while
+    the server starts is answered once it serves, not by dying halfway.
+    """
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not stop.wait(every if tick is not None else None):
-        if tick is not None:
-            tick()
-    return received[0]
+    def __init__(self, *signums: signal.Signals) -> None:
+        self.signums = signums
+        self._read, self._write = socket.socketpair()
+        for sock in (self._read, self._write):
+            sock.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._previous = {s: signal.signal(s, lambda *_: None) for s in signums}
+
+    def wait(self, tick: Callable[[], bool | None] | None = None, every: float = 0.5) -> int | None:
+        """Block until one of the signals (its number) or until `tick`, called every `every` seconds, returns
+        True (None)."""
+        while True:
+            readable, _, _ = select.select([self._read], [], [], every if tick is not None else None)
+            if readable:
+                got = [n for n in self._read.recv(64) if n in self.signums]
+                if got:
+                    return got[0]
+            elif tick is not None and tick():
+                return None
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._read.close()
+        self._write.close()
 
 
 def _worker(settings: Settings, ready: Any, index: int) -> None:
     """A spawned worker: serve gRPC (no webhook endpoint, no applier), stop gracefully on SIGTERM."""
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
+    signals = _Signals(signal.SIGTERM)
     try:
         running = build_server(settings, sweeper=index == 0, events_in_process=False)
     except Exception as exc:
@@ -82,14 +103,17 @@ def _worker(settings: Settings, ready: Any, index: int) -> None:
         raise SystemExit(1) from None
     settle()
     ready.put((index, None))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     parent = os.getppid()
-    while not stop.wait(1.0):
-        if os.getppid() != parent:  # the supervisor was killed: do not keep serving its port as an orphan
-            log.warning("worker %d: the supervisor is gone; stopping", index)
-            break
+
+    def orphaned() -> bool:  # the supervisor was killed: do not keep serving its port as an orphan
+        if os.getppid() == parent:
+            return False
+        log.warning("worker %d: the supervisor is gone; stopping", index)
+        return True
+
+    signals.wait(orphaned, every=1.0)
     running.stop()
+    signals.close()
 
 
 class _Workers(Protocol):
@@ -200,6 +224,8 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
     ctx = multiprocessing.get_context("spawn")
     listen = parse_address(settings.server.listen)
     with ExitStack() as stack:
+        signals = _Signals(signal.SIGTERM, signal.SIGINT)
+        stack.callback(signals.close)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))
         workers: _Workers
         if settings.server.workers == 1:
@@ -227,7 +253,7 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
         count = settings.server.workers
         announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}, "
                  f"data {settings.server.data_dir}){hooks}")
-        signum = _wait_for_signal(events.check if events is not None else None)
+        signum = signals.wait(events.check if events is not None else None)
         log.info("signal %d: shutting down %d worker(s) (grace %.1fs)", signum, count, settings.server.grace_period_s)
         return _shutdown(workers, events)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions

@@ -13,7 +13,8 @@ from grpc_status import rpc_status
 
 from resolver.config import Settings, load_settings
 
-TEST_BLUEPRINT = textwrap.dedent(
+# How the blueprints of tests that start a server open: one worker of 8 threads, a 1 s grace period, a 256 MB map.
+SERVER_TOML = textwrap.dedent(
     """
     version = 1
     [server]
@@ -22,29 +23,23 @@ TEST_BLUEPRINT = textwrap.dedent(
     grace_period_s = 1
     [storage]
     map_size_mb = 256
+    """
+)
+
+TEST_BLUEPRINT = SERVER_TOML + textwrap.dedent(
+    """
     [matching]
     default_region = "US"
     max_fanout = 4
     max_candidates = 3
     blocked_values = ["+16502530099"]
-    [attributes.name]
-    type = "string"
-    max_length = 50
-    [attributes.status]
-    type = "string"
-    enum = ["Active", "Churned"]
-    owner = "SALESFORCE"
-    [attributes.credit_limit]
-    type = "number"
-    minimum = 0
-    owner = "BILLING"
-    [attributes.tier]
-    type = "string"
-    [attributes.birth_date]
-    type = "date"
-    input_formats = ["%m/%d/%Y"]
-    [attributes.last_interaction_date]
-    type = "date-time"
+    [attributes]
+    name = { type = "string", max_length = 50 }
+    status = { type = "string", enum = ["Active", "Churned"], owner = "SALESFORCE" }
+    credit_limit = { type = "number", minimum = 0, owner = "BILLING" }
+    tier = { type = "string" }
+    birth_date = { type = "date", input_formats = ["%m/%d/%Y"] }
+    last_interaction_date = { type = "date-time" }
     [views.default]
     fields = ["name", "status"]
     [views.billing]
@@ -54,9 +49,15 @@ TEST_BLUEPRINT = textwrap.dedent(
 
 
 @pytest.fixture
-def blueprint_file(tmp_path: Path) -> Path:
+def blueprint_text() -> str:
+    """The blueprint `blueprint_file` holds (and `settings` reads); a module overrides it to run under its own."""
+    return TEST_BLUEPRINT
+
+
+@pytest.fixture
+def blueprint_file(tmp_path: Path, blueprint_text: str) -> Path:
     path = tmp_path / "blueprint.toml"
-    path.write_text(TEST_BLUEPRINT)
+    path.write_text(blueprint_text)
     return path
 
 

@@ -17,6 +17,13 @@ _SECRET_REF = {
     "maxProperties": 1,
 }
 
+
+
+def _table(properties: dict[str, Any]) -> dict[str, Any]:
+    """A blueprint table: exactly these keys, each optional."""
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
 # Semantic checks (a view naming an unknown attribute, ...) follow in `settings.check_settings`.
 BLUEPRINT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -24,50 +31,34 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
     "properties": {
         "version": {"const": 1},
         "name": {"type": "string"},
-        "server": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "listen": {"type": "string", "pattern": r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
-                "data_dir": {"type": "string", "minLength": 1},
-                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
-                "threads": {"type": "integer", "minimum": 1, "maximum": 256},
-                "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
-                "grace_period_s": {"type": "number", "minimum": 0},
-            },
-        },
-        "storage": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "map_size_mb": {"type": "integer", "minimum": 16},
-                "max_readers": {"type": "integer", "minimum": 16},
-                "sweep_interval_s": {"type": "number", "exclusiveMinimum": 0},
-            },
-        },
-        "index": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "hash": {"enum": ["xxh3-128", "blake2b"]},
-                "key_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,32}$"},
-                "secret": _SECRET_REF,
-            },
-        },
-        "matching": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "precedence": {"type": "array", "items": {"enum": list(PRECEDENCE)}},
-                "write_keys": {"type": "array", "items": {"enum": ["external_id", "email"]}, "uniqueItems": True},
-                "default_region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
-                "phone_acceptance": {"enum": ["valid", "possible"]},
-                "max_fanout": {"type": "integer", "minimum": 2},
-                "max_candidates": {"type": "integer", "minimum": 1, "maximum": 100},
-                "blocked_values": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "blocked_patterns": {"type": "array", "items": {"type": "string", "minLength": 1}},
-            },
-        },
+        "server": _table({
+            "listen": {"type": "string", "pattern": r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+            "data_dir": {"type": "string", "minLength": 1},
+            "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+            "threads": {"type": "integer", "minimum": 1, "maximum": 256},
+            "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
+            "grace_period_s": {"type": "number", "minimum": 0},
+        }),
+        "storage": _table({
+            "map_size_mb": {"type": "integer", "minimum": 16},
+            "max_readers": {"type": "integer", "minimum": 16},
+            "sweep_interval_s": {"type": "number", "exclusiveMinimum": 0},
+        }),
+        "index": _table({
+            "hash": {"enum": ["xxh3-128", "blake2b"]},
+            "key_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,32}$"},
+            "secret": _SECRET_REF,
+        }),
+        "matching": _table({
+            "precedence": {"type": "array", "items": {"enum": list(PRECEDENCE)}},
+            "write_keys": {"type": "array", "items": {"enum": ["external_id", "email"]}, "uniqueItems": True},
+            "default_region": {"type": "string", "pattern": "^[A-Za-z]{2}$"},
+            "phone_acceptance": {"enum": ["valid", "possible"]},
+            "max_fanout": {"type": "integer", "minimum": 2},
+            "max_candidates": {"type": "integer", "minimum": 1, "maximum": 100},
+            "blocked_values": {"type": "array", "items": {"type": "string", "minLength": 1}},
+            "blocked_patterns": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        }),
         "attributes": {
             "type": "object",
             "propertyNames": {"pattern": _NAME},
@@ -103,46 +94,30 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "reliability": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "peak_rps": {"type": "number", "exclusiveMinimum": 0},
-                "latency_target_ms": {"type": "number", "exclusiveMinimum": 0},
-                "idempotency_retention_s": {"type": "number", "exclusiveMinimum": 0},
-            },
-        },
-        "logging": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}},
-        },
+        "reliability": _table({
+            "peak_rps": {"type": "number", "exclusiveMinimum": 0},
+            "latency_target_ms": {"type": "number", "exclusiveMinimum": 0},
+            "idempotency_retention_s": {"type": "number", "exclusiveMinimum": 0},
+        }),
+        "logging": _table({"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}}),
         "sources": {
             "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "field_map": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "secrets": {"type": "array", "items": _SECRET_REF},
-                },
-            },
+            "additionalProperties": _table({
+                "field_map": {"type": "object", "additionalProperties": {"type": "string"}},
+                "secrets": {"type": "array", "items": _SECRET_REF},
+            }),
         },
-        "events": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "enabled": {"type": "boolean"},
-                "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
-                "rate_per_s": {"type": "number", "exclusiveMinimum": 0},
-                "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
-                "high_water": {"type": "integer", "minimum": 1},
-                "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
-                "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
-                "commit_window_ms": {"type": "number", "minimum": 0, "maximum": 1000},
-                "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
-                "process_sched_idle": {"type": "boolean"},
-            },
-        },
+        "events": _table({
+            "enabled": {"type": "boolean"},
+            "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+            "rate_per_s": {"type": "number", "exclusiveMinimum": 0},
+            "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
+            "high_water": {"type": "integer", "minimum": 1},
+            "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
+            "commit_window_ms": {"type": "number", "minimum": 0, "maximum": 1000},
+            "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
+            "process_sched_idle": {"type": "boolean"},
+        }),
     },
 }

@@ -13,17 +13,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from resolver.address import parse_address
-from resolver.config.tables import (
-    AttributeSpec,
-    EventSettings,
-    IndexSettings,
-    LoggingSettings,
-    MatchingSettings,
-    ReliabilitySettings,
-    ServerSettings,
-    SourceSpec,
-    StorageSettings,
-)
+from resolver.config import tables
 from resolver.errors import ConfigError
 
 
@@ -33,16 +23,16 @@ class Settings:
 
     blueprint_path: Path | None = None
     name: str | None = None  # the blueprint's own `name`
-    server: ServerSettings = field(default_factory=ServerSettings)
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    index: IndexSettings = field(default_factory=IndexSettings)
-    matching: MatchingSettings = field(default_factory=MatchingSettings)
-    attributes: Mapping[str, AttributeSpec] = field(default_factory=dict)
+    server: tables.ServerSettings = field(default_factory=tables.ServerSettings)
+    storage: tables.StorageSettings = field(default_factory=tables.StorageSettings)
+    index: tables.IndexSettings = field(default_factory=tables.IndexSettings)
+    matching: tables.MatchingSettings = field(default_factory=tables.MatchingSettings)
+    attributes: Mapping[str, tables.AttributeSpec] = field(default_factory=dict)
     views: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    reliability: ReliabilitySettings = field(default_factory=ReliabilitySettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
-    sources: Mapping[str, SourceSpec] = field(default_factory=dict)
-    events: EventSettings = field(default_factory=EventSettings)
+    reliability: tables.ReliabilitySettings = field(default_factory=tables.ReliabilitySettings)
+    logging: tables.LoggingSettings = field(default_factory=tables.LoggingSettings)
+    sources: Mapping[str, tables.SourceSpec] = field(default_factory=dict)
+    events: tables.EventSettings = field(default_factory=tables.EventSettings)
 
     @property
     def open_schema(self) -> bool:
@@ -147,7 +137,7 @@ def _check_address(where: str, text: str) -> list[str]:
     return []
 
 
-def _check_attribute(name: str, spec: AttributeSpec) -> list[str]:
+def _check_attribute(name: str, spec: tables.AttributeSpec) -> list[str]:
     where = f"attributes.{name}"
     problems = []
     text_only = ("max_length", "min_length", "pattern")

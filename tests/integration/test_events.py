@@ -37,6 +37,7 @@ from resolver.events.process import PROCESS_NAME
 from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
+from tests.conftest import SERVER_TOML
 from tests.integration.helpers import resolve_req, upsert_req
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,32 +52,15 @@ SEED_PAYLOAD = (Path(__file__).resolve().parents[1] / "fixtures" / "seed_event.j
 
 
 def blueprint(*, field_map: str = "", rate: int = 500, batch: int = 50, high_water: int = 1000) -> str:
-    return textwrap.dedent(
+    return SERVER_TOML + textwrap.dedent(
         """
-        version = 1
-        [server]
-        workers = 1
-        threads = 8
-        grace_period_s = 1
-        [storage]
-        map_size_mb = 256
-        [attributes.name]
-        type = "string"
-        [attributes.status]
-        type = "string"
-        enum = ["Active", "Churned"]
-        owner = "SALESFORCE"
-        [attributes.credit_limit]
-        type = "number"
-        minimum = 0
-        owner = "SALESFORCE"
-        [attributes.tier]
-        type = "string"
-        [attributes.segment]
-        type = "string"
-        [attributes.balance]
-        type = "number"
-        owner = "BILLING"
+        [attributes]
+        name = { type = "string" }
+        status = { type = "string", enum = ["Active", "Churned"], owner = "SALESFORCE" }
+        credit_limit = { type = "number", minimum = 0, owner = "SALESFORCE" }
+        tier = { type = "string" }
+        segment = { type = "string" }
+        balance = { type = "number", owner = "BILLING" }
         [sources.SALESFORCE]
         field_map = { Customer_Status__c = "status", Credit_Limit__c = "credit_limit", Tier__c = "tier", """
         """Balance__c = "balance"%s }

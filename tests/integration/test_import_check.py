@@ -61,21 +61,13 @@ BLUEPRINT = textwrap.dedent(
     map_size_mb = 256
     [matching]
     default_region = "US"
-    [attributes.name]
-    type = "string"
-    [attributes.age]
-    type = "integer"
-    [attributes.balance]
-    type = "number"
-    [attributes.vip]
-    type = "boolean"
-    [attributes.since]
-    type = "date"
-    input_formats = ["%m/%d/%Y"]
-    [attributes.status]
-    type = "string"
-    enum = ["Active", "Churned"]
-    owner = "SALESFORCE"
+    [attributes]
+    name = { type = "string" }
+    age = { type = "integer" }
+    balance = { type = "number" }
+    vip = { type = "boolean" }
+    since = { type = "date", input_formats = ["%m/%d/%Y"] }
+    status = { type = "string", enum = ["Active", "Churned"], owner = "SALESFORCE" }
     """
 )
 
@@ -146,16 +138,10 @@ def rejects_of(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def blueprint(tmp_path: Path) -> Path:
-    path = tmp_path / "blueprint.toml"
-    path.write_text(BLUEPRINT)
-    return path
-
-
-@pytest.fixture
-def settings(tmp_path: Path, blueprint: Path) -> Settings:
-    """This module's blueprint (typed attributes for CSV coercion) on tmp_path/data; overrides conftest's."""
-    return load_settings(blueprint, data_dir=str(tmp_path / "data"))
+def blueprint_text() -> str:
+    """This module's blueprint (typed attributes for CSV coercion): overrides conftest's, so that `blueprint_file`
+    holds it and `settings` reads it."""
+    return BLUEPRINT
 
 
 def records_by_external_id(settings: Settings) -> dict[str | None, Record]:
@@ -276,7 +262,7 @@ def test_the_progress_bar_shows_on_a_terminal_unless_no_progress(tmp_path: Path)
 # -- JSON lines ------------------------------------------------------------------------------------------
 
 
-def test_rejected_rows_go_to_the_rejects_file_with_reasons_and_the_rest_commits(tmp_path: Path, blueprint: Path) -> None:
+def test_rejected_rows_go_to_the_rejects_file_with_reasons_and_the_rest_commits(tmp_path: Path, blueprint_file: Path) -> None:
     missing = "3f1c6f0e-1d3a-4a53-9a70-0c0a3ea52f00"
     rows: list[dict[str, Any] | str] = [
         {"identifiers": {"externalId": "G-1", "phones": [phone(1)]}, "attributes": {"name": "Ann", "age": 40}},
@@ -293,7 +279,7 @@ def test_rejected_rows_go_to_the_rejects_file_with_reasons_and_the_rest_commits(
     lines = source.read_text(encoding="utf-8").splitlines()
     data = tmp_path / "data"
 
-    result = resolver_cli("import", source, "--config", blueprint, "--data-dir", data, cwd=tmp_path)
+    result = resolver_cli("import", source, "--config", blueprint_file, "--data-dir", data, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert summary(result.stdout) == {"rows": 8, "created": 2, "updated": 1, "unchanged": 0, "replayed": 0, "rejected": 5}
     assert "5 row(s) rejected: see" in result.stdout
@@ -310,15 +296,15 @@ def test_rejected_rows_go_to_the_rejects_file_with_reasons_and_the_rest_commits(
     assert by_line[7] == [("attributes.status", "FIELD_OWNED_BY_OTHER_SOURCE", "PERMISSION_DENIED")]
     assert all(x["description"] for r in rejected for x in r["reasons"])
 
-    records = records_by_external_id(load_settings(blueprint, data_dir=str(data)))
+    records = records_by_external_id(load_settings(blueprint_file, data_dir=str(data)))
     assert sorted(records, key=str) == ["G-1", "G-2"]
     assert records["G-1"].attributes == {"name": "Ann", "age": 41} and records["G-1"].version == 2
     assert records["G-2"].attributes == {"vip": True}
-    check = resolver_cli("check", "--config", blueprint, "--data-dir", data, cwd=tmp_path)
+    check = resolver_cli("check", "--config", blueprint_file, "--data-dir", data, cwd=tmp_path)
     assert check.returncode == 0, check.stdout  # the rolled-back rows left nothing behind
 
     # the source system named on the command line makes line 7 acceptable: a different request, a new key
-    fixed = resolver_cli("import", source, "--config", blueprint, "--data-dir", data, "--source-system", "SALESFORCE",
+    fixed = resolver_cli("import", source, "--config", blueprint_file, "--data-dir", data, "--source-system", "SALESFORCE",
                          "--rejects", tmp_path / "second.jsonl", cwd=tmp_path)
     assert fixed.returncode == 1
     assert [r["line"] for r in rejects_of(tmp_path / "second.jsonl")] == [2, 3, 4, 6]
@@ -551,11 +537,11 @@ def damage(settings: Settings, fn: Any) -> None:
         fn(store, txn)
 
 
-def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: Settings, blueprint: Path) -> None:
+def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: Settings, blueprint_file: Path) -> None:
     records = records_by_external_id(populated)
     uid = uuid_bytes(records["K-3"].uuid)
     damage(populated, lambda store, txn: txn.delete(store.hasher.key(Kind.PHONE, phone(3)), uid, db=store.ix[Kind.PHONE]))
-    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.server.data_dir, cwd=tmp_path)
+    r = resolver_cli("check", "--config", blueprint_file, "--data-dir", populated.server.data_dir, cwd=tmp_path)
     assert r.returncode == 1
     assert f"customer {records['K-3'].uuid}: phone {mask(Kind.PHONE, phone(3))} is not in ix_phone" in r.stdout
     assert phone(3) not in r.stdout + r.stderr  # masked, never raw
@@ -563,10 +549,10 @@ def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: S
 
 
 def test_check_fails_when_an_entry_points_to_a_customer_without_the_identifier(tmp_path: Path, populated: Settings,
-                                                                               blueprint: Path) -> None:
+                                                                               blueprint_file: Path) -> None:
     uid = uuid_bytes(records_by_external_id(populated)["K-1"].uuid)
     damage(populated, lambda store, txn: txn.put(store.hasher.key(Kind.PHONE, phone(99)), uid, db=store.ix[Kind.PHONE]))
-    r = resolver_cli("check", "--config", blueprint, "--data-dir", populated.server.data_dir, cwd=tmp_path)
+    r = resolver_cli("check", "--config", blueprint_file, "--data-dir", populated.server.data_dir, cwd=tmp_path)
     assert r.returncode == 1
     assert re.search(r"ix_phone: entry [0-9a-f]{12}… -> customer [0-9a-f-]{36}: the customer holds no phone with that key",
                      r.stdout), r.stdout

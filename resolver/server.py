@@ -125,7 +125,8 @@ class _Workers(Protocol):
         """Start serving; None, or why it could not (the serve command exits 1 with that)."""
 
     def stop(self, grace: float | None = None) -> bool:
-        """Drain and stop within the grace period; whether every part stopped cleanly."""
+        """Drain and stop within the blueprint's grace period (`grace=0`: at once, as after a failed start);
+        whether every part stopped cleanly."""
 
 
 class _InProcess:

@@ -10,24 +10,23 @@ wired in here once, not in each of them.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from resolver.api.servicer import IdentityResolverServicer
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
-from resolver.events.runtime import Events
 from resolver.identifiers import policy_from
 from resolver.service import Service
 from resolver.store import Store
-from resolver.v1 import resolver_pb2, resolver_pb2_grpc
 from resolver.writer import Writer
 
-SERVICE_NAME = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
+# gRPC, the servicers and the events runtime (aiohttp) are imported by the functions that build them: the
+# commands that only need the store (import, check, dlq) and their processes start without loading them.
+if TYPE_CHECKING:
+    import grpc
+    from grpc_health.v1 import health
+
+    from resolver.events.runtime import Events
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> Store:
@@ -53,6 +52,8 @@ def build_service(settings: Settings, *, writer: bool = True, readonly: bool = F
 
 def build_events(service: Service) -> Events:
     """The events subsystem over `service` (nothing started: `Events.start` says which parts run here)."""
+    from resolver.events.runtime import Events
+
     return Events(service)
 
 
@@ -92,6 +93,16 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     (one per data directory) unless `applier` says otherwise. `events_in_process=False` (the workers of
     `resolver serve`): neither runs here (no applier unless `applier=True`); the events process has them.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from resolver.api.servicer import IdentityResolverServicer
+    from resolver.v1 import resolver_pb2, resolver_pb2_grpc
+
+    service_name = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
     service = build_service(settings)
     events = build_events(service) if settings.events.enabled else None
     server = grpc.server(
@@ -102,7 +113,7 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service, events), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(settings.server.listen)
     except RuntimeError as exc:
@@ -119,7 +130,7 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
             service.close()
             raise
     server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if sweeper:
         service.start_sweeper()

@@ -21,7 +21,7 @@ from resolver.store import Store
 from resolver.writer import Writer
 
 # gRPC, the servicers and the events runtime (aiohttp) are imported by the functions that build them: the
-# commands that only need the store (import, check, dlq) and their processes start without loading them.
+# commands that only need the store (import, check) and the events process start without loading gRPC.
 if TYPE_CHECKING:
     import grpc
     from grpc_health.v1 import health

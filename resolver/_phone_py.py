@@ -35,19 +35,15 @@ from resolver import normalize as _ref
 from resolver._phone_consts import (
     ERROR,
     FALLBACK,
-    INVALID_CC_MSG,
     INVALID_LENGTH,
     IS_POSSIBLE,
     IS_POSSIBLE_LOCAL_ONLY,
     MAX_INPUT,
     MAX_NSN,
     MIN_NSN,
-    NOT_A_NUMBER_MSG,
     OK,
     TOO_LONG,
-    TOO_LONG_MSG,
     TOO_SHORT,
-    TOO_SHORT_MSG,
 )
 from resolver.errors import BlockedIdentifier, IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
@@ -206,9 +202,9 @@ def _parse(digits: str, plus: bool, viable: bool, md: _Meta | None) -> tuple[int
     _is_viable_phone_number of the extracted number, `md` the region's metadata (None: no region).
     """
     if not viable:
-        return ERROR, 0, NOT_A_NUMBER_MSG
+        return ERROR, 0, _consts.NOT_A_NUMBER_MSG
     if md is None and not plus:
-        return ERROR, 0, INVALID_CC_MSG
+        return ERROR, 0, _consts.INVALID_CC_MSG
     # _maybe_extract_country_code
     international = plus
     full = digits
@@ -227,11 +223,11 @@ def _parse(digits: str, plus: bool, viable: bool, md: _Meta | None) -> tuple[int
     national = ""
     if international:
         if len(full) <= MIN_NSN:
-            return ERROR, 0, TOO_SHORT_MSG
+            return ERROR, 0, _consts.TOO_SHORT_MSG
         cc, national = _country_code(full)
         if cc == 0:
             # with '+' and a region, phonenumbers retries without the '+': not modelled
-            return (FALLBACK, 0, "") if plus and md is not None else (ERROR, 0, INVALID_CC_MSG)
+            return (FALLBACK, 0, "") if plus and md is not None else (ERROR, 0, _consts.INVALID_CC_MSG)
     else:
         assert md is not None
         if digits.startswith(md.cc_str):
@@ -245,12 +241,12 @@ def _parse(digits: str, plus: bool, viable: bool, md: _Meta | None) -> tuple[int
         national = digits
         cc = md.cc
     if len(national) < MIN_NSN:
-        return ERROR, 0, TOO_SHORT_MSG
+        return ERROR, 0, _consts.TOO_SHORT_MSG
     potential = _strip_national_prefix(national, md)
     if potential is not national and _test_length(potential, md) not in (TOO_SHORT, IS_POSSIBLE_LOCAL_ONLY, INVALID_LENGTH):
         national = potential
     if len(national) > MAX_NSN:
-        return ERROR, 0, TOO_LONG_MSG
+        return ERROR, 0, _consts.TOO_LONG_MSG
     return OK, cc, national
 
 
@@ -374,7 +370,7 @@ def _fast(raw: str, region: str | None, policy: Policy) -> str | None:
     plus, digits, viable = scanned
     md = METADATA[region] if region is not None else None
     if len(value) > MAX_INPUT:
-        status, text = ERROR, TOO_LONG_MSG
+        status, text = ERROR, _consts.TOO_LONG_MSG
     else:
         status, text = _attempt(digits, plus, viable, md, policy)
     if status == FALLBACK:

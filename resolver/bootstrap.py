@@ -99,18 +99,24 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from resolver.api import handlers
     from resolver.api.servicer import IdentityResolverServicer
-    from resolver.v1 import resolver_pb2, resolver_pb2_grpc
+    from resolver.v1 import resolver_pb2
 
     service_name = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
     service = build_service(settings)
     events = build_events(service) if settings.events.enabled else None
+    limits = settings.limits
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-        options=[("grpc.so_reuseport", 1)],
+        # gRPC refuses larger messages and metadata itself (RESOURCE_EXHAUSTED) before reading them; the soft
+        # and hard metadata limits are one, so the answer does not depend on chance between the two.
+        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limits.message_bytes),
+                 ("grpc.max_metadata_size", limits.metadata_bytes),
+                 ("grpc.absolute_max_metadata_size", limits.metadata_bytes)],
     )
-    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service, events), server)
+    handlers.register(server, IdentityResolverServicer(service, events), limits)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

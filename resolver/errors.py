@@ -49,8 +49,13 @@ class InvalidInput(ResolverError):
 
     def __init__(self, violations: list[FieldViolation], message: str | None = None) -> None:
         self.violations = list(violations)
-        fields = ", ".join(v.field for v in self.violations)
+        fields = ", ".join(v.field[:64] for v in self.violations[:_FIELDS_NAMED])
+        more = len(self.violations) - _FIELDS_NAMED
+        fields += f" and {more} more" if more > 0 else ""
         super().__init__(message or f"invalid request: {len(self.violations)} bad field(s): {fields}")
+
+
+_FIELDS_NAMED = 5  # in InvalidInput's message; the BadRequest detail lists more (resolver.api.status)
 
 
 class IdempotencyKeyReused(ResolverError):

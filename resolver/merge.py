@@ -100,6 +100,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
             others.append(rec)
 
     result = survivor.copy()
+    held = set(result.identifiers())  # what the survivor holds already: sets keep this linear in identifiers
     for rec in others:
         for kind, value in rec.identifiers():
             txn.index_remove(kind, value, uuid_bytes(rec.uuid))
@@ -108,10 +109,9 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
                     result.external_id = value
                 elif not result.holds(kind, value):
                     result.merged_external_ids.append(value)
-            elif kind is Kind.EMAIL and value not in result.emails:
-                result.emails.append(value)
-            elif kind is Kind.PHONE and value not in result.phones:
-                result.phones.append(value)
+            elif (kind, value) not in held:
+                held.add((kind, value))
+                (result.emails if kind is Kind.EMAIL else result.phones).append(value)
         for name, value in rec.attributes.items():
             # most recent per field; a field the survivor cleared later than this value was set stays cleared
             theirs = rec.field_us.get(name, rec.updated_us)

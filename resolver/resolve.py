@@ -23,6 +23,7 @@ from resolver.store import Store, Txn, uuid_bytes, uuid_text
 _SHOWN = ("uuid", "version", "attributes")
 _SORTED = ("updated_us", "uuid", "version", "attributes")  # candidates: most recently updated first
 _KIND = {int(k): k for k in Kind}  # by number, without Enum's slow __call__
+_PROBE_CHUNK = 64  # requests probed between two reads of the deadline in resolve_many
 
 
 @dataclass(slots=True)
@@ -123,8 +124,9 @@ class Resolver:
             return fields
         return self.default_fields
 
-    def prepare(self, req: ResolveInput) -> Prepared:
-        """Validate and normalize a request (no storage touched); InvalidInput for a malformed one."""
+    def prepare(self, req: ResolveInput, deadline: float | None = None) -> Prepared:
+        """Validate and normalize a request (no storage touched); InvalidInput for a malformed one,
+        DeadlineExceeded if `deadline` passes while its identifiers are normalized."""
         if not req.identifiers:
             raise InvalidInput([FieldViolation("identifiers", "give at least one identifier", "REQUIRED")])
         try:
@@ -132,37 +134,49 @@ class Resolver:
         except IdentifierError as exc:
             raise InvalidInput([FieldViolation("default_region", exc.message, exc.reason)]) from None
         fields = self.projection(req.fields, req.view)
-        ids, failures = normalize_identifiers(req.identifiers, region, self.policy, "identifiers")
+        ids, failures = normalize_identifiers(req.identifiers, region, self.policy, "identifiers", deadline)
         return Prepared(ids, fields, req.explain, [f.skipped() for f in failures])
 
     def resolve(self, req: ResolveInput, deadline: float | None = None) -> ResolveResult:
         """Answer one Resolve. `deadline` is a time.monotonic() instant; no work starts past it."""
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the lookup started")
-        prepared = self.prepare(req)
+        prepared = self.prepare(req, deadline)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the lookup started")
         with self.store.read() as txn:
             return self.lookup(txn, prepared)
 
-    def resolve_many(self, reqs: list[ResolveInput]) -> list[ResolveResult | ResolverError]:
+    def resolve_many(self, reqs: list[ResolveInput], deadline: float | None = None) -> list[ResolveResult | ResolverError]:
         """The batch loop: normalize every request, then probe all of them inside ONE read transaction.
 
         Answers come in request order; a request that fails validation gets its error in its place, so
         one bad row never fails a bulk lookup. The snapshot is taken after every request was read, so each
-        answer sees every write acknowledged before its request arrived.
+        answer sees every write acknowledged before its request arrived. `deadline` (time.monotonic()) is
+        read between requests and between probe chunks: once it has passed, DeadlineExceeded for the batch.
         """
         prepared: list[Prepared | ResolverError] = []
         for req in reqs:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed during the batch; it was not answered")
             try:
-                prepared.append(self.prepare(req))
+                prepared.append(self.prepare(req, deadline))
+            except DeadlineExceeded:
+                raise
             except ResolverError as exc:
                 prepared.append(exc)
         ok = [p for p in prepared if isinstance(p, Prepared)]
+        fanout = self.settings.matching.max_fanout
+        decisions: list[Decision] = []
         with self.store.read() as txn:
-            decisions = iter(txn.prober.decide_many(
-                [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok], self.settings.matching.max_fanout))
-            return [p if isinstance(p, ResolverError) else self._answer(txn, p, next(decisions)) for p in prepared]
+            for start in range(0, len(ok), _PROBE_CHUNK):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded("the deadline passed during the batch; it was not answered")
+                decisions += txn.prober.decide_many(
+                    [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok[start:start + _PROBE_CHUNK]],
+                    fanout)
+            answers = iter(decisions)
+            return [p if isinstance(p, ResolverError) else self._answer(txn, p, next(answers)) for p in prepared]
 
     def lookup(self, txn: Txn, p: Prepared) -> ResolveResult:
         """Probe the indexes for a prepared request inside the caller's read transaction (contract §3).

@@ -49,7 +49,7 @@ class Service:
 
     def upsert(self, inp: UpsertInput, deadline: float | None = None) -> UpsertResult:
         """Validate, then apply in one durable write transaction. `deadline` as in Resolver.resolve."""
-        cmd = prepare(inp, self.settings, self.schema, self.policy, now_us=now_us())
+        cmd = prepare(inp, self.settings, self.schema, self.policy, now_us=now_us(), deadline=deadline)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
         return self.writer.submit(self._apply_upsert, cmd)

@@ -102,8 +102,9 @@ class UpsertResult:
 
 
 def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, policy: Policy, *,
-            now_us: int, new_uuid: str | None = None) -> UpsertCommand:
-    """Validate and normalize everything; raise InvalidInput listing every bad field (or PermissionDenied)."""
+            now_us: int, new_uuid: str | None = None, deadline: float | None = None) -> UpsertCommand:
+    """Validate and normalize everything; raise InvalidInput listing every bad field (or PermissionDenied).
+    DeadlineExceeded when `deadline` (time.monotonic()) passes during normalization."""
     violations: list[FieldViolation] = []
     key = inp.idempotency_key
     if (bad_key := ledger.check_key(key)) is not None:
@@ -122,14 +123,14 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
     if not _source_ok(inp.source_system):
         violations.append(FieldViolation("source_system", "at most 64 letters, digits, '_', '.', '-'", "INVALID"))
 
-    add, failures = normalize_identifiers(inp.identifiers, region, policy, "identifiers")
+    add, failures = normalize_identifiers(inp.identifiers, region, policy, "identifiers", deadline)
     skipped = []
     for f in failures:
         if isinstance(f.error, BlockedIdentifier):
             skipped.append(f.skipped())  # a CRM placeholder is not an error, it is just never indexed
         else:
             violations.append(FieldViolation(f.field, f.error.message, f.error.reason))
-    remove, failures = (normalize_identifiers(inp.remove_identifiers, region, policy, "remove_identifiers")
+    remove, failures = (normalize_identifiers(inp.remove_identifiers, region, policy, "remove_identifiers", deadline)
                         if inp.remove_identifiers else (Identifiers(), []))
     violations += [
         FieldViolation(f.field, f.error.message, f.error.reason)
@@ -140,6 +141,8 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         violations.append(
             FieldViolation("identifiers", "give customer_uuid or at least one usable identifier", "REQUIRED")
         )
+    if len(add.emails) + len(add.phones) > settings.limits.identifiers_per_customer:
+        violations.append(_over_customer_limit(settings))
     attributes, bad = schema.normalize(inp.attributes)
     violations += bad
     if violations:
@@ -173,6 +176,12 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         now_us=now_us,
         expires_us=now_us + int(settings.reliability.idempotency_retention_s * 1_000_000),
     )
+
+
+def _over_customer_limit(settings: Settings) -> FieldViolation:
+    limit = settings.limits.identifiers_per_customer
+    return FieldViolation("identifiers", f"the customer would hold more than {limit} emails and phones "
+                          "(limits.identifiers_per_customer)", "LIMIT_EXCEEDED")
 
 
 @functools.lru_cache(maxsize=256)
@@ -214,6 +223,10 @@ def apply(txn: Txn, cmd: UpsertCommand, settings: Settings) -> UpsertResult:
         raise VersionMismatch(f"expected version {cmd.expected_version}, the customer is at {have}", current=have)
 
     updated, changes = _updated(current, cmd)
+    held = len(updated.emails) + len(updated.phones)
+    if held > settings.limits.identifiers_per_customer and (
+            current is None or held > len(current.emails) + len(current.phones)):
+        raise InvalidInput([_over_customer_limit(settings)])
     if current is None:
         action = "CREATED"
     elif changes:
@@ -320,14 +333,23 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
     # removals first, so "remove X, add Y" replaces in one request
     if cmd.remove.external_id is not None and rec.external_id == cmd.remove.external_id:
         rec.external_id = None
-    rec.emails = [e for e in rec.emails if e not in cmd.remove.emails]
-    rec.phones = [p for p in rec.phones if p not in cmd.remove.phones]
+    # sets for the membership tests: linear in the identifiers, whatever their number
+    if cmd.remove.emails:
+        gone = set(cmd.remove.emails)
+        rec.emails = [e for e in rec.emails if e not in gone]
+    if cmd.remove.phones:
+        gone = set(cmd.remove.phones)
+        rec.phones = [p for p in rec.phones if p not in gone]
     if cmd.remove.external_id in rec.merged_external_ids:
         rec.merged_external_ids.remove(cmd.remove.external_id)
     if cmd.add.external_id is not None and not rec.holds(Kind.EXTERNAL_ID, cmd.add.external_id):
         rec.external_id = cmd.add.external_id
-    rec.emails += [e for e in cmd.add.emails if e not in rec.emails]
-    rec.phones += [p for p in cmd.add.phones if p not in rec.phones]
+    if cmd.add.emails:
+        have = set(rec.emails)
+        rec.emails += [e for e in cmd.add.emails if e not in have]  # cmd.add is de-duplicated already
+    if cmd.add.phones:
+        have = set(rec.phones)
+        rec.phones += [p for p in cmd.add.phones if p not in have]
     changed_attrs: dict[str, Any] = {}
     for name, value in cmd.attributes.items():
         if value is None:

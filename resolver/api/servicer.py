@@ -1,4 +1,7 @@
-"""The gRPC edge: proto <-> domain, deadlines, and errors -> status. No business rules here."""
+"""The gRPC edge: proto <-> domain, deadlines, and errors -> status. No business rules here.
+
+Requests arrive decoded and within the blueprint's limits (resolver.api.handlers, resolver.api.wire).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from resolver.api.status import internal_status, to_rpc_status, to_status
+from resolver.api.wire import plain_struct
 from resolver.errors import FailedPrecondition, ResolverError
 from resolver.events.runtime import Events
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped
@@ -111,7 +115,7 @@ def upsert_input(req: pb.UpsertRequest) -> UpsertInput:
     return UpsertInput(
         idempotency_key=req.idempotency_key,
         identifiers=_raw_ids(req.identifiers),
-        attributes=json_format.MessageToDict(req.attributes) if req.HasField("attributes") else {},
+        attributes=plain_struct(req.attributes) if req.HasField("attributes") else {},
         customer_uuid=req.customer_uuid,
         source_system=req.source_system,
         expected_version=req.expected_version,
@@ -161,13 +165,14 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
         deadline = _deadline(context)
         return self._call(context, "Resolve", lambda: resolve_response(self.service.resolve(inp, deadline)))
 
-    def ResolveStream(self, request_iterator: Iterator[pb.ResolveRequest],
+    def ResolveStream(self, request_iterator: Iterator[pb.ResolveRequest | ResolverError],
                       context: grpc.ServicerContext) -> Iterator[pb.ResolveResponse]:
         """Bulk Resolve: responses in request order, batches through one read transaction each.
 
-        A reader thread moves requests into a bounded queue; when the client stops reading responses, this
-        generator stops, the queue fills, the reader stops reading, and HTTP/2 flow control holds the client:
-        memory stays bounded on both sides.
+        An item of `request_iterator` that is a ResolverError (a request that did not decode) is answered with
+        that error in its place. A reader thread moves requests into a bounded queue; when the client stops
+        reading responses, this generator stops, the queue fills, the reader stops reading, and HTTP/2 flow
+        control holds the client: memory stays bounded on both sides.
         """
         pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_QUEUE)
 
@@ -201,9 +206,12 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
                 except queue.Empty:
                     break
             done = batch[-1] is _END
-            reqs = [resolve_input(r) for r in batch if r is not _END]
-            results = self._call(context, "ResolveStream", functools.partial(self.service.resolve_many, reqs))
-            for result in results:
+            items = [r for r in batch if r is not _END]  # a request that did not decode is its InvalidInput
+            reqs = [resolve_input(r) for r in items if not isinstance(r, ResolverError)]
+            answers = iter(self._call(context, "ResolveStream",
+                                      functools.partial(self.service.resolve_many, reqs, _deadline(context))))
+            for item in items:
+                result = item if isinstance(item, ResolverError) else next(answers)
                 if isinstance(result, ResolverError):
                     yield pb.ResolveResponse(error=to_rpc_status(result))
                 else:

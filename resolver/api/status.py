@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -35,12 +33,31 @@ def _pack(msg: object) -> any_pb2.Any:
     return packed
 
 
-def _bad_request(violations: Iterable[errors.FieldViolation]) -> error_details_pb2.BadRequest:
-    """Every bad field of a request, as the BadRequest detail clients read."""
-    return error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
-        for v in violations
-    ])
+# The error a client gets must fit its default metadata limit (16 KiB for grpc-status-details-bin and the rest):
+# so many violations listed, each field path and description clipped. Figures in bench/README.md.
+MAX_VIOLATIONS = 10
+MAX_FIELD = 96
+MAX_DESCRIPTION = 160
+MAX_TEXT = 512  # the message, an ErrorInfo metadata value
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bad_request(violations: list[errors.FieldViolation]) -> error_details_pb2.BadRequest:
+    """The bad fields of a request, as the BadRequest detail clients read: the first MAX_VIOLATIONS, then one
+    entry (field "") saying how many more there were."""
+    listed = [
+        error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field, MAX_FIELD),
+                                                    description=_clip(v.description, MAX_DESCRIPTION),
+                                                    reason=_clip(v.reason, 64))
+        for v in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        listed.append(error_details_pb2.BadRequest.FieldViolation(
+            description=f"and {len(violations) - MAX_VIOLATIONS} more violation(s) not listed", reason="MORE"))
+    return error_details_pb2.BadRequest(field_violations=listed)
 
 
 def to_status(exc: errors.ResolverError) -> grpc.Status:
@@ -72,8 +89,9 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
             metadata["dead_letter_id"] = str(exc.dlq_id)
         if exc.violations:
             details.append(_bad_request(exc.violations))
+    metadata = {k: _clip(v, MAX_TEXT) for k, v in metadata.items()}
     details.insert(0, error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
-    return status_pb2.Status(code=code, message=exc.message, details=[_pack(d) for d in details])
+    return status_pb2.Status(code=code, message=_clip(exc.message, MAX_TEXT), details=[_pack(d) for d in details])
 
 
 def internal_status() -> grpc.Status:

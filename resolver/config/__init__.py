@@ -13,6 +13,7 @@ from resolver.config.tables import (
     AttributeSpec,
     EventSettings,
     IndexSettings,
+    LimitSettings,
     LoggingSettings,
     MatchingSettings,
     ReliabilitySettings,
@@ -23,7 +24,7 @@ from resolver.config.tables import (
 
 __all__ = [
     "ATTRIBUTE_TYPES", "BLUEPRINT_SCHEMA", "DEFAULT_VIEW", "PRECEDENCE",
-    "AttributeSpec", "EventSettings", "IndexSettings", "LoggingSettings", "MatchingSettings", "ReliabilitySettings",
-    "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
+    "AttributeSpec", "EventSettings", "IndexSettings", "LimitSettings", "LoggingSettings", "MatchingSettings",
+    "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
     "describe", "load_settings", "settings_from_document",
 ]

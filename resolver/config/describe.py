@@ -36,6 +36,13 @@ def describe(s: Settings) -> str:
         f"idempotency retention {rel.idempotency_retention_s:g}s"
     )
     lines.append(f"logging: payload {s.logging.payload}, level {s.logging.level}")
+    lim = s.limits
+    lines.append(
+        f"limits: message {lim.message_bytes} B, metadata {lim.metadata_bytes} B, identifiers "
+        f"{lim.identifiers_per_request}/request and {lim.identifiers_per_customer}/customer, attributes "
+        f"{lim.attributes_per_request}/request, lists {lim.items_per_list}, strings {lim.string_chars} chars, "
+        f"depth {lim.struct_depth}"
+    )
     for src in sorted(s.sources.values(), key=lambda x: x.name):
         missing = f"; UNRESOLVED: {', '.join(src.unresolved)} (its webhooks are refused)" if src.unresolved else ""
         lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), {len(src.secrets)} secret(s){missing}")

@@ -99,6 +99,16 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "latency_target_ms": {"type": "number", "exclusiveMinimum": 0},
             "idempotency_retention_s": {"type": "number", "exclusiveMinimum": 0},
         }),
+        "limits": _table({
+            "message_bytes": {"type": "integer", "minimum": 4096, "maximum": 64 * 1024 * 1024},
+            "metadata_bytes": {"type": "integer", "minimum": 1024, "maximum": 16 * 1024},
+            "identifiers_per_request": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "identifiers_per_customer": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "attributes_per_request": {"type": "integer", "minimum": 1, "maximum": 100_000},
+            "items_per_list": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "string_chars": {"type": "integer", "minimum": 256, "maximum": 1024 * 1024},
+            "struct_depth": {"type": "integer", "minimum": 1, "maximum": 32},
+        }),
         "logging": _table({"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}}),
         "sources": {
             "type": "object",

@@ -31,6 +31,7 @@ class Settings:
     views: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reliability: tables.ReliabilitySettings = field(default_factory=tables.ReliabilitySettings)
     logging: tables.LoggingSettings = field(default_factory=tables.LoggingSettings)
+    limits: tables.LimitSettings = field(default_factory=tables.LimitSettings)
     sources: Mapping[str, tables.SourceSpec] = field(default_factory=dict)
     events: tables.EventSettings = field(default_factory=tables.EventSettings)
 
@@ -123,6 +124,9 @@ def check_settings(s: Settings) -> list[str]:
         unknown = [f for f in names if s.attributes and f not in s.attributes]
         if unknown:
             problems.append(f"views.{view}.fields: unknown attribute(s) {', '.join(unknown)}")
+    if s.events.enabled and s.events.max_body_bytes + 64 * 1024 > s.limits.message_bytes:
+        problems.append("limits.message_bytes: must exceed events.max_body_bytes by 64 KiB (IngestEvents carries "
+                        "a whole webhook body and its headers)")
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)

@@ -101,6 +101,24 @@ class ReliabilitySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """`[limits]`: what one request may hold (contract §8b), checked before any work is done for it.
+
+    A request over a limit is refused whole (INVALID_ARGUMENT naming the limit as `limits.KEY`); a message
+    or metadata over its size is refused by gRPC itself before it is read (RESOURCE_EXHAUSTED).
+    """
+
+    message_bytes: int = 1024 * 1024  # one request message (a ResolveStream item, an IngestEvents body + headers)
+    metadata_bytes: int = 8 * 1024  # a call's request metadata, names and values together
+    identifiers_per_request: int = 100  # external_id + emails + phones, in each identifier set of a request
+    identifiers_per_customer: int = 100  # emails + phones one customer may hold after an Upsert
+    attributes_per_request: int = 100  # attribute keys of an Upsert, fields of a Resolve
+    items_per_list: int = 1000  # any other repeated field or map (merged_uuids, headers, a list value)
+    string_chars: int = 4096  # any one string: an identifier, a key, an attribute value
+    struct_depth: int = 4  # nesting of attribute values (a scalar is depth 1)
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     """`[logging]`: the log level; `payload` is accepted and shown, and nothing reads it yet (issue 16)."""
 

@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 BLUEPRINT ?= examples/blueprint.toml
 PYTEST_ARGS ?=
 
-.PHONY: all install build compile run demo test test-compiled test-pure lint bench bench-full bench-micro bench-deps clean
+.PHONY: all install build compile run demo test test-compiled test-pure fuzz lint bench bench-full bench-micro bench-deps bench-hostile clean
 
 all: build
 
@@ -44,6 +44,10 @@ test-compiled: build
 
 test-pure: build
 	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# `make test` runs the request-decoding fuzz target at 200 examples per source to stay fast; this runs it at scale.
+fuzz: build
+	FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_wire_fuzz.py
 
 lint: build
 	$(VENV)/bin/ruff check resolver tests bench
@@ -87,3 +91,7 @@ bench-events: bench-deps
 .PHONY: bench-import
 bench-import: build
 	$(PY) -m bench.import_rate --out bench/out/import $(BENCH_ARGS)
+
+# Server CPU per call (issue 12): Resolve of 1, 100 and 101 phones, undecodable bytes, health floor; new vs old registration.
+bench-hostile: build
+	$(PY) -m bench.hostile $(BENCH_ARGS)

@@ -101,7 +101,10 @@ def _datetime(formats: tuple[str, ...]) -> Callable[[Any], str]:
         if parsed.tzinfo is None:
             # A wall-clock time without an offset is a guess about the sender's time zone: refuse it.
             raise _Bad("date-time needs a UTC offset (e.g. 2023-10-27T14:30:00Z)")
-        return parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        try:
+            return parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        except OverflowError:  # an offset that moves year 1 or 9999 past the calendar's end
+            raise _Bad("date-time out of range once converted to UTC") from None
 
     return parse
 

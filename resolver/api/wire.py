@@ -73,22 +73,25 @@ class Limits:
         return out
 
     def _message(self, msg: Message, path: str, out: list[FieldViolation]) -> None:
+        # A list or map over its count is refused without a look at its items, and a path is only formatted
+        # for a violation: refusing an oversized request costs no more than decoding it.
         lim = self.settings
         desc = msg.DESCRIPTOR
         if desc.full_name == _IDENTIFIERS:
             ids: Any = msg
-            n = len(ids.emails) + len(ids.phones) + (1 if ids.external_id else 0)
-            if n > lim.identifiers_per_request:
+            if len(ids.emails) + len(ids.phones) + (1 if ids.external_id else 0) > lim.identifiers_per_request:
                 out.append(FieldViolation(path.rstrip("."), f"more than {_limit('identifiers_per_request', lim)} "
                                           "identifiers", "LIMIT_EXCEEDED"))
+                return
         for fd, value in msg.ListFields():
             where = path + fd.name
             if fd.message_type is not None and fd.message_type.full_name == _STRUCT:
                 self._struct(value, where, 1, fd.full_name in _ATTRIBUTE_LISTS, out)
             elif fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-                self._count(len(value), where, "items_per_list", out)
+                if self._over(len(value), where, "items_per_list", out):
+                    continue
+                self._strings(value, where, out, named=True)
                 for key in value:
-                    self._string(key, f"{where}[{_name(key)}]", out)
                     item = value[key]
                     if isinstance(item, str):
                         self._string(item, f"{where}[{_name(key)}]", out)
@@ -96,12 +99,13 @@ class Limits:
                         self._message(item, f"{where}[{_name(key)}].", out)
             elif fd.is_repeated:
                 if fd.full_name in _ATTRIBUTE_LISTS:
-                    self._count(len(value), where, "attributes_per_request", out)
+                    if self._over(len(value), where, "attributes_per_request", out):
+                        continue
                 elif not (desc.full_name == _IDENTIFIERS and fd.name in _ID_LISTS):  # counted together above
-                    self._count(len(value), where, "items_per_list", out)
+                    if self._over(len(value), where, "items_per_list", out):
+                        continue
                 if fd.type == FieldDescriptor.TYPE_STRING:
-                    for i, item in enumerate(value):
-                        self._string(item, f"{where}[{i}]", out)
+                    self._strings(value, where, out)
                 elif fd.type == FieldDescriptor.TYPE_MESSAGE:
                     for i, item in enumerate(value):
                         self._message(item, f"{where}[{i}].", out)
@@ -110,9 +114,19 @@ class Limits:
             elif fd.type == FieldDescriptor.TYPE_MESSAGE:
                 self._message(value, where + ".", out)
 
-    def _count(self, n: int, where: str, key: str, out: list[FieldViolation]) -> None:
-        if n > getattr(self.settings, key):
-            out.append(FieldViolation(where, f"more than {_limit(key, self.settings)} entries", "LIMIT_EXCEEDED"))
+    def _over(self, n: int, where: str, key: str, out: list[FieldViolation]) -> bool:
+        if n <= getattr(self.settings, key):
+            return False
+        out.append(FieldViolation(where, f"more than {_limit(key, self.settings)} entries", "LIMIT_EXCEEDED"))
+        return True
+
+    def _strings(self, items: Any, where: str, out: list[FieldViolation], named: bool = False) -> None:
+        """The strings of a repeated field (or a map's keys, `named`): one pass at C speed when none is too long."""
+        limit = self.settings.string_chars
+        if items and max(map(len, items)) > limit:
+            for i, item in enumerate(items):
+                if len(item) > limit:
+                    self._string(item, f"{where}[{_name(item) if named else i}]", out)
 
     def _string(self, text: str, where: str, out: list[FieldViolation]) -> None:
         if len(text) > self.settings.string_chars:
@@ -121,7 +135,8 @@ class Limits:
 
     def _struct(self, s: struct_pb2.Struct, where: str, depth: int, attributes: bool,
                 out: list[FieldViolation]) -> None:
-        self._count(len(s.fields), where, "attributes_per_request" if attributes else "items_per_list", out)
+        if self._over(len(s.fields), where, "attributes_per_request" if attributes else "items_per_list", out):
+            return
         for key, value in s.fields.items():
             here = f"{where}.{_name(key)}"
             self._string(key, here, out)
@@ -143,7 +158,8 @@ class Limits:
                 self._struct(value.struct_value, where, depth + 1, False, out)
             else:
                 items = value.list_value.values
-                self._count(len(items), where, "items_per_list", out)
+                if self._over(len(items), where, "items_per_list", out):
+                    return
                 for i, item in enumerate(items):
                     self._value(item, f"{where}[{i}]", depth + 1, out)
 

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from resolver.v1 import resolver_pb2 as pb
 from tests.conftest import status_details
 from tests.integration.helpers import phone, resolve_req, upsert_req
+from tests.rawproto import varint as _varint
 
 PREFIX = "/resolver.v1.IdentityResolver/"
 NEVER = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
@@ -44,15 +45,6 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 
 
 # -- raw protobuf encoding (what a hostile client can send that the protobuf library would not build) --------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _ld(field: int, payload: bytes) -> bytes:
     """A length-delimited field (string, bytes, message, map entry)."""
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload

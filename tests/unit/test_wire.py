@@ -28,6 +28,7 @@ from resolver.api.wire import MAX_NAME_SHOWN, Decoder, Limits, plain_struct
 from resolver.config import LimitSettings
 from resolver.errors import FieldViolation, InvalidInput
 from resolver.v1 import resolver_pb2 as pb
+from tests.rawproto import varint as _varint
 
 # One class per request type of the service, as resolver.api.handlers finds them (ResolveRequest serves two methods).
 REQUEST_TYPES: list[type[Message]] = list({m.input_type.name: getattr(pb, m.input_type.name) for m in SERVICE.methods}.values())
@@ -194,15 +195,6 @@ def _undecodable(cls: type[Message]) -> Iterator[bytes]:
         if fd.type == FieldDescriptor.TYPE_STRING:
             payload = SECRET + b"\xff\xfe"
             yield _varint(fd.number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 @pytest.mark.parametrize("cls", REQUEST_TYPES, ids=TYPE_IDS)

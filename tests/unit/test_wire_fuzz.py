@@ -37,6 +37,7 @@ from resolver.identifiers import policy_from
 from resolver.resolve import Resolver
 from resolver.upsert import prepare
 from resolver.v1 import resolver_pb2 as pb
+from tests.rawproto import varint as _varint
 from tests.unit.test_wire import REQUEST_TYPES, messages, struct, struct_values
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None,
@@ -230,15 +231,6 @@ def test_structured_messages(msg: Message, now_us: int) -> None:
 
 
 # --- (3) mutations of valid messages ---------------------------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 FIELD_NUMBERS = st.one_of(st.integers(1, 12), st.integers(1, 2**29 - 1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from resolver.address import parse_address
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.identifiers import policy_from
@@ -57,6 +58,15 @@ def build_events(service: Service) -> Events:
     return Events(service)
 
 
+@dataclass(frozen=True)
+class WorkerPorts:
+    """`resolver serve`'s workers' own ports (worker i on ports[i], beside the shared port), and which worker
+    this is: served by GetServerInfo so a client can spread one channel over all the workers."""
+
+    ports: tuple[int, ...]
+    index: int
+
+
 @dataclass
 class Running:
     """A gRPC server serving in this process, and what it serves."""
@@ -85,13 +95,14 @@ class Running:
 
 
 def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | None = None,
-                 events_in_process: bool = True) -> Running:
+                 events_in_process: bool = True, worker_ports: WorkerPorts | None = None) -> Running:
     """Open the store and serve on `server.listen` in this process (port 0 picks a free port).
 
     With events enabled, gRPC IngestEvents and the DLQ RPCs are served here. `events_in_process=True` (tests,
     embedding): the webhook endpoint starts here too, as a thread, and the applier runs where the sweeper runs
     (one per data directory) unless `applier` says otherwise. `events_in_process=False` (the workers of
     `resolver serve`): neither runs here (no applier unless `applier=True`); the events process has them.
+    `worker_ports`: this worker also listens on its own port, and GetServerInfo names every worker's.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -116,15 +127,21 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
                  ("grpc.max_metadata_size", limits.metadata_bytes),
                  ("grpc.absolute_max_metadata_size", limits.metadata_bytes)],
     )
-    handlers.register(server, IdentityResolverServicer(service, events), limits)
+    info = resolver_pb2.ServerInfo()
+    if worker_ports is not None:
+        info = resolver_pb2.ServerInfo(worker_ports=worker_ports.ports, worker_index=worker_ports.index)
+    handlers.register(server, IdentityResolverServicer(service, events, info), limits)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    listen = [settings.server.listen]
+    if worker_ports is not None:
+        listen.append(str(parse_address(settings.server.listen).with_port(worker_ports.ports[worker_ports.index])))
     try:
-        port = server.add_insecure_port(settings.server.listen)
+        port, *_ = [server.add_insecure_port(address) for address in listen]
     except RuntimeError as exc:
         service.close()
-        raise OSError(f"cannot listen on {settings.server.listen}: {exc}") from None
+        raise OSError(f"cannot listen on {' and '.join(listen)}: {exc}") from None
     if events is not None:
         try:
             if events_in_process:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import struct_pb2
 
+from resolver.address import parse_address
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 
@@ -26,10 +28,12 @@ SERVICE = "resolver.v1.IdentityResolver"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def service_config(max_attempts: int) -> str:
-    """The gRPC service config: transparent retries of UNAVAILABLE with exponential backoff."""
+def service_config(max_attempts: int, round_robin: bool = False) -> str:
+    """The gRPC service config: transparent retries of UNAVAILABLE with exponential backoff; with `round_robin`,
+    calls spread over every address of the target (one subchannel each)."""
     return json.dumps(
         {
+            **({"loadBalancingConfig": [{"round_robin": {}}]} if round_robin else {}),
             "methodConfig": [
                 {
                     "name": [{"service": SERVICE}],
@@ -46,6 +50,32 @@ def service_config(max_attempts: int) -> str:
     )
 
 
+def workers_target(target: str, credentials: grpc.ChannelCredentials | None = None,
+                   timeout: float = 1.0) -> str | None:
+    """A target naming every worker of the server at `target` on its own port (`ipv4:A:P1,A:P2`), for a
+    round_robin channel; None when there is nothing to spread over (one process, an older server, no answer, or
+    a target that is not HOST:PORT). A connection is served by one worker: without this, one channel gets one
+    worker's share of the server."""
+    try:
+        address = parse_address(target)
+        family, *_, sockaddr = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0]
+    except (ValueError, OSError):
+        return None
+    channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+    try:
+        info = resolver_pb2_grpc.IdentityResolverStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+    except grpc.RpcError:
+        return None
+    finally:
+        channel.close()
+    if len(info.worker_ports) < 2:
+        return None
+    host = sockaddr[0]
+    if family == socket.AF_INET6:
+        return "ipv6:" + ",".join(f"[{host}]:{p}" for p in info.worker_ports)
+    return "ipv4:" + ",".join(f"{host}:{p}" for p in info.worker_ports)
+
+
 def new_idempotency_key() -> str:
     return str(uuid.uuid4())
 
@@ -54,7 +84,9 @@ class ResolverClient:
     """A small, safe client for resolver.v1.IdentityResolver.
 
     `resolve_timeout` is the call-setup budget for Resolve (seconds); `write_timeout` for Upsert and
-    GetCustomer. Use as a context manager or call close().
+    GetCustomer. With `spread` (the default) the one channel reaches every worker process of the server on its
+    own port and round-robins calls over them (`workers_target`); `target` then only serves to find them.
+    Use as a context manager or call close().
     """
 
     def __init__(
@@ -66,12 +98,16 @@ class ResolverClient:
         max_attempts: int = 3,
         backoff: float = 0.02,
         credentials: grpc.ChannelCredentials | None = None,
+        spread: bool = True,
     ) -> None:
-        options = [("grpc.service_config", service_config(max_attempts)), ("grpc.enable_retries", 1)]
+        workers = workers_target(target, credentials) if spread else None
+        self.target = workers or target
+        options = [("grpc.service_config", service_config(max_attempts, round_robin=workers is not None)),
+                   ("grpc.enable_retries", 1)]
         self.channel = (
-            grpc.secure_channel(target, credentials, options=options)
+            grpc.secure_channel(self.target, credentials, options=options)
             if credentials is not None
-            else grpc.insecure_channel(target, options=options)
+            else grpc.insecure_channel(self.target, options=options)
         )
         self.stub = resolver_pb2_grpc.IdentityResolverStub(self.channel)
         self.resolve_timeout = resolve_timeout

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
 
 from resolver.address import parse_address
-from resolver.bootstrap import Running, build_server
+from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
 from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
@@ -91,13 +91,15 @@ class _Signals:
         self._write.close()
 
 
-def _worker(settings: Settings, ready: Any, index: int) -> None:
-    """A spawned worker: serve gRPC (no webhook endpoint, no applier), stop gracefully on SIGTERM."""
+def _worker(settings: Settings, ready: Any, index: int, ports: tuple[int, ...]) -> None:
+    """A spawned worker: serve gRPC on the shared port and on its own (`ports[index]`; no webhook endpoint, no
+    applier), stop gracefully on SIGTERM."""
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
     signals = _Signals(signal.SIGTERM)
     try:
-        running = build_server(settings, sweeper=index == 0, events_in_process=False)
+        running = build_server(settings, sweeper=index == 0, events_in_process=False,
+                               worker_ports=WorkerPorts(ports, index))
     except Exception as exc:
         ready.put((index, f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
@@ -150,17 +152,19 @@ class _InProcess:
 
 
 class _Spawned:
-    """N worker processes binding the port the supervisor holds with SO_REUSEPORT."""
+    """N worker processes binding the port the supervisor holds with SO_REUSEPORT, each also on its own port."""
 
-    def __init__(self, settings: Settings, ctx: Any, port: int) -> None:
+    def __init__(self, settings: Settings, ctx: Any, port: int, worker_ports: tuple[int, ...]) -> None:
         self.settings = settings.with_overrides(listen=str(parse_address(settings.server.listen).with_port(port)))
         self.port = port
+        self.worker_ports = worker_ports
         self.ctx = ctx
         self.procs: list[Any] = []
 
     def start(self) -> str | None:
         ready = self.ctx.Queue()
-        self.procs = [self.ctx.Process(target=_worker, args=(self.settings, ready, i), name=f"resolver-worker-{i}")
+        self.procs = [self.ctx.Process(target=_worker, args=(self.settings, ready, i, self.worker_ports),
+                                       name=f"resolver-worker-{i}")
                       for i in range(self.settings.server.workers)]
         for p in self.procs:
             p.start()
@@ -232,7 +236,11 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
         if settings.server.workers == 1:
             workers = _InProcess(pinned)
         else:
-            workers = _Spawned(pinned, ctx, stack.enter_context(reserve_port(settings.server.listen)))
+            port = stack.enter_context(reserve_port(settings.server.listen))
+            base = settings.server.worker_port_base
+            own = tuple(stack.enter_context(reserve_port(str(listen.with_port(base + i if base else 0))))
+                        for i in range(settings.server.workers))
+            workers = _Spawned(pinned, ctx, port, own)
         if events is not None:
             events.launch()  # starts beside the gRPC side; waited for below
         try:
@@ -252,8 +260,9 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
                 events.stop()
             return _start_failed(failed)
         count = settings.server.workers
-        announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}, "
-                 f"data {settings.server.data_dir}){hooks}")
+        own_ports = f" on ports {', '.join(map(str, workers.worker_ports))}" if isinstance(workers, _Spawned) else ""
+        announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}"
+                 f"{own_ports}, data {settings.server.data_dir}){hooks}")
         signum = signals.wait(events.check if events is not None else None)
         log.info("signal %d: shutting down %d worker(s) (grace %.1fs)", signum, count, settings.server.grace_period_s)
         return _shutdown(workers, events)

@@ -139,9 +139,10 @@ def dead_letter_pb(meta: dict[str, Any], body: bytes | None = None) -> pb.DeadLe
 
 
 class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
-    def __init__(self, service: Service, events: Events | None = None) -> None:
+    def __init__(self, service: Service, events: Events | None = None, info: pb.ServerInfo | None = None) -> None:
         self.service = service
         self.events = events
+        self.info = info if info is not None else pb.ServerInfo()
 
     def _events(self) -> Events:
         if self.events is None:
@@ -301,3 +302,6 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
                                     conserved=snap["conserved"])
 
         return self._call(context, "GetEventCounters", run)
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        return self.info

@@ -37,6 +37,7 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "workers": {"type": "integer", "minimum": 1, "maximum": 64},
             "threads": {"type": "integer", "minimum": 1, "maximum": 256},
             "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
+            "worker_port_base": {"type": "integer", "minimum": 0, "maximum": 65535},
             "grace_period_s": {"type": "number", "minimum": 0},
         }),
         "storage": _table({

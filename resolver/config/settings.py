@@ -127,6 +127,9 @@ def check_settings(s: Settings) -> list[str]:
     if s.events.enabled and s.events.max_body_bytes + 64 * 1024 > s.limits.message_bytes:
         problems.append("limits.message_bytes: must exceed events.max_body_bytes by 64 KiB (IngestEvents carries "
                         "a whole webhook body and its headers)")
+    if s.server.worker_port_base and s.server.worker_port_base + s.server.workers - 1 > 65535:
+        problems.append(f"server.worker_port_base: {s.server.workers} workers from port {s.server.worker_port_base} "
+                        "run past 65535")
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)

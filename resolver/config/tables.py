@@ -57,6 +57,10 @@ class ServerSettings:
     workers: int = field(default_factory=_one_worker_per_core)
     threads: int = 16
     max_concurrent_rpcs: int = 256
+    # Each of several workers also listens on a port of its own, so a client's one channel can spread its calls
+    # over all of them (round_robin; GetServerInfo names the ports): worker i on worker_port_base + i, or on a
+    # free port chosen at start when 0.
+    worker_port_base: int = 0
     grace_period_s: float = 5.0
 
 

@@ -129,15 +129,72 @@ def test_workers_share_the_port_and_see_each_others_writes_at_once(tmp_path):  #
         # every channel is a new connection; the kernel spreads them over both workers, so with 24 write/read
         # pairs on separate connections some pairs are certainly served by different workers
         for i in range(24):
-            with ResolverClient(f"127.0.0.1:{port}") as writer:
+            with ResolverClient(f"127.0.0.1:{port}", spread=False) as writer:
                 w = writer.upsert(external_id=f"W-{i}", phones=(phone(200 + i),))
-            with ResolverClient(f"127.0.0.1:{port}") as reader:
+            with ResolverClient(f"127.0.0.1:{port}", spread=False) as reader:
                 r = reader.resolve(phones=(phone(200 + i),))
             assert (r.outcome, r.customer_uuid) == (pb.OUTCOME_MATCHED, w.customer_uuid)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len([c for c in children if _is_worker(c)]) == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_one_client_channel_spreads_over_every_worker(tmp_path):  # noqa: ANN001
+    with serve_process(tmp_path / "data", "--workers", "2") as (proc, port):
+        def answering(client: ResolverClient) -> set[int]:
+            return {client.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).worker_index for _ in range(12)}
+
+        with ResolverClient(f"127.0.0.1:{port}") as client:
+            info = client.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+            assert len(info.worker_ports) == 2 and port not in info.worker_ports
+            assert client.target == "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in info.worker_ports)
+            assert answering(client) == {0, 1}  # one channel, both workers
+            for i in range(6):  # each call may land on the other worker: writes are visible to the next read
+                w = client.upsert(external_id=f"S-{i}", phones=(phone(300 + i),))
+                r = client.resolve(phones=(phone(300 + i),))
+                assert (r.outcome, r.customer_uuid) == (pb.OUTCOME_MATCHED, w.customer_uuid)
+        with ResolverClient(f"127.0.0.1:{port}", spread=False) as plain:
+            assert plain.target == f"127.0.0.1:{port}" and len(answering(plain)) == 1  # one connection: one worker
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def _two_free_ports() -> int:
+    """A port p such that p and p + 1 are free on 127.0.0.1 (now)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            base = a.getsockname()[1]
+            if base >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", base + 1))
+                except OSError:
+                    continue
+        return base
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_worker_port_base_fixes_each_workers_port(tmp_path):  # noqa: ANN001
+    base = _two_free_ports()
+    blueprint = tmp_path / "b.toml"
+    blueprint.write_text(f"version = 1\n[server]\nworker_port_base = {base}\n")
+    with serve_process(tmp_path / "data", "--workers", "2", "--config", str(blueprint)) as (proc, port):
+        with ResolverClient(f"127.0.0.1:{port}") as client:
+            assert client.target == f"ipv4:127.0.0.1:{base},127.0.0.1:{base + 1}"
+            assert client.resolve(external_id="nobody").outcome == pb.OUTCOME_NOT_FOUND
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_one_worker_has_nothing_to_spread(server):  # noqa: ANN001
+    with ResolverClient(f"127.0.0.1:{server.port}") as client:
+        assert client.target == f"127.0.0.1:{server.port}"
+        assert list(client.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).worker_ports) == []
 
 
 def _is_worker(pid: str) -> bool:

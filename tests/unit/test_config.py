@@ -53,12 +53,15 @@ def test_semantic_problems_are_listed_together() -> None:
         "attributes": {"n": {"type": "integer", "max_length": 3}},
         "views": {"default": {"fields": ["n", "ghost"]}},
         "index": {"hash": "blake2b"},
+        "server": {"workers": 4, "worker_port_base": 65534},
+        "events": {"enabled": True, "max_body_bytes": 1024 * 1024},
     }
     with pytest.raises(ConfigError) as e:
         settings_from_document(doc, {})
     joined = "\n".join(e.value.problems)
     for expected in ("matching.default_region", "matching.precedence", "attributes.n.max_length",
-                     "views.default.fields", "index.secret", "index.key_id"):
+                     "views.default.fields", "index.secret", "index.key_id", "server.worker_port_base",
+                     "limits.message_bytes"):
         assert expected in joined
 
 

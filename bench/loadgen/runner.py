@@ -182,6 +182,7 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
     import grpc
 
     from bench.loadgen.workload import CODECS, requests
+    from resolver.client import service_config
 
     _fine_timer_slack()
     channels: dict[str, Any] = {}
@@ -190,7 +191,11 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
     try:
         for ph in phases:
             if ph.target not in channels:
-                ch = grpc.insecure_channel(ph.target)
+                # a list of addresses (`ipv4:A:P1,A:P2`, resolver.client.workers_target) is one channel over every
+                # worker, round-robin, as ResolverClient opens it
+                spread = ph.target.startswith(("ipv4:", "ipv6:")) and "," in ph.target
+                ch = grpc.insecure_channel(ph.target, options=[("grpc.service_config", service_config(3, True))]
+                                           if spread else None)
                 try:
                     grpc.channel_ready_future(ch).result(timeout=15)
                 except grpc.FutureTimeoutError:

@@ -24,6 +24,7 @@ _SHOWN = ("uuid", "version", "attributes")
 _SORTED = ("updated_us", "uuid", "version", "attributes")  # candidates: most recently updated first
 _KIND = {int(k): k for k in Kind}  # by number, without Enum's slow __call__
 _PROBE_CHUNK = 64  # requests probed between two reads of the deadline in resolve_many
+_BATCH_TOO_LATE = "the deadline passed during the batch; it was not answered"
 
 
 @dataclass(slots=True)
@@ -158,7 +159,7 @@ class Resolver:
         prepared: list[Prepared | ResolverError] = []
         for req in reqs:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("the deadline passed during the batch; it was not answered")
+                raise DeadlineExceeded(_BATCH_TOO_LATE)
             try:
                 prepared.append(self.prepare(req, deadline))
             except DeadlineExceeded:
@@ -171,7 +172,7 @@ class Resolver:
         with self.store.read() as txn:
             for start in range(0, len(ok), _PROBE_CHUNK):
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise DeadlineExceeded("the deadline passed during the batch; it was not answered")
+                    raise DeadlineExceeded(_BATCH_TOO_LATE)
                 decisions += txn.prober.decide_many(
                     [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok[start:start + _PROBE_CHUNK]],
                     fanout)

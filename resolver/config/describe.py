@@ -11,7 +11,8 @@ def describe(s: Settings) -> str:
     server, storage, index, matching = s.server, s.storage, s.index, s.matching
     lines = [
         f"blueprint: {s.blueprint_path or '(none: built-in defaults)'}",
-        f"server: listen {server.listen}, {server.workers} worker(s) x {server.threads} threads, "
+        f"server: listen {server.listen}, {server.workers} worker(s) x {server.threads} threads (own ports "
+        f"{f'from {server.worker_port_base}' if server.worker_port_base else 'chosen at start'}), "
         f"max {server.max_concurrent_rpcs} concurrent RPCs, grace {server.grace_period_s:g}s",
         f"storage: {server.data_dir} (map size {storage.map_size_mb} MiB, {storage.max_readers} readers)",
         f"index keys: {index.hash}" + (f" (key id {index.key_id}, secret set)" if index.secret else ""),

@@ -100,21 +100,27 @@ class ResolverClient:
         credentials: grpc.ChannelCredentials | None = None,
         spread: bool = True,
     ) -> None:
-        workers = workers_target(target, credentials) if spread else None
-        self.target = workers or target
-        options = [("grpc.service_config", service_config(max_attempts, round_robin=workers is not None)),
-                   ("grpc.enable_retries", 1)]
-        self.channel = (
-            grpc.secure_channel(self.target, credentials, options=options)
-            if credentials is not None
-            else grpc.insecure_channel(self.target, options=options)
-        )
-        self.stub = resolver_pb2_grpc.IdentityResolverStub(self.channel)
+        self.address, self.credentials, self.spread = target, credentials, spread
         self.resolve_timeout = resolve_timeout
         self.write_timeout = write_timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.attempts_made = 0  # total attempts sent by this client (observability and tests)
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the channel: over every worker's own port when the server names them (`spread`), else `address`.
+        A channel it replaces is left to in-flight calls on other threads (closed when the last one drops it)."""
+        workers = workers_target(self.address, self.credentials) if self.spread else None
+        self.target = workers or self.address
+        options = [("grpc.service_config", service_config(self.max_attempts, round_robin=workers is not None)),
+                   ("grpc.enable_retries", 1)]
+        self.channel = (
+            grpc.secure_channel(self.target, self.credentials, options=options)
+            if self.credentials is not None
+            else grpc.insecure_channel(self.target, options=options)
+        )
+        self.stub = resolver_pb2_grpc.IdentityResolverStub(self.channel)
 
     def __enter__(self) -> ResolverClient:
         return self
@@ -133,6 +139,10 @@ class ResolverClient:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.max_attempts:
                     raise
+                if self.spread and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # the workers may be elsewhere now (a restart with ports chosen at start) or newly spread
+                    # (a client made while the server was down): ask the shared port again
+                    self._connect()
                 time.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 

@@ -191,6 +191,23 @@ def test_worker_port_base_fixes_each_workers_port(tmp_path):  # noqa: ANN001
         assert proc.wait(timeout=30) == 0
 
 
+def test_a_spreading_client_finds_the_workers_again_after_a_restart(tmp_path):  # noqa: ANN001
+    from resolver.server import reserve_port
+
+    with reserve_port("127.0.0.1:0") as shared:  # the shared port stays; the workers' own ports are new each start
+        listen = ("--listen", f"127.0.0.1:{shared}")
+        with serve_process(tmp_path / "data", "--workers", "2", *listen) as (proc, _):
+            client = ResolverClient(f"127.0.0.1:{shared}", max_attempts=8, backoff=0.1)
+            first = client.target
+            client.upsert(external_id="R-1")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        with serve_process(tmp_path / "data", "--workers", "2", *listen):
+            with client:
+                assert client.resolve(external_id="R-1", timeout=5).outcome == pb.OUTCOME_MATCHED
+                assert client.target.startswith("ipv4:") and client.target != first
+
+
 def test_one_worker_has_nothing_to_spread(server):  # noqa: ANN001
     with ResolverClient(f"127.0.0.1:{server.port}") as client:
         assert client.target == f"127.0.0.1:{server.port}"

@@ -95,3 +95,12 @@ bench-import: build
 # Server CPU per call (issue 12): Resolve of 1, 100 and 101 phones, undecodable bytes, health floor; new vs old registration.
 bench-hostile: build
 	$(PY) -m bench.hostile $(BENCH_ARGS)
+
+# Issue 13: Resolve p99 / health p99 from 1 channel, 1 round-robin channel over the workers, and 4 channels; and
+# Resolve alone / with 5% Upserts / alone again beside the disk's own fsync. Both reuse a 200k dataset in /tmp/wvr.
+.PHONY: bench-channels bench-writes
+bench-channels: bench-deps
+	$(PY) -m bench.channels $(BENCH_ARGS)
+
+bench-writes: bench-deps
+	$(PY) -m bench.writes_vs_reads $(BENCH_ARGS)

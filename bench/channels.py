@@ -12,7 +12,9 @@ with the blueprint's workers (2 here), and three client layouts of bench.loadgen
             default: resolver.client.workers_target)
   4ch       four client processes, one channel each to the shared port (the kernel spreads connections)
 
-Rounds rotate the layouts' order. Prints, per layout, the medians over rounds of Resolve p99, health p99, their
+With --pin the server's processes and threads run on CPU 0 and this process and its load clients on CPU 1 (the
+client then cannot take the server's CPU, at the price of the server's second core). Rounds rotate the layouts'
+order. Prints, per layout, the medians over rounds of Resolve p99, health p99, their
 ratio (target <= 1.25) and the server CPU per call of each; --json writes every round.
 """
 
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import procstat
 from bench.loadgen.sweep import run_interleaved
 from bench.loadgen.workload import Data
 from bench.writes_vs_reads.servers import ROOT, Server, Variant, log, prepare
@@ -44,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=2000.0)
     p.add_argument("--duration", type=float, default=8.0, help="recorded Resolve seconds per layout and round")
     p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--pin", action="store_true", help="server on CPU 0, load clients on CPU 1")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -55,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spread = workers_target(server.target)
         if spread is None:
             raise SystemExit("the server names no worker ports (one worker?): nothing to spread over")
+        if a.pin:
+            pin(server.p.pid)
         layouts = {"1ch": (server.target, 1), "1ch-rr": (spread, 1), "4ch": (server.target, 4)}
         for r in range(a.rounds):
             for name in LAYOUTS[r % 3:] + LAYOUTS[:r % 3]:
@@ -80,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(rounds, indent=1))
     return 0
+
+
+def pin(server_pid: int) -> None:
+    """Every thread of the server's process tree on CPU 0; this process (and the clients it starts) on CPU 1."""
+    for pid in procstat.tree(server_pid, procstat.snapshot()):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {0})
+    os.sched_setaffinity(0, {1})
 
 
 def _p99(row: dict[str, Any], kind: str) -> float:

@@ -127,9 +127,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
                  ("grpc.max_metadata_size", limits.metadata_bytes),
                  ("grpc.absolute_max_metadata_size", limits.metadata_bytes)],
     )
-    info = resolver_pb2.ServerInfo()
-    if worker_ports is not None:
-        info = resolver_pb2.ServerInfo(worker_ports=worker_ports.ports, worker_index=worker_ports.index)
+    info = (resolver_pb2.ServerInfo(worker_ports=worker_ports.ports, worker_index=worker_ports.index)
+            if worker_ports is not None else resolver_pb2.ServerInfo())
     handlers.register(server, IdentityResolverServicer(service, events, info), limits)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

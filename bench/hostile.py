@@ -89,42 +89,19 @@ def load_customers(data_dir: Path, n: int) -> None:
 
 
 def baseline_build_server(settings: Any) -> Any:
-    """PRE-ISSUE-12 BASELINE (measurement only): resolver.bootstrap.build_server with the servicer registered by
-    the generated `resolver_pb2_grpc.add_IdentityResolverServicer_to_server` instead of
+    """PRE-ISSUE-12 BASELINE (measurement only): resolver.bootstrap.build_server itself, with the servicer
+    registered by the generated `resolver_pb2_grpc.add_IdentityResolverServicer_to_server` in place of
     `resolver.api.handlers.register`, so grpcio deserializes every request with ResolveRequest.FromString and no
-    `[limits]` check runs. Everything else mirrors build_server (thread pool, options, health, reflection) for a
-    blueprint without events and without the sweeper."""
-    from concurrent.futures import ThreadPoolExecutor
+    `[limits]` check runs; everything else is today's server. (Only in the bench's child process.)"""
+    from resolver.api import handlers
+    from resolver.bootstrap import build_server
+    from resolver.v1 import resolver_pb2_grpc
 
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    def generated(server: Any, servicer: Any, limits: Any) -> None:
+        resolver_pb2_grpc.add_IdentityResolverServicer_to_server(servicer, server)
 
-    from resolver.api.servicer import IdentityResolverServicer
-    from resolver.bootstrap import Running, build_service
-    from resolver.v1 import resolver_pb2, resolver_pb2_grpc
-
-    if settings.events.enabled:
-        raise ValueError("the baseline server is built without events")
-    service_name = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
-    service = build_service(settings)
-    limits = settings.limits
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limits.message_bytes),
-                 ("grpc.max_metadata_size", limits.metadata_bytes),
-                 ("grpc.absolute_max_metadata_size", limits.metadata_bytes)],
-    )
-    resolver_pb2_grpc.add_IdentityResolverServicer_to_server(IdentityResolverServicer(service, None), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.server.listen)
-    server.start()
-    for name in ("", service_name):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, service, health_servicer, port, None)
+    handlers.register = generated  # type: ignore[assignment]
+    return build_server(settings, sweeper=False, events_in_process=False)
 
 
 def serve(variant: str, data_dir: Path) -> None:

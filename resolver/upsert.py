@@ -333,23 +333,17 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
     # removals first, so "remove X, add Y" replaces in one request
     if cmd.remove.external_id is not None and rec.external_id == cmd.remove.external_id:
         rec.external_id = None
-    # sets for the membership tests: linear in the identifiers, whatever their number
-    if cmd.remove.emails:
-        gone = set(cmd.remove.emails)
-        rec.emails = [e for e in rec.emails if e not in gone]
-    if cmd.remove.phones:
-        gone = set(cmd.remove.phones)
-        rec.phones = [p for p in rec.phones if p not in gone]
+    # sets for the membership tests: linear in the identifiers (an email never equals a phone: one set each way)
+    gone = {*cmd.remove.emails, *cmd.remove.phones}
+    rec.emails = [e for e in rec.emails if e not in gone]
+    rec.phones = [p for p in rec.phones if p not in gone]
     if cmd.remove.external_id in rec.merged_external_ids:
         rec.merged_external_ids.remove(cmd.remove.external_id)
     if cmd.add.external_id is not None and not rec.holds(Kind.EXTERNAL_ID, cmd.add.external_id):
         rec.external_id = cmd.add.external_id
-    if cmd.add.emails:
-        have = set(rec.emails)
-        rec.emails += [e for e in cmd.add.emails if e not in have]  # cmd.add is de-duplicated already
-    if cmd.add.phones:
-        have = set(rec.phones)
-        rec.phones += [p for p in cmd.add.phones if p not in have]
+    have = {*rec.emails, *rec.phones}  # cmd.add is de-duplicated already
+    rec.emails += [e for e in cmd.add.emails if e not in have]
+    rec.phones += [p for p in cmd.add.phones if p not in have]
     changed_attrs: dict[str, Any] = {}
     for name, value in cmd.attributes.items():
         if value is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from resolver.config import Settings, load_settings
@@ -115,17 +115,23 @@ def stub(channel):  # noqa: ANN001, ANN201
     return resolver_pb2_grpc.IdentityResolverStub(channel)
 
 
-def status_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
-    """ErrorInfo and BadRequest (field, reason) pairs carried by a failed call."""
-    status = rpc_status.from_call(err)
-    assert status is not None, "error without google.rpc.Status details"
-    info, violations = None, []
+def unpack_details(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo | None,
+                                                      error_details_pb2.BadRequest | None]:
+    """The ErrorInfo and BadRequest details of a google.rpc.Status (None: absent)."""
+    info, bad = None, None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            br = error_details_pb2.BadRequest()
-            detail.Unpack(br)
-            violations += [(v.field, v.reason) for v in br.field_violations]
-    return info, violations
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+    return info, bad
+
+
+def status_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
+    """ErrorInfo and BadRequest (field, reason) pairs carried by a failed call."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "error without google.rpc.Status details"
+    info, bad = unpack_details(status)
+    return info, [(v.field, v.reason) for v in bad.field_violations] if bad is not None else []

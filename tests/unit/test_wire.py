@@ -28,6 +28,7 @@ from resolver.api.wire import MAX_NAME_SHOWN, Decoder, Limits, plain_struct
 from resolver.config import LimitSettings
 from resolver.errors import FieldViolation, InvalidInput
 from resolver.v1 import resolver_pb2 as pb
+from tests.conftest import unpack_details
 from tests.rawproto import varint as _varint
 
 # One class per request type of the service, as resolver.api.handlers finds them (ResolveRequest serves two methods).
@@ -493,14 +494,7 @@ def test_plain_struct_keeps_what_message_to_dict_refuses() -> None:
 
 
 def _details(status: Any) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    info, bad = None, None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
+    info, bad = unpack_details(status)
     assert info is not None
     return info, bad
 

@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:50051
 BLUEPRINT ?= examples/blueprint.toml
 PYTEST_ARGS ?=
 
-.PHONY: all install build compile run demo test test-compiled test-pure fuzz lint bench bench-full bench-micro bench-deps bench-hostile clean
+.PHONY: all install build compile run demo test test-compiled test-pure fuzz lint bench bench-full bench-micro bench-deps bench-hostile bench-targets clean
 
 all: build
 
@@ -56,8 +56,14 @@ lint: build
 # Micro suites (pytest-benchmark, in process), then the load benchmark: dataset, import, PostgreSQL peer,
 # open-loop load against Resolve, the health-check floor and the peer; report and plots in bench/out/ (git-ignored).
 BENCH_ARGS ?=
+REPEAT ?= 3
 bench: bench-micro bench-deps
 	$(PY) -m bench.run --customers 200000 --out bench/out/quick $(BENCH_ARGS)
+	$(PY) -m bench.targets --repeat $(REPEAT) --out bench/out/targets
+
+# Issue 13's table alone: 1 channel and 4, with and without writes, CPU per call, both CPU layouts (~25 min).
+bench-targets: bench-deps
+	$(PY) -m bench.targets --repeat $(REPEAT) --out bench/out/targets $(BENCH_ARGS)
 
 bench-full: bench-deps
 	$(PY) -m bench.run --customers 1000000 --queries 100000 --duration 60 --windows 12 --step 4 \

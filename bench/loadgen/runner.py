@@ -176,13 +176,23 @@ def realtime_priority() -> str:
     return "SCHED_FIFO 1"
 
 
+def open_channel(target: str) -> Any:
+    """An insecure channel to `target`; a list of addresses (`ipv4:A:P1,A:P2`, resolver.client.workers_target) is
+    one channel over every worker, round-robin, as ResolverClient opens it."""
+    import grpc
+
+    from resolver.client import service_config
+
+    spread = target.startswith(("ipv4:", "ipv6:")) and "," in target
+    return grpc.insecure_channel(target, options=[("grpc.service_config", service_config(3, True))] if spread else None)
+
+
 def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str, seed: int,
             ready: Any, start: Any, results: Any) -> None:
     """One client process: connect, report ready, wait for the timeline, send every phase, report."""
     import grpc
 
     from bench.loadgen.workload import CODECS, requests
-    from resolver.client import service_config
 
     _fine_timer_slack()
     channels: dict[str, Any] = {}
@@ -191,11 +201,7 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
     try:
         for ph in phases:
             if ph.target not in channels:
-                # a list of addresses (`ipv4:A:P1,A:P2`, resolver.client.workers_target) is one channel over every
-                # worker, round-robin, as ResolverClient opens it
-                spread = ph.target.startswith(("ipv4:", "ipv6:")) and "," in ph.target
-                ch = grpc.insecure_channel(ph.target, options=[("grpc.service_config", service_config(3, True))]
-                                           if spread else None)
+                ch = open_channel(ph.target)
                 try:
                     grpc.channel_ready_future(ch).result(timeout=15)
                 except grpc.FutureTimeoutError:

@@ -71,7 +71,14 @@ def _resolves(data: Data, part: int, parts: int) -> Iterator[tuple[str, Any]]:
 
 
 def _upserts(data: Data, part: int, parts: int, run_id: str, seed: int) -> Iterator[tuple[str, Any]]:
+    # Parsed now, not at the first Upsert sent: a generator's body runs at its first next(), and parsing a
+    # client's share of the templates there stalled that client's whole timeline for 1-2 s inside the first
+    # window with writes (every later send late, counted as latency: bench.run's "mixed collapse").
     templates = [json_format.Parse(line, pb.UpsertRequest()) for line in _lines(data.upserts, part, parts)]
+    return _upsert_stream(templates, run_id, part, seed)
+
+
+def _upsert_stream(templates: list[pb.UpsertRequest], run_id: str, part: int, seed: int) -> Iterator[tuple[str, Any]]:
     rng = random.Random(seed)
     sent: list[pb.UpsertRequest] = []
     for i in itertools.count():

@@ -22,7 +22,8 @@ from bench.writes_vs_reads.sampling import (
     thread_cpu,
     vmstat,
 )
-from bench.writes_vs_reads.servers import ROOT, Server, Variant, log, prepare
+from bench.writes_vs_reads.servers import ROOT, Server, Variant, log, pin, prepare
+from resolver.client import workers_target
 
 # -- the run -----------------------------------------------------------------------------------------------------
 
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--disk-probe", type=float, default=3.0, help="seconds of the flush probe per round (0: none)")
     p.add_argument("--variant", action="append", default=[], help="NAME[:KEY=VAL;...] (see above); repeatable")
     p.add_argument("--realtime", action="store_true", help="load clients under SCHED_FIFO 1 (as loadgen --realtime)")
+    p.add_argument("--shared-port", action="store_true",
+                   help="each client's channel to the shared port (one worker per connection, as the kernel deals "
+                        "them) instead of round_robin over every worker's own port (ResolverClient's default)")
+    p.add_argument("--pin", action="store_true", help="servers on CPU 0, load clients on CPU 1 (bench.channels --pin)")
     p.add_argument("--json", help="where to write every window's figures")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -58,16 +63,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in variants:
             servers[v.name] = Server(v, work, data, a.config)
             log(f"variant {v.name}: pid {servers[v.name].p.pid} on {servers[v.name].target}")
+        targets = {n: srv.target if a.shared_port else (workers_target(srv.target) or srv.target)
+                   for n, srv in servers.items()}
+        if a.pin:
+            for srv in servers.values():
+                pin(srv.p.pid)
         windows: list[Window] = []
         for v in variants:
-            windows.append(Window(v.name, "warmup", "call-setup", servers[v.name].target, 3.0, -1))
+            windows.append(Window(v.name, "warmup", "call-setup", targets[v.name], 3.0, -1))
         names = [v.name for v in variants]
         for r in range(a.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for i, n in enumerate(order):
                 if i == len(order) // 2 and a.disk_probe > 0:
                     windows.append(Window("", "disk", "", "", a.disk_probe, r))
-                t = servers[n].target
+                t = targets[n]
                 windows += [Window(n, "before", "call-setup", t, a.window, r),
                             Window(n, "mixed", "mixed", t, a.window, r),
                             Window(n, "after", "call-setup", t, a.window, r)]
@@ -129,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 d = meta[i].pop("disk")
                 fig = {k: {"n": len(v), "p50_ms": pct(v, 50) / 1000, "p99_ms": pct(v, 99) / 1000,
                            "max_ms": max(v) / 1000 if v else None} for k, v in d.items()}
-            results_all.append({"variant": w.variant, "kind": w.kind, "round": w.round, **fig, **meta[i]})
+            results_all.append({"variant": w.variant, "kind": w.kind, "round": w.round, "duration_s": w.duration_s,
+                                **fig, **meta[i]})
     finally:
         for pr in procs:
             pr.join(timeout=15)
@@ -179,6 +190,7 @@ def summarize(windows: list[dict[str, Any]], names: list[str], rounds: int) -> d
                 "other_cores_max": max(x["cores"].get("other", 0.0) for x in (b, m, a)),
             }
             row["upsert_over_disk1"] = row["upsert_p99_ms"] / row["disk1_p99_ms"]
+            row.update(cpu_per_call(n, b, m))
             rows.append(row)
             _print_row(n, str(r), row)
         if rows:
@@ -187,6 +199,16 @@ def summarize(windows: list[dict[str, Any]], names: list[str], rounds: int) -> d
             out[n] = {"rounds": rows, "median": med}
     print("targets: ratio (mixed/alone) <= 1.3; slice ratio (after/before) <= 2; up/d1 <= 3")
     return out
+
+
+def cpu_per_call(name: str, before: dict[str, Any], mixed: dict[str, Any]) -> dict[str, float]:
+    """Server CPU per Resolve (the write-free window) and per Upsert: the mixed window's server CPU less its
+    Resolves at the write-free window's cost, over its Upserts (µs)."""
+    key, dur = f"server:{name}", before["duration_s"]
+    per_resolve = before["cores"].get(key, 0.0) * dur / max(1, before["resolve"]["n"])
+    rest = mixed["cores"].get(key, 0.0) * mixed["duration_s"] - per_resolve * mixed["resolve"]["n"]
+    per_upsert = rest / max(1, mixed.get("upsert", {}).get("n", 0))
+    return {"cpu_per_resolve_us": per_resolve * 1e6, "cpu_per_upsert_us": per_upsert * 1e6}
 
 
 def _print_row(n: str, r: str, x: dict[str, float]) -> None:

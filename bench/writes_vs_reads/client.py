@@ -31,7 +31,7 @@ def client_process(part: int, parts: int, windows: list[Window], rate: float, qu
             realtime: bool, ready: Any, start: Any, results: Any) -> None:
     import grpc
 
-    from bench.loadgen.runner import _fine_timer_slack
+    from bench.loadgen.runner import _fine_timer_slack, open_channel
     from bench.loadgen.schedule import intended_offsets
     from bench.loadgen.workload import CODECS, HEALTH, RESOLVE, UPSERT, Data, requests
 
@@ -43,7 +43,7 @@ def client_process(part: int, parts: int, windows: list[Window], rate: float, qu
     try:
         calls: dict[tuple[str, str], Any] = {}
         for target in sorted({w.target for w in windows if w.target}):
-            ch = grpc.insecure_channel(target)
+            ch = open_channel(target)
             grpc.channel_ready_future(ch).result(timeout=30)
             for method, (ser, de) in CODECS.items():
                 calls[target, method] = ch.unary_unary(method, request_serializer=ser, response_deserializer=de)

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import procstat
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
@@ -138,3 +140,9 @@ class Server:
         self._log.close()
 
 
+def pin(server_pid: int) -> None:
+    """Every thread of the server's process tree on CPU 0; this process (and the clients it starts) on CPU 1."""
+    for pid in procstat.tree(server_pid, procstat.snapshot()):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {0})
+    os.sched_setaffinity(0, {1})

@@ -5,6 +5,10 @@ decode then fails inside grpcio (INTERNAL, a traceback logged per call, memory k
 takes the bytes, decodes them with resolver.api.wire (INVALID_ARGUMENT for anything malformed or over a limit)
 and calls the servicer's method with the message, as the generated code would. The service, its methods and
 messages are the proto's: clients, stubs and reflection see no difference.
+
+Resolve, the hot path, is bytes both ways: a small request (below `Limits.always_within`, so within every limit)
+is decoded straight into the use case's input and the answer encoded straight to bytes (resolver._rwire); any
+other request takes the Decoder, as every method does.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from resolver._rwire import decode_resolve
+from resolver._rwire_py import resolve_input
 from resolver.api.status import to_status
 from resolver.api.wire import Decoder, Limits
 from resolver.config import LimitSettings
@@ -31,7 +37,11 @@ def method_handlers(servicer: Any, limits: LimitSettings) -> dict[str, grpc.RpcM
         decode: Decoder[Any] = Decoder(getattr(pb, method.input_type.name), checks)
         serialize = getattr(pb, method.output_type.name).SerializeToString
         impl = getattr(servicer, method.name)
-        if method.client_streaming and method.server_streaming:
+        if method.name == "Resolve":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _resolve(servicer, decode, checks.always_within), request_deserializer=None,
+                response_serializer=None)
+        elif method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _stream(impl, decode), request_deserializer=None, response_serializer=serialize)
         elif not method.client_streaming and not method.server_streaming:
@@ -57,6 +67,21 @@ def _unary(impl: Callable[[Any, grpc.ServicerContext], Any],
         except InvalidInput as exc:
             context.abort_with_status(to_status(exc))
         return impl(request, context)
+
+    return handle
+
+
+def _resolve(servicer: Any, decode: Decoder[Any], within: int) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    """Resolve on bytes: `servicer.resolve_encoded` on the request's ResolveInput, the fast decoding first."""
+
+    def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
+        inp = decode_resolve(data, within)
+        if inp is None:  # too large to skip the limits, or not decodable: the general path, and its errors
+            try:
+                inp = resolve_input(decode(data))
+            except InvalidInput as exc:
+                context.abort_with_status(to_status(exc))
+        return servicer.resolve_encoded(inp, context)
 
     return handle
 

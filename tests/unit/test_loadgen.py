@@ -121,3 +121,16 @@ def test_the_dataset_holds_only_numbers_resolver_accepts(tmp_path) -> None:  # n
             assert normalize_phone(phone, row.get("defaultRegion") or None).startswith("+")
     queries = (tmp_path / "queries.jsonl").read_text().splitlines()
     assert len(queries) == 200 and 10 <= info["unknown_queries"] <= 60
+
+
+@pytest.mark.parametrize("scenario", ["crm-sync", "mixed"])
+def test_write_scenarios_parse_their_requests_before_the_first_send(tmp_path, scenario: str) -> None:  # noqa: ANN001
+    # A stream that parsed its Upsert templates at its first Upsert stalled that client's timeline inside the
+    # first timed window with writes; a bad file must therefore fail when the stream is made, not when used.
+    from bench.loadgen.workload import Data, requests
+
+    queries, upserts = tmp_path / "q.jsonl", tmp_path / "u.jsonl"
+    queries.write_text('{"identifiers": {"phones": ["+16502530000"]}}\n')
+    upserts.write_text('{"identifiers": {"externalId": "A"}, "no_such_field": 1}\n')
+    with pytest.raises(Exception, match="no_such_field"):
+        requests(scenario, Data(queries=str(queries), upserts=str(upserts)))

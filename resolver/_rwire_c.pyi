@@ -1,0 +1,6 @@
+"""Types of the compiled Resolve wire codec, ext/_rwire_c.pyx: its twin's interface (resolver/_rwire_py.py)."""
+
+from resolver.resolve import ResolveInput, ResolveResult
+
+def decode_resolve(data: bytes, max_size: int) -> ResolveInput | None: ...
+def encode_resolve(r: ResolveResult) -> bytes: ...

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="rounds per bench (figures are medians over them)")
     p.add_argument("--rate", type=float, default=2000.0)
     p.add_argument("--duration", type=float, default=8.0, help="recorded seconds per layout/window")
-    p.add_argument("--sweep", default="500,1000,1500,2000,2500,3000")
+    p.add_argument("--sweep", default="250,500,1000,1500,2000,2500,3000")
     p.add_argument("--layouts", default="normal,pinned")
     p.add_argument("--out", default=str(ROOT / "bench/out/targets"))
     a = p.parse_args(argv)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 NO_EXTENSIONS = os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0")
+MISSING_BUILD = ("resolver's compiled modules are not built (run `make build`); "
+                 "set RESOLVER_NO_EXTENSIONS=1 to run on the pure-Python twins on purpose")
 
 if NO_EXTENSIONS:
     from resolver._email_py import email_stats, normalize_email
@@ -22,11 +24,9 @@ else:
         from resolver._phone_c import normalize_phone, phone_stats
         from resolver._probe_c import Prober
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
-        raise ImportError(
-            "resolver's compiled modules are not built (run `make build`); "
-            "set RESOLVER_NO_EXTENSIONS=1 to run on the pure-Python twins on purpose"
-        ) from exc
+        raise ImportError(MISSING_BUILD) from exc
 
 IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
 
-__all__ = ["IMPLEMENTATION", "KeyHasher", "Prober", "email_stats", "normalize_email", "normalize_phone", "phone_stats"]
+__all__ = ["IMPLEMENTATION", "MISSING_BUILD", "KeyHasher", "Prober", "email_stats", "normalize_email", "normalize_phone",
+           "phone_stats"]

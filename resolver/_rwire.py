@@ -7,7 +7,7 @@ importing the codec from there would be an import cycle (tests/unit/test_import_
 
 from __future__ import annotations
 
-from resolver._hotpath import NO_EXTENSIONS
+from resolver._hotpath import MISSING_BUILD, NO_EXTENSIONS
 
 if NO_EXTENSIONS:
     from resolver._rwire_py import decode_resolve, encode_resolve
@@ -15,10 +15,7 @@ else:
     try:
         from resolver._rwire_c import decode_resolve, encode_resolve
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
-        raise ImportError(
-            "resolver's compiled modules are not built (run `make build`); "
-            "set RESOLVER_NO_EXTENSIONS=1 to run on the pure-Python twins on purpose"
-        ) from exc
+        raise ImportError(MISSING_BUILD) from exc
 
 IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
 

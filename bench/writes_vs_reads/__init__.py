@@ -1,14 +1,16 @@
 """Writes vs reads (issue 13, point 3: "writes must not slow reads"), one or more server variants, same run.
 
     .venv/bin/python -m bench.writes_vs_reads [--work /tmp/wvr] [--rounds 3] [--window 8] [--rate 2000]
-        [--clients 4] [--variant NAME[:KEY=VAL;KEY=VAL...]] ... [--json FILE]
+        [--clients 4] [--pin] [--shared-port] [--variant NAME[:KEY=VAL;KEY=VAL...]] ... [--json FILE]
 
 What it runs. A 200k-customer dataset (bench/dataset.py) imported once with `resolver import` into
 WORK/data (kept and reused by the next run with the same WORK). Each variant gets its own copy of that data
 directory and its own `resolver serve` (the blueprint's workers, events process included) on a free port; all
 servers run for the whole run and are stopped at the end. Then, for each round, for each variant (the order
 rotates every round), three windows of open-loop load from `--clients` client processes (one gRPC channel
-each, requests on one absolute timeline, latency = completion - *intended* send time, as bench.loadgen):
+each, round_robin over every worker's own port as ResolverClient opens it; `--shared-port`: to the shared port;
+`--pin`: servers on CPU 0, clients on CPU 1; requests on one absolute timeline, latency = completion -
+*intended* send time, as bench.loadgen):
 
   before : call-setup (Resolve only) at --rate
   mixed  : the loadgen's `mixed` scenario at --rate (95% Resolve, 5% Upsert with fresh idempotency keys)

@@ -49,9 +49,10 @@ def free_port() -> int:
 class Proc:
     """A server process started for the run; stopped (SIGTERM, then SIGKILL) when the run ends."""
 
-    def __init__(self, cmd: list[str], ready: str, logfile: Path) -> None:
+    def __init__(self, cmd: list[str], ready: str, logfile: Path, *, env: dict[str, str] | None = None,
+                 cwd: str | Path = ROOT) -> None:
         self.log = logfile.open("w")
-        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         deadline = time.monotonic() + 120
         while ready not in logfile.read_text():
             if self.p.poll() is not None or time.monotonic() > deadline:

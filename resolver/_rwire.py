@@ -7,7 +7,7 @@ importing the codec from there would be an import cycle (tests/unit/test_import_
 
 from __future__ import annotations
 
-from resolver._hotpath import MISSING_BUILD, NO_EXTENSIONS
+from resolver._hotpath import IMPLEMENTATION, MISSING_BUILD, NO_EXTENSIONS
 
 if NO_EXTENSIONS:
     from resolver._rwire_py import decode_resolve, encode_resolve
@@ -16,7 +16,5 @@ else:
         from resolver._rwire_c import decode_resolve, encode_resolve
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
         raise ImportError(MISSING_BUILD) from exc
-
-IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
 
 __all__ = ["IMPLEMENTATION", "decode_resolve", "encode_resolve"]

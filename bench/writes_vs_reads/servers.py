@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import procstat
+from bench.run import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -116,28 +116,15 @@ class Server:
         if v.workers:
             cmd += ["--workers", str(v.workers)]
         self.logfile = vdir / "server.log"
-        self._log = self.logfile.open("w")
-        self.p = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                  cwd=v.tree or str(ROOT))
-        deadline = time.monotonic() + 120
-        while "serving on" not in self.logfile.read_text():
-            if self.p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {v.name} did not start: {self.logfile.read_text()[-2000:]}")
-            time.sleep(0.2)
+        self.proc = Proc(cmd, "serving on", self.logfile, env=env, cwd=v.tree or ROOT)
+        self.p = self.proc.p
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._log.close()
+        self.proc.stop()
 
 
 def pin(server_pid: int) -> None:

@@ -1,13 +1,14 @@
 # cython: language_level=3
 """Compiled twin of resolver/_phone_py.py: the fast phone normalizer.
 
-Read resolver/_phone_py.py for the specification (the input shape, which phonenumbers steps are modelled and
-why the answers equal the reference's); this file must not add behaviour of its own. What is compiled: the
-scan of the input into a C digit buffer, country-code lookup in a C table, possible-length tests as bit masks,
-and the parse steps on typed strings. The metadata's regular expressions run in `re`, on the same patterns
-phonenumbers uses (generated at build time into resolver/_phonemeta.py), so exactness never depends on a
-re-implementation of a pattern. The metadata tables and the validation over them are ext/_phone_meta.pxi,
-included here so that they compile into this module.
+Read resolver/_phone_py.py for the specification (the input shape, which phonenumbers steps are modelled, why
+the answers equal the reference's, and how the fixed point of re-reads is reached without re-reading almost
+every number); this file must not add behaviour of its own. What is compiled: the scan of the input into a C
+digit buffer, country-code lookup in a C table, possible-length tests as bit masks, and the parse steps on
+typed strings. The metadata's regular expressions run in `re`, on the same patterns phonenumbers uses
+(generated at build time into resolver/_phonemeta.py), so exactness never depends on a re-implementation of a
+pattern. The metadata tables and the validation over them are ext/_phone_meta.pxi, included here so that they
+compile into this module.
 """
 
 import phonenumbers
@@ -25,7 +26,7 @@ __all__ = ["normalize_phone", "phone_stats", "reset_phone_stats"]
 # resolver/_phone_consts.py's numbers, as C ints.
 cdef int IS_POSSIBLE = _consts.IS_POSSIBLE, TOO_SHORT = _consts.TOO_SHORT, TOO_LONG = _consts.TOO_LONG
 cdef int IS_POSSIBLE_LOCAL_ONLY = _consts.IS_POSSIBLE_LOCAL_ONLY, INVALID_LENGTH = _consts.INVALID_LENGTH
-cdef int OK = _consts.OK, ERROR = _consts.ERROR, FALLBACK = _consts.FALLBACK
+cdef int OK = _consts.OK, ERROR = _consts.ERROR, FALLBACK = _consts.FALLBACK, UNSETTLED = _consts.UNSETTLED
 cdef Py_ssize_t MAX_INPUT = _consts.MAX_INPUT, MIN_NSN = _consts.MIN_NSN, MAX_NSN = _consts.MAX_NSN
 
 cdef enum:  # C buffer sizes, not rules: the scan leaves a longer value to the reference
@@ -53,7 +54,9 @@ cdef inline bint _in_class(Py_UCS4 ch, unsigned char flags) noexcept:
 cdef frozenset SUPPORTED = frozenset(phonenumbers.SUPPORTED_REGIONS)
 cdef object _preprocess = _ref._preprocess_phone
 cdef object _check_region = _ref.check_region
+cdef object _unsettled_phone = _ref._unsettled_phone
 cdef Py_ssize_t _MAX_PHONE_INPUT = _ref.MAX_PHONE_INPUT_LENGTH
+cdef Py_ssize_t _REREAD_LIMIT = _ref.PHONE_REREAD_LIMIT
 
 include "_phone_meta.pxi"
 
@@ -97,6 +100,7 @@ def reset_phone_stats():
 cdef str _strip_national_prefix(str number, _Meta md):
     """phonenumbers' _maybe_strip_national_prefix_carrier_code(number, metadata)[1]."""
     cdef str stripped
+    cdef Py_ssize_t end
     if not number:
         return number
     if md.np_literal is not None:
@@ -111,15 +115,28 @@ cdef str _strip_national_prefix(str number, _Meta md):
     m = md.npfp.match(number)
     if m is None:
         return number
-    cdef bint viable = md.general_match(number)
     groups = m.groups()
     if md.transform is None or groups[len(groups) - 1] is None:
-        stripped = number[m.end():]
+        end = m.end()
+        if end == 0:  # an empty match (AR's rule has one) strips nothing: the checks below would keep number
+            return number
+        stripped = number[end:]
     else:
         stripped = md.npfp.sub(md.transform, number, count=1)
-    if viable and not md.general_match(stripped):
+    if md.general_match(number) and not md.general_match(stripped):
         return number
     return stripped
+
+
+cdef inline str _national_after_prefix(str national, _Meta md):
+    """The national number once phonenumbers' parse has stripped a national prefix from it, where it would."""
+    cdef str potential = _strip_national_prefix(national, md)
+    cdef int r
+    if potential is not national:
+        r = md.test_length(len(potential))
+        if r != TOO_SHORT and r != IS_POSSIBLE_LOCAL_ONLY and r != INVALID_LENGTH:
+            return potential
+    return national
 
 
 cdef int _country_code(str full) except -1:
@@ -136,8 +153,8 @@ cdef int _country_code(str full) except -1:
 
 
 cdef str _parse(str digits, bint plus, bint viable, _Meta md, int* cc_out, int* status):
-    """phonenumbers.parse of a value of the fast shape (see _phone_py._parse)."""
-    cdef bint international = plus
+    """phonenumbers.parse of a value of the fast shape (see _phone_py._parse: OK or UNSETTLED)."""
+    cdef bint international = plus, settled
     cdef str full = digits, national = u"", potential
     cdef Py_ssize_t end, n = len(digits)
     cdef int cc = 0
@@ -185,16 +202,15 @@ cdef str _parse(str digits, bint plus, bint viable, _Meta md, int* cc_out, int* 
     if len(national) < MIN_NSN:
         status[0] = ERROR
         return TOO_SHORT_MSG
-    potential = _strip_national_prefix(national, md)
-    if potential is not national:
-        r = md.test_length(len(potential))
-        if r != TOO_SHORT and r != IS_POSSIBLE_LOCAL_ONLY and r != INVALID_LENGTH:
-            national = potential
+    potential = _national_after_prefix(national, md)
+    # a re-read ends with this step too, on the main region's metadata: if it just changed nothing there, it won't
+    settled = potential is national and md is <_Meta>(<tuple>CC_METAS[cc])[0]
+    national = potential
     if len(national) > MAX_NSN:
         status[0] = ERROR
         return TOO_LONG_MSG
     cc_out[0] = cc
-    status[0] = OK
+    status[0] = OK if settled else UNSETTLED
     return national
 
 
@@ -217,28 +233,60 @@ cdef str _e164(int cc, str nsn):
 
 
 cdef str _attempt(str digits, bint plus, bint viable, _Meta md, bint valid_policy, int* status):
-    """One parse + acceptance; raises BlockedIdentifier on an all-zero number."""
+    """One parse + acceptance (see _phone_py._attempt: OK or UNSETTLED, which is then exact); raises
+    BlockedIdentifier on an all-zero number."""
     cdef int cc = 0, r
     cdef str nsn
     cdef Py_ssize_t i
+    cdef _Meta main
     nsn = _parse(digits, plus, viable, md, &cc, status)
-    if status[0] != OK:
+    if status[0] != OK and status[0] != UNSETTLED:
         return nsn
     for i in range(len(nsn)):
         if nsn[i] != u"0":
             break
     else:
         raise BlockedIdentifier("phone number is all zeros (a withheld or placeholder number)")
+    main = <_Meta>(<tuple>CC_METAS[cc])[0]
     if valid_policy:
-        if _is_valid(cc, nsn):
-            return _e164(cc, nsn)
-        status[0] = ERROR
-        return f"phone number is not valid for country code +{cc}"
-    r = (<_Meta>(<tuple>CC_METAS[cc])[0]).test_length(len(nsn))
-    if r == IS_POSSIBLE or r == IS_POSSIBLE_LOCAL_ONLY:
-        return _e164(cc, nsn)
-    status[0] = ERROR
-    return f"phone number has an impossible length for country code +{cc}"
+        if not _is_valid(cc, nsn):
+            status[0] = ERROR
+            return f"phone number is not valid for country code +{cc}"
+    else:
+        r = main.test_length(len(nsn))
+        if r != IS_POSSIBLE and r != IS_POSSIBLE_LOCAL_ONLY:
+            status[0] = ERROR
+            return f"phone number has an impossible length for country code +{cc}"
+    if status[0] == UNSETTLED and _national_after_prefix(nsn, main) == nsn:
+        status[0] = OK
+    return _e164(cc, nsn)
+
+
+cdef bint _blocked(str e164, frozenset blocked_values, tuple blocked_patterns) except -1:
+    """normalize._blocked_by_policy, on the policy's fields."""
+    if blocked_values and e164 in blocked_values:
+        return True
+    for pattern in blocked_patterns:
+        if pattern.fullmatch(e164):
+            return True
+    return False
+
+
+cdef str _settle(str e164, bint valid_policy, frozenset blocked_values, tuple blocked_patterns):
+    """The reference's re-reads of an UNSETTLED, accepted, unblocked e164 (see _phone_py._settle)."""
+    cdef int status = UNSETTLED
+    cdef str text
+    cdef Py_ssize_t i
+    for i in range(_REREAD_LIMIT):
+        if status == OK:
+            return e164
+        text = _attempt(e164[1:], True, True, None, valid_policy, &status)
+        if status != OK and status != UNSETTLED:
+            raise _unsettled_phone(text)
+        if _blocked(text, blocked_values, blocked_patterns):
+            raise BlockedIdentifier("phone number is a configured placeholder value")
+        e164 = text
+    raise _unsettled_phone(None)
 
 
 cdef inline Py_UCS4 _lower_ascii(Py_UCS4 ch):
@@ -344,15 +392,11 @@ cdef str _fast(object raw, region, policy):
         if idd:
             rest = digits[idd:]
             text = _attempt(rest, True, len(rest) >= 3, None, valid_policy, &status)
-    if status != OK:
+    if status != OK and status != UNSETTLED:
         raise IdentifierError(text, reason="INVALID_PHONE")
-    if blocked_values and text in blocked_values:
+    if _blocked(text, blocked_values, blocked_patterns):
         raise BlockedIdentifier("phone number is a configured placeholder value")
-    if blocked_patterns:
-        for pattern in blocked_patterns:
-            if pattern.fullmatch(text):
-                raise BlockedIdentifier("phone number is a configured placeholder value")
-    return text
+    return text if status == OK else _settle(text, valid_policy, blocked_values, blocked_patterns)
 
 
 def normalize_phone(raw, region=None, policy=DEFAULT_POLICY):

@@ -12,8 +12,9 @@ TOO_LONG = ValidationResult.TOO_LONG
 IS_POSSIBLE_LOCAL_ONLY = ValidationResult.IS_POSSIBLE_LOCAL_ONLY
 INVALID_LENGTH = ValidationResult.INVALID_LENGTH
 
-# outcomes of one parse attempt
-OK, ERROR, FALLBACK = 0, 1, 2
+# outcomes of one parse attempt. UNSETTLED: parsed, but its E.164 form, parsed again, may give another national
+# number (from a whole attempt, accepted and exact: it will)
+OK, ERROR, FALLBACK, UNSETTLED = 0, 1, 2, 3
 
 # parse errors, as the reference words them (normalize._parse_error_message)
 NOT_A_NUMBER_MSG = "value does not look like a phone number"

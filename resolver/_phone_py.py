@@ -2,7 +2,8 @@
 
 `normalize_phone` answers exactly what `resolver.normalize.normalize_phone` answers (the same E.164 string, or
 the same exception class, reason and message) for every input. It re-implements phonenumbers' parse ->
-is_valid_number / is_possible_number for one input shape only, after the reference's own pre-processing:
+is_valid_number / is_possible_number -> E.164, repeated to a fixed point as the reference does, for one input
+shape only, after the reference's own pre-processing:
 
     value := ['+'] (ASCII digit | ' ' | '-' | '.' | '(' | ')' | '/')*
 
@@ -12,6 +13,14 @@ non-ASCII digits can occur), and every regular expression it consults is evaluat
 same pattern strings (generated at build time into resolver/_phonemeta.py). Any other input, and the one
 parse branch not modelled (a '+' followed by an unknown country code while a region is given), falls back to
 the reference and is counted (`phone_stats`).
+
+The fixed point costs nothing on almost every number. A re-read of an accepted "+<cc><nsn>" parses the same
+calling code (calling codes are prefix-free) and the same national number, unless the step `_parse` ends with
+(`_national_after_prefix`, on the main region of the code) changes it. When `_parse` itself ended with that
+very step on the same metadata and it changed nothing, its answer is the re-read's: settled, for free. Else
+(a prefix was just stripped, or a national form of another region of the code) `_attempt` runs that step on
+the number once and answers UNSETTLED only if it would change it; only then does `_settle` re-read, with
+`_attempt` itself, until the number settles.
 
 Validation is phonenumbers' is_valid_number: the region is chosen as region_code_for_number does (leading
 digits, else full validation, in phonenumbers' region order), and a number is valid for a region when it
@@ -44,6 +53,7 @@ from resolver._phone_consts import (
     OK,
     TOO_LONG,
     TOO_SHORT,
+    UNSETTLED,
 )
 from resolver.errors import BlockedIdentifier, IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
@@ -174,14 +184,23 @@ def _strip_national_prefix(number: str, md: _Meta) -> str:
     m = md.npfp.match(number)
     if m is None:
         return number
-    viable = md.general_match(number)
     if md.transform is None or m.groups()[-1] is None:
+        if not m.end():  # an empty match (AR's rule has one) strips nothing: the checks below would keep number
+            return number
         stripped = number[m.end():]
     else:
         stripped = md.npfp.sub(md.transform, number, count=1)
-    if viable and not md.general_match(stripped):
+    if md.general_match(number) and not md.general_match(stripped):
         return number
     return stripped
+
+
+def _national_after_prefix(national: str, md: _Meta) -> str:
+    """The national number once phonenumbers' parse has stripped a national prefix from it, where it would."""
+    potential = _strip_national_prefix(national, md)
+    if potential is not national and _test_length(potential, md) not in (TOO_SHORT, IS_POSSIBLE_LOCAL_ONLY, INVALID_LENGTH):
+        return potential
+    return national
 
 
 def _country_code(full: str) -> tuple[int, str]:
@@ -196,7 +215,8 @@ def _country_code(full: str) -> tuple[int, str]:
 
 
 def _parse(digits: str, plus: bool, viable: bool, md: _Meta | None) -> tuple[int, int, str]:
-    """phonenumbers.parse of a value of the fast shape: (OK, cc, nsn) | (ERROR, 0, message) | (FALLBACK, 0, "").
+    """phonenumbers.parse of a value of the fast shape: (OK | UNSETTLED, cc, nsn) | (ERROR, 0, message) |
+    (FALLBACK, 0, ""). OK: parsing "+<cc><nsn>" would give this nsn again; UNSETTLED: not known (see _attempt).
 
     `digits` are the value's digits, `plus` whether it starts with '+', `viable` phonenumbers'
     _is_viable_phone_number of the extracted number, `md` the region's metadata (None: no region).
@@ -242,12 +262,13 @@ def _parse(digits: str, plus: bool, viable: bool, md: _Meta | None) -> tuple[int
         cc = md.cc
     if len(national) < MIN_NSN:
         return ERROR, 0, _consts.TOO_SHORT_MSG
-    potential = _strip_national_prefix(national, md)
-    if potential is not national and _test_length(potential, md) not in (TOO_SHORT, IS_POSSIBLE_LOCAL_ONLY, INVALID_LENGTH):
-        national = potential
+    potential = _national_after_prefix(national, md)
+    # a re-read ends with this step too, on the main region's metadata: if it just changed nothing there, it won't
+    status = OK if potential is national and md is CC_METAS[cc][0] else UNSETTLED
+    national = potential
     if len(national) > MAX_NSN:
         return ERROR, 0, _consts.TOO_LONG_MSG
-    return OK, cc, national
+    return status, cc, national
 
 
 def _valid_for(md: _Meta, nsn: str) -> bool:
@@ -304,19 +325,41 @@ def _scan(value: str) -> tuple[bool, str, bool] | None:
 
 
 def _attempt(digits: str, plus: bool, viable: bool, md: _Meta | None, policy: Policy) -> tuple[int, str]:
-    """One parse + acceptance: (OK, e164) | (ERROR, message) | (FALLBACK, ""); raises on an all-zero number."""
+    """One parse + acceptance: (OK | UNSETTLED, e164) | (ERROR, message) | (FALLBACK, ""); raises on an all-zero
+    number. OK: parsing the e164 again gives it back; UNSETTLED: that re-read strips a national prefix from its
+    national number (it parses the same calling code, then ends as `_parse` does, on the main region)."""
     status, cc, text = _parse(digits, plus, viable, md)
-    if status != OK:
+    if status != OK and status != UNSETTLED:
         return status, text
     if text.count("0") == len(text):
         raise BlockedIdentifier("phone number is all zeros (a withheld or placeholder number)")
     if policy.phone_acceptance == "valid":
-        if _is_valid(cc, text):
-            return OK, f"+{cc}{text}"
-        return ERROR, f"phone number is not valid for country code +{cc}"
-    if _is_possible(cc, text):
-        return OK, f"+{cc}{text}"
-    return ERROR, f"phone number has an impossible length for country code +{cc}"
+        if not _is_valid(cc, text):
+            return ERROR, f"phone number is not valid for country code +{cc}"
+    elif not _is_possible(cc, text):
+        return ERROR, f"phone number has an impossible length for country code +{cc}"
+    if status == UNSETTLED and _national_after_prefix(text, CC_METAS[cc][0]) == text:
+        status = OK
+    return status, f"+{cc}{text}"
+
+
+def _settle(e164: str, policy: Policy) -> str:
+    """The reference's re-reads of an UNSETTLED, accepted, unblocked e164: its fixed point, or the same error.
+
+    Each `_attempt` below is the re-read the reference makes ("+<digits>", no region), and its status says
+    whether the next re-read would change the result; OK means the reference's next re-read returns it.
+    """
+    status = UNSETTLED
+    for _ in range(_ref.PHONE_REREAD_LIMIT):
+        if status == OK:
+            return e164
+        status, text = _attempt(e164[1:], True, True, None, policy)
+        if status != OK and status != UNSETTLED:
+            raise _ref._unsettled_phone(text)
+        if _ref._blocked_by_policy(text, policy):
+            raise BlockedIdentifier("phone number is a configured placeholder value")
+        e164 = text
+    raise _ref._unsettled_phone(None)
 
 
 def _scheme_length(value: str) -> int:
@@ -381,11 +424,11 @@ def _fast(raw: str, region: str | None, policy: Policy) -> str | None:
         if idd:
             rest = digits[idd:]
             status, text = _attempt(rest, True, len(rest) >= 3, None, policy)
-    if status != OK:
+    if status != OK and status != UNSETTLED:
         raise IdentifierError(text, reason="INVALID_PHONE")
     if _ref._blocked_by_policy(text, policy):
         raise BlockedIdentifier("phone number is a configured placeholder value")
-    return text
+    return text if status == OK else _settle(text, policy)
 
 
 def normalize_phone(raw: str, region: str | None = None, policy: Policy = DEFAULT_POLICY) -> str:

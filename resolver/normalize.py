@@ -7,7 +7,8 @@ BLOCKED_VALUE: a withheld or placeholder value, never indexed and never matched)
 escapes for any `str` input. Error messages say what is wrong and never repeat the value (it is PII).
 
 Phones: `phonenumbers` is the oracle. After the pre-processing described in `normalize_phone`, the
-answer is exactly phonenumbers parse -> is_valid_number (or is_possible_number) -> E.164.
+answer is exactly phonenumbers parse -> is_valid_number (or is_possible_number) -> E.164, repeated on that
+E.164 form until it stops changing: the stored form is a fixed point, so normalizing it again returns it.
 """
 
 from __future__ import annotations
@@ -297,8 +298,52 @@ def _parse(text: str, region: str | None, policy: Policy) -> tuple[phonenumbers.
     return None, f"phone number has an impossible length for country code +{number.country_code}"
 
 
+# How many times an accepted E.164 form is read again before it is rejected as never settling. A re-read can
+# change nothing but the national number's national prefix (calling codes are prefix-free), so each change
+# shortens a national number of at most 17 digits (phonenumbers' _MAX_LENGTH_FOR_NSN), bar one transform rule
+# rewriting a whole short local number (SM, MG, NF), which no rule matches again: chains end far below this.
+PHONE_REREAD_LIMIT = 17
+
+
+def _unsettled_phone(message: str | None) -> IdentifierError:
+    """The error for an input whose E.164 form, read again, is rejected (`message`: why), or keeps changing (None)."""
+    if message is None:
+        return _invalid_phone(f"phone number has no stable E.164 form: it still changes after {PHONE_REREAD_LIMIT} re-reads")
+    return _invalid_phone(f"phone number has no stable E.164 form: read again, it drops a national prefix "
+                          f"and is then rejected ({message})")
+
+
 def normalize_phone(raw: str, region: str | None = None, policy: Policy = DEFAULT_POLICY) -> str:
-    """The E.164 form of a phone number, e.g. "+442079460958".
+    """The E.164 form of a phone number, e.g. "+442079460958": the fixed point of `_normalize_phone_once`.
+
+    phonenumbers strips one national prefix per parse, so a first answer can read back as another number:
+    "+840086920663" -> "+84086920663" -> "+8486920663" (possible policy). The first answer is therefore read
+    again (no region: it starts with '+') until a re-read returns it unchanged; that value is returned, so
+    normalize_phone(normalize_phone(x)) == normalize_phone(x) for every accepted x, under both policies.
+    Every re-read is a whole pass: one that is blocked (an all-zero number, a configured value) raises its
+    BlockedIdentifier; one that is not accepted rejects the input (INVALID_PHONE, "no stable E.164 form").
+    Why reject rather than keep the last accepted value: that value's own re-read is rejected, so storing it
+    would store a form that normalizing again refuses; keeping the first answer breaks the property the same
+    way. Rejecting is the only answer that keeps it, and what it rejects (a number that phonenumbers itself
+    refuses once written in E.164) is rare: see bench/README.md. More than PHONE_REREAD_LIMIT re-reads that
+    all change the number also reject it (never seen).
+    """
+    e164 = _normalize_phone_once(raw, region, policy)
+    for _ in range(PHONE_REREAD_LIMIT):
+        try:
+            again = _normalize_phone_once(e164, None, policy)
+        except BlockedIdentifier:
+            raise
+        except IdentifierError as error:
+            raise _unsettled_phone(error.message) from None
+        if again == e164:
+            return e164
+        e164 = again
+    raise _unsettled_phone(None)
+
+
+def _normalize_phone_once(raw: str, region: str | None, policy: Policy) -> str:
+    """One pass of `normalize_phone`: the E.164 form of a phone number as phonenumbers reads it once.
 
     `region` (None or "" -> `policy.default_region`) interprets national forms. Steps:
     1. trim; empty or longer than 256 characters -> INVALID_PHONE;

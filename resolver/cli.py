@@ -1,4 +1,4 @@
-"""Command line: argv -> Settings -> run. `resolver serve | import | check | dlq | blueprint check`."""
+"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | blueprint check`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="verify that indexes and records agree (exit 1 if not)")
     _store_args(check)
+
+    compact = sub.add_parser("compact", help="rewrite the store with its live data only, dropping the bytes of "
+                                             "deleted data (stop every server on the directory first)")
+    _store_args(compact)
 
     dlq = sub.add_parser("dlq", help="dead-letter queue of CRM change events: list, show, replay, discard")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -111,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.check import run_check
 
             return run_check(settings)
+        if args.command == "compact":
+            from resolver.compact import run_compact
+
+            return run_compact(settings)
         if args.command == "dlq":
             from resolver.events.cli import run_dlq
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
 
+from resolver import datalock
 from resolver.address import parse_address
 from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
@@ -229,6 +230,7 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
     ctx = multiprocessing.get_context("spawn")
     listen = parse_address(settings.server.listen)
     with ExitStack() as stack:
+        stack.enter_context(datalock.serving(settings.server.data_dir))  # `resolver compact` refuses while held
         signals = _Signals(signal.SIGTERM, signal.SIGINT)
         stack.callback(signals.close)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))

@@ -29,11 +29,11 @@ from resolver._hotpath import KeyHasher
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json
-from resolver.store import INDEX_NAMES, Txn, ledger_exp_key, uuid_bytes
+from resolver.store import INDEX_NAMES, Txn, ledger_exp_key, pii_change_ref, pii_ledger_ref, uuid_bytes
 from resolver.upsert import UpsertCommand, UpsertResult, planned_create
 
 _U64 = struct.Struct(">Q")
-_TABLES = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp")
+_TABLES = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp", "pii_refs")
 _SEQ_AT = b',"source_system":'  # the change-log key that sorts right after "seq"
 
 
@@ -132,6 +132,7 @@ class BulkWriter:
         self._seq += 1
         change = b"%s\"seq\":%d,%s" % (planned.change_head, self._seq, planned.change_tail)
         self._changes.append((_U64.pack(self._seq), change))
+        queued["pii_refs"] += [(pii_ledger_ref(uid, lkey), b""), (pii_change_ref(uid, self._seq), b"")]
         return True
 
     def flush(self) -> None:

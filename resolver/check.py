@@ -6,7 +6,10 @@ What is checked:
   kind, under its key, with the record's uuid;
 - every index entry points to an existing record holding an identifier of that kind with that key;
 - no external_id is held by two records;
-- every alias leads (through at most a few hops, without a cycle) to an existing record;
+- every alias leads (through at most a few hops, without a cycle) to an existing record or a deleted
+  customer's tombstone; a deleted customer has no record, and every deleted CRM record has its tombstone;
+- provenance: every email and phone of a record has a holder (a CRM slot or an Upsert's source), and every
+  holding names an identifier the record holds (with the index checks: every index entry has a holder);
 - change events are conserved: accepted = applied + dead-lettered + in inbox (resolver.events.counters).
 
 How, in bounded memory: one pass over the records looks each expected entry up in its index (a B-tree
@@ -26,7 +29,7 @@ from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import counters
 from resolver.normalize import Kind, mask
-from resolver.records import Record
+from resolver.records import Record, held_key
 from resolver.store import INDEX_NAMES, Txn, uuid_text
 
 KINDS = (Kind.EXTERNAL_ID, Kind.EMAIL, Kind.PHONE)
@@ -100,6 +103,7 @@ def find_problems(view: Txn) -> list[str]:
                     continue
                 if problem:
                     problems.append(problem)
+                problems += _provenance_problems(uid, rec)
                 for kind, value, k in _keyed_identifiers(rec, key):
                     expected[kind] += 1
                     cur = cursors[kind]
@@ -137,6 +141,41 @@ def find_problems(view: Txn) -> list[str]:
         for cur in cursors.values():
             cur.close()
     problems += _alias_problems(view)
+    problems += _tombstone_problems(view)
+    return problems
+
+
+def _provenance_problems(uid: bytes, rec: Record) -> list[str]:
+    """Every email and phone has a holder (a CRM slot or an Upsert's source), and every holding names an
+    identifier the record holds (contract §5: an identifier leaves only when its last holder lets it go)."""
+    problems = []
+    held = {held_key(kind, value) for kind, value in rec.identifiers() if kind is not Kind.EXTERNAL_ID}
+    for kind, value in rec.identifiers():
+        if kind is not Kind.EXTERNAL_ID and not rec.held.get(held_key(kind, value)):
+            problems.append(f"customer {_uuid_label(uid)}: {KIND_NAMES[kind]} {mask(kind, value)} has no holder "
+                            "(no CRM slot or Upsert source)")
+    for k in rec.held.keys() - held:
+        kind = Kind.PHONE if k.startswith("phone:") else Kind.EMAIL
+        problems.append(f"customer {_uuid_label(uid)}: a holder is recorded for {KIND_NAMES[kind]} "
+                        f"{mask(kind, k.split(':', 1)[1])}, which the customer does not hold")
+    return problems
+
+
+def _tombstone_problems(view: Txn) -> list[str]:
+    """A deleted customer has no record; every deleted CRM record leads to a tombstone."""
+    problems: list[str] = []
+    tombs, by_ext = view.store.db.get("ev_tombs"), view.store.db.get("ev_tomb_ext")
+    if tombs is None or by_ext is None:
+        return problems  # a store written before deletions existed
+    txn = view.txn
+    with txn.cursor(db=by_ext) as cur:
+        for k, uid in cur:
+            if txn.get(bytes(uid), db=tombs) is None:
+                problems.append(f"deleted record {bytes(k).hex()[:12]}… -> {_uuid_label(bytes(uid))}: no tombstone")
+    with txn.cursor(db=tombs) as cur:
+        for uid, raw in cur:
+            if b'"customer_uuid"' in raw and txn.get(bytes(uid), db=view.store.db["records"]) is not None:
+                problems.append(f"customer {_uuid_label(bytes(uid))} is deleted (tombstone) but still has a record")
     return problems
 
 
@@ -217,6 +256,11 @@ def _alias_problems(view: Txn) -> list[str]:
     aliases = view.store.db["aliases"]
     records = view.store.db["records"]
     txn = view.txn
+    tombs = view.store.db.get("ev_tombs")
+
+    def tomb(uid: bytes) -> bytes | None:  # the aliases of a deleted customer lead to its tombstone
+        return txn.get(uid, db=tombs) if tombs is not None else None
+
     with txn.cursor(db=aliases) as cur:
         for merged, target in cur:
             merged, uid = bytes(merged), bytes(target)
@@ -233,8 +277,8 @@ def _alias_problems(view: Txn) -> list[str]:
                 problems.append(f"{head}: the alias chain loops")
             elif hops > MAX_ALIAS_HOPS:
                 problems.append(f"{head}: the alias chain is longer than {MAX_ALIAS_HOPS}")
-            elif txn.get(uid, db=records) is None:
-                problems.append(f"{head}: leads to {_uuid_label(uid)}, which has no record")
+            elif txn.get(uid, db=records) is None and tomb(uid) is None:
+                problems.append(f"{head}: leads to {_uuid_label(uid)}, which has no record (and no tombstone)")
     return problems
 
 

@@ -88,6 +88,28 @@ class FailedPrecondition(ResolverError):
         self.candidates = list(candidates or [])
 
 
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    """Why an operation cannot run: `kind` (MERGE, DELETE, IDENTIFIER_CHANGE), `subject` (a uuid, a masked
+    identifier) and a sentence."""
+
+    kind: str
+    subject: str
+    description: str
+
+
+class UnmergeBlocked(FailedPrecondition):
+    """A later merge, delete or identifier change depends on the merge to undo; each is named."""
+
+    reason = "UNMERGE_BLOCKED"
+
+    def __init__(self, blockers: list[Blocker]) -> None:
+        named = "; ".join(b.description for b in blockers[:3])
+        more = f" and {len(blockers) - 3} more" if len(blockers) > 3 else ""
+        super().__init__(f"the merge cannot be undone: {named}{more}")
+        self.blockers = list(blockers)
+
+
 class VersionMismatch(ResolverError):
     reason = "VERSION_MISMATCH"
 

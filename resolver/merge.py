@@ -2,8 +2,8 @@
 
 The merged-away customers' identifiers move to the survivor (their external_ids too: they keep resolving
 to it), per attribute the most recently set value wins (ties: the survivor's), and each merged uuid
-becomes an alias of the survivor. The change log records the merged records whole, so the merge can be
-undone exactly (unmerge is a later piece of work; the data it needs is kept from the first merge on).
+becomes an alias of the survivor. The merge journal (`Txn.journal_put`) keeps the records as they were
+before, so that `resolver.unmerge` can undo the merge exactly.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
 
     result = survivor.copy()
     held = set(result.identifiers())  # what the survivor holds already: sets keep this linear in identifiers
+    taken: dict[str, Any] = {}  # attribute values the survivor took from the merged
     for rec in others:
         for kind, value in rec.identifiers():
             txn.index_remove(kind, value, uuid_bytes(rec.uuid))
@@ -112,6 +113,12 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
             elif (kind, value) not in held:
                 held.add((kind, value))
                 (result.emails if kind is Kind.EMAIL else result.phones).append(value)
+        for key, holders in rec.held.items():  # provenance travels with the identifiers
+            mine = result.held.setdefault(key, {})
+            for holder, since in holders.items():
+                mine.setdefault(holder, since)
+        for slot, at in rec.slot_us.items():
+            result.slot_us[slot] = max(at, result.slot_us.get(slot, at))
         for name, value in rec.attributes.items():
             # most recent per field; a field the survivor cleared later than this value was set stays cleared
             theirs = rec.field_us.get(name, rec.updated_us)
@@ -119,6 +126,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
             if theirs > ours:
                 result.attributes[name] = value
                 result.field_us[name] = theirs
+                taken[name] = value
         txn.delete_record(uuid_bytes(rec.uuid))
         txn.put_alias(uuid_bytes(rec.uuid), survivor_id)
     uid = uuid_bytes(result.uuid)
@@ -128,15 +136,21 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
         result.version += 1
         result.updated_us = cmd.now_us
         txn.put_record(result)
-        txn.append_change({
+        merged_uuids = [r.uuid for r in others]
+        seq = txn.append_change({
             "at_us": cmd.now_us,
             "customer_uuid": result.uuid,
             "action": "MERGED",
             "version": result.version,
             "source_system": cmd.source_system,
-            "survivor_before": survivor.to_json(),
-            "merged": [r.to_json() for r in others],
+            "merged_uuids": merged_uuids,
+            "added": sorted([k.value, v] for k, v in set(result.identifiers()) - set(survivor.identifiers())),
+            "attributes": taken,
+            "pii_of": merged_uuids,  # the identifiers added are theirs
         })
+        # the journal keeps the records as they were, so that Unmerge can undo this merge exactly
+        txn.journal_put(survivor_id, seq, {"seq": seq, "at_us": cmd.now_us, "survivor_before": survivor.to_json(),
+                                           "merged": [r.to_json() for r in others]})
     out = MergeResult(customer_uuid=result.uuid, version=result.version, merged_uuids=tuple(r.uuid for r in others),
                       identifiers=Identifiers(result.external_id, list(result.emails), list(result.phones)))
     ledger.record(txn, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())

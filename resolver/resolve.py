@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from resolver._probe_types import MATCHED, NOT_FOUND, Decision
 from resolver.attributes import AttributeSchema
 from resolver.config import DEFAULT_VIEW, Settings
+from resolver.erase import tombstone
 from resolver.errors import DeadlineExceeded, FieldViolation, IdentifierError, InvalidInput, NotFound, ResolverError
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region, mask
@@ -219,13 +220,18 @@ class Resolver:
                                        skipped=list(skipped))
 
     def get_customer(self, customer_uuid: str) -> Record:
-        """The full record (a merged-away uuid answers with its survivor)."""
+        """The full record (a merged-away uuid answers with its survivor); NotFound, with reason
+        CUSTOMER_DELETED when the customer (or the survivor it was merged into) was deleted."""
         try:
             uid = uuid_bytes(customer_uuid)
         except ValueError:
             raise InvalidInput([FieldViolation("customer_uuid", "not a UUID", "INVALID")]) from None
         with self.store.read() as txn:
-            rec = txn.record(txn.survivor(uid))
+            survivor = txn.survivor(uid)
+            rec = txn.record(survivor)
+            deleted = rec is None and tombstone(txn, survivor) is not None
+        if deleted:
+            raise NotFound(f"customer {customer_uuid} was deleted", reason="CUSTOMER_DELETED")
         if rec is None:
             raise NotFound(f"no customer {customer_uuid}")
         return rec

@@ -1,4 +1,4 @@
-"""The use cases over one store: Resolve, Upsert, Merge, GetCustomer and the ledger sweep.
+"""The use cases over one store: Resolve, Upsert, Merge, Unmerge, GetCustomer and the ledger sweep.
 
 Built by resolver.bootstrap (the composition root), never by an entry point itself.
 """
@@ -10,6 +10,7 @@ import threading
 import time
 
 from resolver import merge as merging
+from resolver import unmerge as unmerging
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import DeadlineExceeded
@@ -71,6 +72,13 @@ class Service:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the merge started; nothing was written")
         return self.writer.submit(merging.apply, cmd)
+
+    def unmerge(self, key: str, survivor: str, merged: str, deadline: float | None = None) -> unmerging.UnmergeResult:
+        """Undo the merge of `merged` into `survivor` in one durable write transaction (contract §7)."""
+        cmd = unmerging.prepare(key, survivor, merged, self.settings, now_us=now_us())
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the unmerge started; nothing was written")
+        return self.writer.submit(unmerging.apply, cmd)
 
     def sweep_ledger(self, now: int | None = None, batch: int = 1000) -> int:
         """Delete expired idempotency entries in write transactions of up to `batch`; how many were deleted."""

@@ -18,8 +18,14 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 | ev_ids      | source + NUL + webhook-id         | first outcome JSON (dedupe)    |
 | ev_ids_exp  | accepted µs (8, big-endian) + key | empty: the dedupe sweep's order |
 | ev_fields   | uuid (16) + attribute name        | event time of the value (8, big-endian µs) |
-| ev_tombs    | uuid (16)                         | tombstone JSON (DELETE events) |
+| ev_tombs    | uuid (16)                         | tombstone JSON, no PII (DELETE events) |
+| ev_tomb_ext | external_id index key (16)        | uuid (16) of the deleted customer |
 | ev_counters | counter name                      | count (8, big-endian)          |
+| merges      | survivor uuid (16) + sequence (8) | merge journal entry JSON (the records before) |
+| pii_refs    | uuid (16) + b"C" + sequence (8), or uuid (16) + b"L" + ledger key | empty: where a customer's PII is copied |
+
+`pii_refs` lets a deletion find every change-log entry and ledger response that copies a customer's
+identifiers or attributes (`Txn.append_change` and `Txn.ledger_put` write it), without scanning the log.
 
 Index keys are hashes (resolver._hotpath.KeyHasher); every hit is confirmed against the identifiers
 stored in the candidate record, so a hash collision can never return a wrong customer.
@@ -52,7 +58,10 @@ _INDEX_DBS = {Kind.EXTERNAL_ID: b"ix_external", Kind.EMAIL: b"ix_email", Kind.PH
 INDEX_NAMES = {kind: name.decode() for kind, name in _INDEX_DBS.items()}  # also keys of Store.db
 _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
 # CRM change events (resolver.events); a read-only open of an older store simply lacks them.
-EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_counters")
+EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_tomb_ext",
+             b"ev_counters", b"merges", b"pii_refs")
+_CHANGE_REF = b"C"
+_LEDGER_REF = b"L"
 
 
 def uuid_bytes(text: str) -> bytes:
@@ -75,6 +84,22 @@ def uuid_text(raw: bytes | bytearray) -> str:
 def ledger_exp_key(expires_us: int, key: bytes) -> bytes:
     """The `ledger_exp` key of a ledger entry: its expiry first, so the sweeper walks them in time order."""
     return _U64.pack(expires_us) + key
+
+
+def _pii_owners(response: dict[str, Any]) -> list[str]:
+    """The customers whose PII a stored response copies: its customer, and those a merge folded into it."""
+    owner = response.get("customer_uuid")
+    return ([owner] if owner else []) + list(response.get("merged_uuids", ()))
+
+
+def pii_ledger_ref(uid: bytes, ledger_key: bytes) -> bytes:
+    """The `pii_refs` key saying that the ledger entry `ledger_key` copies customer `uid`'s PII."""
+    return uid + _LEDGER_REF + ledger_key
+
+
+def pii_change_ref(uid: bytes, seq: int) -> bytes:
+    """The `pii_refs` key saying that change-log entry `seq` copies customer `uid`'s PII."""
+    return uid + _CHANGE_REF + _U64.pack(seq)
 
 
 @contextmanager
@@ -224,6 +249,9 @@ class Txn:
     def put_alias(self, merged: bytes, survivor: bytes) -> None:
         self.txn.put(merged, survivor, db=self.store.db["aliases"])
 
+    def delete_alias(self, merged: bytes) -> None:
+        self.txn.delete(merged, db=self.store.db["aliases"])
+
     def iter_records(self) -> Iterator[Record]:
         with self.txn.cursor(db=self.store.db["records"]) as cur:
             for _, raw in cur:
@@ -275,6 +303,12 @@ class Txn:
             self.txn.delete(ledger_exp_key(decode_json(old)["exp_us"], k), db=self.store.db["ledger_exp"])
         self.txn.put(k, encode_json(entry), db=self.store.db["ledger"])
         self.txn.put(ledger_exp_key(entry["exp_us"], k), b"", db=self.store.db["ledger_exp"])
+        for owner in _pii_owners(entry["response"]):
+            self.txn.put(pii_ledger_ref(uuid_bytes(owner), k), b"", db=self.store.db["pii_refs"])
+
+    def ledger_replace(self, key: str, entry: dict[str, Any]) -> None:
+        """Overwrite an entry in place, same expiry (erasure redacts a response)."""
+        self.txn.put(key.encode("utf-8"), encode_json(entry), db=self.store.db["ledger"])
 
     def ledger_sweep(self, now_us: int, limit: int) -> int:
         """Delete up to `limit` ledger entries that expired before `now_us`; the number deleted."""
@@ -286,19 +320,85 @@ class Txn:
                 k = cur.key()
                 if not k or _U64.unpack_from(k)[0] >= now_us:
                     break
-                self.txn.delete(k[8:], db=self.store.db["ledger"])
+                raw = self.txn.pop(k[8:], db=self.store.db["ledger"])
+                for owner in _pii_owners(decode_json(raw)["response"]) if raw is not None else ():
+                    self.txn.delete(pii_ledger_ref(uuid_bytes(owner), k[8:]), db=self.store.db["pii_refs"])
                 deleted += 1
                 if not cur.delete():  # moves to the next entry
                     break
         return deleted
 
     # -- change log ------------------------------------------------------------------------------------------
-    def append_change(self, change: dict[str, Any]) -> int:
-        """Append a change with the next sequence number (1, 2, ...) and return that number."""
+    def append_change(self, change: dict[str, Any], *, pii: bool = True) -> int:
+        """Append a change with the next sequence number (1, 2, ...) and return that number. `pii`: the entry
+        copies identifiers or attributes of its customer (and of those in `pii_of`): erasure redacts it."""
         with self.txn.cursor(db=self.store.db["changes"]) as cur:
             seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
-        self.txn.put(_U64.pack(seq), encode_json({"seq": seq, **change}), db=self.store.db["changes"], append=True)
+        packed = _U64.pack(seq)
+        self.txn.put(packed, encode_json({"seq": seq, **change}), db=self.store.db["changes"], append=True)
+        refs = self.store.db["pii_refs"]
+        for owner in (change["customer_uuid"], *change.get("pii_of", ())) if pii else ():
+            self.txn.put(pii_change_ref(uuid_bytes(owner), seq), b"", db=refs)
         return seq
+
+    def replace_change(self, seq: int, change: dict[str, Any]) -> None:
+        """Overwrite the change-log entry `seq` (erasure redacts entries in place; the sequence stays)."""
+        self.txn.put(_U64.pack(seq), encode_json({**change, "seq": seq}), db=self.store.db["changes"])
+
+    def change(self, seq: int) -> dict[str, Any] | None:
+        raw = self.txn.get(_U64.pack(seq), db=self.store.db["changes"])
+        return decode_json(raw) if raw is not None else None
+
+    def drop_event_times(self, uid: bytes) -> None:
+        """Forget the per-attribute event times of customer `uid` (`ev_fields`; erasure)."""
+        with self.txn.cursor(db=self.store.db["ev_fields"]) as cur:
+            if cur.set_range(uid):
+                while cur.key()[:16] == uid:
+                    if not cur.delete():
+                        break
+
+    # -- where a customer's PII is copied (erasure) ----------------------------------------------------------
+    def pii_refs(self, uid: bytes) -> tuple[list[int], list[str]]:
+        """The change-log sequences and ledger keys that copy the PII of customer `uid`."""
+        seqs: list[int] = []
+        keys: list[str] = []
+        with self.txn.cursor(db=self.store.db["pii_refs"]) as cur:
+            if cur.set_range(uid):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:16] != uid:
+                        break
+                    if k[16:17] == _CHANGE_REF:
+                        seqs.append(_U64.unpack(k[17:])[0])
+                    else:
+                        keys.append(k[17:].decode("utf-8"))
+        return seqs, keys
+
+    def drop_pii_refs(self, uid: bytes) -> None:
+        seqs, keys = self.pii_refs(uid)
+        refs = self.store.db["pii_refs"]
+        for seq in seqs:
+            self.txn.delete(pii_change_ref(uid, seq), db=refs)
+        for key in keys:
+            self.txn.delete(pii_ledger_ref(uid, key.encode("utf-8")), db=refs)
+
+    # -- merge journal -----------------------------------------------------------------------------------------
+    def journal_put(self, survivor: bytes, seq: int, entry: dict[str, Any]) -> None:
+        """Record a merge (the records as they were before it) under its survivor and change sequence."""
+        self.txn.put(survivor + _U64.pack(seq), encode_json(entry), db=self.store.db["merges"])
+
+    def journal(self, survivor: bytes) -> list[dict[str, Any]]:
+        """The merges recorded into `survivor`, oldest first."""
+        out: list[dict[str, Any]] = []
+        with self.txn.cursor(db=self.store.db["merges"]) as cur:
+            if cur.set_range(survivor):
+                for k, v in cur:
+                    if k[:16] != survivor:
+                        break
+                    out.append(decode_json(v))
+        return out
+
+    def journal_delete(self, survivor: bytes, seq: int) -> None:
+        self.txn.delete(survivor + _U64.pack(seq), db=self.store.db["merges"])
 
     def iter_changes(self, after: int = 0) -> Iterator[dict[str, Any]]:
         with self.txn.cursor(db=self.store.db["changes"]) as cur:

@@ -29,7 +29,7 @@ from resolver.errors import (
 )
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
 from resolver.normalize import Kind, Policy, check_region
-from resolver.records import Record
+from resolver.records import Record, upsert_holder
 from resolver.store import Txn, uuid_bytes, uuid_text
 
 MAX_DUPLICATES_REPORTED = 10
@@ -333,17 +333,25 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
     # removals first, so "remove X, add Y" replaces in one request
     if cmd.remove.external_id is not None and rec.external_id == cmd.remove.external_id:
         rec.external_id = None
-    # sets for the membership tests: linear in the identifiers (an email never equals a phone: one set each way)
-    gone = {*cmd.remove.emails, *cmd.remove.phones}
-    rec.emails = [e for e in rec.emails if e not in gone]
-    rec.phones = [p for p in rec.phones if p not in gone]
+    # an explicit removal takes the identifier away whoever holds it (contract §4.5)
+    for email in cmd.remove.emails:
+        rec.drop(Kind.EMAIL, email)
+    for phone in cmd.remove.phones:
+        rec.drop(Kind.PHONE, phone)
     if cmd.remove.external_id in rec.merged_external_ids:
         rec.merged_external_ids.remove(cmd.remove.external_id)
     if cmd.add.external_id is not None and not rec.holds(Kind.EXTERNAL_ID, cmd.add.external_id):
         rec.external_id = cmd.add.external_id
-    have = {*rec.emails, *rec.phones}  # cmd.add is de-duplicated already
-    rec.emails += [e for e in cmd.add.emails if e not in have]
-    rec.phones += [p for p in cmd.add.phones if p not in have]
+    # what an Upsert adds belongs to its source_system (provenance): a CRM slot letting the value go later
+    # leaves it on the customer
+    holder = upsert_holder(cmd.source_system)
+    held_before = len(rec.held)
+    holders_before = sum(map(len, rec.held.values()))
+    for email in cmd.add.emails:
+        rec.add(Kind.EMAIL, email, holder, cmd.now_us)
+    for phone in cmd.add.phones:
+        rec.add(Kind.PHONE, phone, holder, cmd.now_us)
+    new_holder = len(rec.held) != held_before or sum(map(len, rec.held.values())) != holders_before
     changed_attrs: dict[str, Any] = {}
     for name, value in cmd.attributes.items():
         if value is None:
@@ -359,12 +367,14 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
     before = set(current.identifiers()) if current is not None else set()
     after = set(rec.identifiers())
     changes: dict[str, Any] = {}
-    if current is None or before != after or changed_attrs:
+    if current is None or before != after or changed_attrs or new_holder:
         changes = {
             "added": sorted([k.value, v] for k, v in after - before),
             "removed": sorted([k.value, v] for k, v in before - after),
             "attributes": changed_attrs,
         }
+        if new_holder and before == after:
+            changes["held_by"] = holder  # the same identifiers, now also held by this source
         rec.version += 1
         rec.updated_us = cmd.now_us
     return rec, changes

@@ -1,8 +1,10 @@
-"""What the run proves, from its raw material: the drain's figures from the counter samples, the customers'
-values after it, the change log and DLQ against what the pusher was told, and the verdicts."""
+"""What the run proves, from its raw material: the drain's figures from the counter samples (and the pace the
+applier logged), the customers' values after it, the change log and DLQ against what the pusher was told, and
+the verdicts."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,41 @@ def drain_figures(rows: list[list[float]], push: dict[str, Any], dur_b: float, d
                                  if push.get("last_accept_s") else None),
             "burst_admissions_per_s": (round(push["accepted_before_first_429"] / push["first_429_s"], 1)
                                        if push.get("first_429_s") else None)}
+
+
+PACE_LINE = re.compile(r"applier: (inbox empty: )?(\d+) events in ([\d.]+) s \((\d+)/s\); pace (\d+)-(\d+)/s")
+
+
+def applier_pace(log_text: str) -> dict[str, Any]:
+    """The pace the applier reported in a stretch of the server's log (its lines every 10 s while events flow, and
+    when the inbox empties): the slowest and fastest pace it kept, and each line's events, seconds and rate."""
+    lines = [{"inbox_empty": bool(m.group(1)), "events": int(m.group(2)), "seconds": float(m.group(3)),
+              "per_s": int(m.group(4)), "pace_low": int(m.group(5)), "pace_high": int(m.group(6))}
+             for m in PACE_LINE.finditer(log_text)]
+    return {"lines": lines, "pace_low": min((x["pace_low"] for x in lines), default=None),
+            "pace_high": max((x["pace_high"] for x in lines), default=None)}
+
+
+def idle_drain_figures(rows: list[list[float]], push: dict[str, Any], drained_at: float) -> dict[str, Any]:
+    """Window D or E (no Resolve load) from its counter samples (counted from the release): how many events left
+    the inbox and how fast, from the release until the inbox was seen empty (the sender's ramp-up included)."""
+    good = [r for r in rows if r[1] >= 0]
+    empty = next((r for r in good if r[5] == 0 and r[1] >= len(push["accepted"])), None)
+    drained = good[-1][2] + good[-1][3] if good else 0
+    return {"samples": good, "columns": ["t_s", "accepted", "applied", "dead_lettered", "throttled", "in_inbox"],
+            "events": push["events"], "applied": drained, "drained": empty is not None,
+            "inbox_empty_after_s": empty[0] if empty else None, "waited_s": round(drained_at, 1),
+            "drain_rate_per_s": round(drained / empty[0], 1) if empty and empty[0] > 0 else None,
+            "admissions_per_s": (round(len(push["accepted"]) / push["last_accept_s"], 1) if push.get("last_accept_s")
+                                 else round(len(push["accepted"]) / push["elapsed_s"], 1) if push.get("elapsed_s")
+                                 else None),
+            "inbox_max": max((r[5] for r in good), default=0), "throttled_429": push["codes"].get("429", 0)}
+
+
+def merge_pushes(*pushes: dict[str, Any]) -> dict[str, Any]:
+    """What the pusher saw over several pushes of one run (distinct event numbers), for the ledger."""
+    return {"events": sum(p["events"] for p in pushes), "accepted": sorted(j for p in pushes for j in p["accepted"]),
+            "gave_up": {k: v for p in pushes for k, v in p["gave_up"].items()}}
 
 
 def check_visible(stub: Any, pb: Any, accepted: list[int], customers: int, n: int = 500) -> dict[str, Any]:
@@ -103,8 +140,13 @@ def reconcile(config: Path, data: Path, run_id: str, push: dict[str, Any]) -> di
             "neither_acknowledged_nor_given_up": push["events"] - len(acked | gave_up)}
 
 
+OLD_FIXED_RATE = 100.0  # the applier's fixed pace before it adapted (issue 14)
+IDLE_DRAIN_TARGET = 10 * OLD_FIXED_RATE  # events/s with no Resolve load
+
+
 def verdicts(r: dict[str, Any]) -> dict[str, Any]:
-    """The run's answers: the p99 ratio against the 1.3x target, no event lost, conservation, the 429s."""
+    """The run's answers: the p99 ratio against the 1.3x target, no event lost, conservation, the 429s, the drain
+    rate under load and without it (against 10x the old fixed 100/s)."""
     a, b = r["window_a"]["latency_ms"], r["window_b"]["latency_ms"]
     c = r.get("window_c", {}).get("latency_ms")
     led, cnt = r["ledger"], r["counters"]["counters"]
@@ -112,9 +154,14 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
     no_loss = (led["missing_count"] == 0 and led["applied_twice_or_more"] == 0 and led["neither_acknowledged_nor_given_up"] == 0
                and led["unacknowledged_stored_count"] == 0 and cnt["accepted"] == led["acknowledged_202"]
                and r["visible"]["wrong"] == 0)
+    pushed = r.get("window_d", {}).get("drain_rate_per_s")
+    idle = r.get("window_e", {}).get("drain_rate_per_s", pushed)  # the applier's own rate, where it was measured
     return {"p99_ratio_b_over_a": None if ratio is None else round(ratio, 3),
             "p99_ratio_b_over_c": round(b["p99"] / c["p99"], 3) if c and c["p99"] else None,
             "p99_target_holds": ratio is not None and ratio <= 1.3,
+            "drain_rate_under_load_per_s": r["drain"]["drain_rate_in_window_b_per_s"],
+            "drain_rate_idle_per_s": idle, "drain_rate_idle_push_per_s": pushed,
+            "idle_drain_target_holds": None if idle is None else idle >= IDLE_DRAIN_TARGET,
             "conserved": bool(r["counters"]["conserved"]) and r["check"]["exit"] == 0,
             "no_event_lost": no_loss, "all_accepted": led["acknowledged_202"] == led["pushed"],
             "throttled_429": r["pusher"]["codes"].get("429", 0), "first_429_s": r["pusher"]["first_429_s"],

@@ -1,5 +1,6 @@
 """The run's blueprint: the example blueprint's server, storage and matching settings, the SALESFORCE source
-(owning status and credit_limit, its secret read from the environment), and `[events]` from the options."""
+(owning status and credit_limit, its secret read from the environment), and `[events]` from the options (the
+applier's ceiling, floor and the serving CPU between them: the server's defaults unless given)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def blueprint(a: argparse.Namespace) -> str:
         [events]
         http_listen = "127.0.0.1:0"
         rate_per_s = {a.drain_rate:g}
+        min_rate_per_s = {a.min_drain_rate:g}
+        idle_cpu = {a.idle_cpu:g}
+        busy_cpu = {a.busy_cpu:g}
         batch = {a.batch}
         high_water = {a.high_water}
         timestamp_tolerance_s = 300

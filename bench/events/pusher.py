@@ -1,8 +1,9 @@
 """The pusher, standing in for the CRM: its own process, signed events over HTTP/1.1 keep-alive.
 
-`python -m bench.events push --port P --run-id R --json FILE ...` prints "ready", waits for a "go" line on
-stdin, then pushes every event as fast as `--connections` concurrent requests allow, waiting `Retry-After`
-after each 429, and writes what it saw (answers, when each event was acknowledged, what it gave up) to FILE.
+`python -m bench.events push --port P --run-id R --json FILE [--first J] ...` prints "ready", waits for a "go"
+line on stdin, then pushes every event (J, J+1, ...) as fast as `--connections` concurrent requests allow,
+waiting `Retry-After` after each 429, and writes what it saw (answers, when each event was acknowledged, what
+it gave up) to FILE.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ async def push(a: argparse.Namespace, key: bytes) -> dict[str, Any]:
     gave_up: dict[int, str] = {}
     retry_after: Counter[str] = Counter()
     first_429: list[float] = []
-    pending = iter(range(a.events))
+    pending = iter(range(a.first, a.first + a.events))
     conns = [Connection(a.port) for _ in range(a.connections)]
     try:
         print("ready", flush=True)
@@ -136,7 +137,8 @@ async def push(a: argparse.Namespace, key: bytes) -> dict[str, Any]:
     t429 = first_429[0] if first_429 else None
     times = sorted(accepted.values())
     per_s = Counter(int(t) for t in times)
-    return {"go_monotonic": go, "elapsed_s": round(elapsed, 3), "events": a.events, "connections": a.connections,
+    return {"go_monotonic": go, "elapsed_s": round(elapsed, 3), "first": a.first, "events": a.events,
+            "connections": a.connections,
             "codes": dict(codes), "accepted": sorted(accepted), "duplicates": sorted(duplicates),
             "gave_up": {str(k): v for k, v in sorted(gave_up.items())}, "retry_after": dict(retry_after),
             "first_429_s": None if t429 is None else round(t429, 3),
@@ -151,12 +153,16 @@ def main(argv: Sequence[str]) -> int:
                                 description="the pusher: waits for a 'go' line on stdin, then pushes")
     p.add_argument("--port", type=int, required=True, help="the webhook HTTP port on 127.0.0.1")
     p.add_argument("--events", type=int, default=20_000)
+    p.add_argument("--first", type=int, default=0, help="the first event's number (events FIRST .. FIRST+EVENTS-1)")
     p.add_argument("--customers", type=int, default=20_000)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--budget", type=float, default=150.0, help="seconds after go; events not accepted by then are given up")
     p.add_argument("--run-id", required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--sched-idle", action="store_true", help="run under SCHED_IDLE (only on CPU others leave)")
     a = p.parse_args(argv)
+    if a.sched_idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     key = secret_key(os.environ[SECRET_ENV])
     import uvloop  # the CRM's side costs this machine less CPU on uvloop than on asyncio's loop (bench/README.md)
 

@@ -46,7 +46,7 @@ def render(r: dict[str, Any]) -> str:
         f"Command: `{r['command']}`", "",
         f"{s['customers']:,} customers; call-setup at {s['rate']:g}/s (open loop, {s['clients']} load client processes); "
         f"{s['events']:,} signed UPDATE events pushed over HTTP keep-alive with {s['connections']} concurrent requests; "
-        f"inbox high-water {s['high_water']:,}, applier {s['drain_rate']:g}/s in batches of {s['batch']}; "
+        f"inbox high-water {s['high_water']:,}, applier {_pace(s)} in batches of {s['batch']}; "
         f"webhooks and applier in the events process at nice +{s.get('events_nice', 10)}"
         f"{' under SCHED_IDLE' if s.get('events_sched_idle') else ''}, commit window {s.get('commit_window_ms', 0):g} ms"
         f"{'; the pusher under SCHED_IDLE' if s.get('pusher_sched_idle') else ''}; load clients "
@@ -71,8 +71,9 @@ def render(r: dict[str, Any]) -> str:
          if v["throttled_429"] else
          f"- **429s: none**: the inbox never reached the high-water mark ({s['high_water']:,}; largest seen "
          f"{d['inbox_max']:,}): the pusher's admissions ({_r(d['admissions_in_window_b_per_s'])}/s during B, "
-         f"{_r(d['admissions_per_s'])}/s overall) did not outpace the applier ({s['drain_rate']:g}/s). Back-pressure was "
-         "not exercised; a lower `--drain-rate` or `--high-water` makes it so."),
+         f"{_r(d['admissions_per_s'])}/s overall) did not outpace the applier ({_pace(s)}). Back-pressure was "
+         "not exercised; a lower `--min-drain-rate` or `--high-water` makes it so."),
+        *_drain_verdicts(r),
         f"- Events admitted and applied throughout window B: {'yes' if v['window_inside_drain'] else 'NO'} "
         f"({_r(d['admissions_in_window_b_per_s'])} admissions/s during B; inbox between {d['inbox_min_in_window_b']} and "
         f"{d['inbox_max_in_window_b']}; inbox empty {_s(d['inbox_empty_after_s'])} after the release, "
@@ -110,9 +111,10 @@ def render(r: dict[str, Any]) -> str:
         f"{_r(d['burst_admissions_per_s'])}/s in the first burst (before the first 429); per second: "
         f"{pu['accepted_per_s']}.",
         f"- Drain: inbox empty {_s(d['inbox_empty_after_s'])} after the first event; applier {_r(d['drain_rate_per_s'])}/s "
-        f"overall, {_r(d['drain_rate_in_window_b_per_s'])}/s during window B (configured {d['configured_rate_per_s']:g}/s).",
+        f"overall, {_r(d['drain_rate_in_window_b_per_s'])}/s during window B (configured {_pace(s)}; the pace the "
+        f"applier logged during B: {_pace_seen(r['window_b'].get('applier_pace'))}).",
         f"- Window B: {d['window_b_s']:g} s recorded, starting when the pusher was released; the drain was expected to "
-        f"take {s['events'] / s['drain_rate']:.0f} s.", "",
+        f"take {s['events'] / _floor(s):.0f} s (at the applier's floor).", "",
         *_slowest_slices(r["window_b"], d["samples"]),
         "Inbox over time (s after the release: accepted, applied, in inbox), every 2 s:", "", "```",
     ]
@@ -122,7 +124,8 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"{row[0]:6.1f} s  accepted {row[1]:6d}  applied {row[2]:6d}  throttled {row[4]:6d}  "
                          f"in inbox {row[5]:5d}")
             last = row[0]
-    lines += ["```", "", "## `resolver check` (server stopped)", "", "```", *r["check"]["output"], "```", "",
+    lines += ["```", "", *_idle_windows(r),
+              "## `resolver check` (server stopped)", "", "```", *r["check"]["output"], "```", "",
               "## How it runs", "",
               "Separate processes: `resolver serve` (2 workers, the example blueprint's server settings), the loadgen "
               "(`python -m bench.loadgen`, its own client processes), the pusher (`python -m bench.events push`). "
@@ -130,6 +133,73 @@ def render(r: dict[str, Any]) -> str:
               f"{r['window_b']['machine']['connected_s_before_go']:.2f} s before); window B is shorter than the expected "
               "drain so every Resolve in it competes with admissions and/or the applier. Figures: `results.json`.", ""]
     return "\n".join(lines)
+
+
+def _floor(s: dict[str, Any]) -> float:
+    return float(min(s.get("min_drain_rate", s["drain_rate"]), s["drain_rate"]))
+
+
+def _pace(s: dict[str, Any]) -> str:
+    """The applier's configured pace: adaptive between its floor and ceiling, or fixed (results of older runs)."""
+    low, high = _floor(s), s["drain_rate"]
+    if low >= high:
+        return f"{high:g}/s (fixed)"
+    return (f"{low:g}-{high:g}/s (adaptive: {high:g}/s while the serving processes use at most "
+            f"{100 * s.get('idle_cpu', 0):g}% of the CPU, {low:g}/s from {100 * s.get('busy_cpu', 0):g}%)")
+
+
+def _pace_seen(p: dict[str, Any] | None) -> str:
+    if not p or p.get("pace_low") is None:
+        return "none logged"
+    return f"{p['pace_low']}-{p['pace_high']}/s"
+
+
+def _drain_verdicts(r: dict[str, Any]) -> list[str]:
+    """The drain rate under Resolve load (B) and without it (D over HTTP, E from a backlog), against 10x the old
+    fixed 100/s."""
+    v, d = r["verdicts"], r["drain"]
+    out = [f"- **Drain under Resolve load: {_r(v.get('drain_rate_under_load_per_s'))}/s** during window B "
+           f"(the applier's pace there: {_pace_seen(r['window_b'].get('applier_pace'))}; after B, with the load gone, "
+           f"{_r(d['drain_rate_per_s'])}/s over the whole drain)."]
+    held = v.get("idle_drain_target_holds")
+    verdict = f"target ≥ 1,000/s, 10× the old fixed 100/s: {'**holds**' if held else '**does NOT hold**'}"
+    if w := r.get("window_e"):
+        out.append(f"- **Drain with no Resolve load, a backlog (window E): {_r(w['drain_rate_per_s'])}/s** "
+                   f"({w['applied']:,} events from the first write until the inbox was empty, "
+                   f"{_s(w['inbox_empty_after_s'])}; {verdict}); the applier's pace: {_pace_seen(w.get('applier_pace'))}.")
+    if w := r.get("window_d"):
+        out.append(f"- Drain with no Resolve load, pushed over HTTP (window D): {_r(w['drain_rate_per_s'])}/s "
+                   f"({w['applied']:,} events, admissions {_r(w['admissions_per_s'])}/s, largest inbox {w['inbox_max']:,}"
+                   + ("" if r.get("window_e") else f"; {verdict}") + f"); the applier's pace: "
+                   f"{_pace_seen(w.get('applier_pace'))}.")
+    return out
+
+
+def _idle_windows(r: dict[str, Any]) -> list[str]:
+    """The sections on windows D and E: drains with no Resolve load."""
+    lines: list[str] = []
+    for key, title, how in (
+            ("window_d", "Window D: pushed over HTTP, no Resolve load",
+             f"pushed over HTTP as fast as {r['settings'].get('idle_connections', '?')} concurrent requests allowed"),
+            ("window_e", "Window E: a backlog, no Resolve load",
+             "written into the inbox by the backlog writer (the admission path, not HTTP, past the high-water mark)")):
+        w = r.get(key)
+        if not w:
+            continue
+        pu, mach = w["pusher"], w["machine"]
+        lines += [f"## {title}", "",
+                  f"- {w['events']:,} events (numbered after the earlier windows', so newer) {how}; answers {pu['codes']}; "
+                  f"admissions {_r(w['admissions_per_s'])}/s; largest inbox {w['inbox_max']:,}.",
+                  f"- Drained at {_r(w['drain_rate_per_s'])}/s: inbox empty {_s(w['inbox_empty_after_s'])} after the "
+                  "release.",
+                  f"- Server CPU by process (cores): {mach.get('server_process_cores', '-')}; other processes "
+                  f"{mach.get('other_processes_cores', '-')} cores; loadavg {mach['loadavg_before'][0]:.2f} → "
+                  f"{mach['loadavg_after'][0]:.2f}.",
+                  "- What the applier logged: " + ("; ".join(
+                      f"{x['events']} events in {x['seconds']:g} s ({x['per_s']}/s), pace {x['pace_low']}-"
+                      f"{x['pace_high']}/s" + (" (inbox empty)" if x["inbox_empty"] else "")
+                      for x in (w.get("applier_pace") or {}).get("lines", [])) or "nothing") + ".", ""]
+    return lines
 
 
 def shared_warning(wins: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -157,9 +227,15 @@ def render_summary(summary: dict[str, Any]) -> str:
              f"Command: `{summary['command']}`", "",
              f"**Median p99 ratio (B during the drain / A without it): {median:.2f}×** over {len(runs)} runs (target ≤ 1.3×); "
              f"no event lost and counters conserved in every run: {'yes' if summary['every_run_lost_nothing'] else '**NO**'}.",
-             "", "| run | started | p99 A ms | p99 B ms | B / A | B / C | report |", "|---:|---|---:|---:|---:|---:|---|"]
+             f"Median drain rate under Resolve load (B): {_r(summary.get('median_drain_rate_under_load_per_s'))}/s; "
+             f"with no Resolve load, a backlog (E): {_r(summary.get('median_drain_rate_idle_per_s'))}/s (target ≥ "
+             f"1,000/s); pushed over HTTP (D): {_r(summary.get('median_drain_rate_idle_push_per_s'))}/s.",
+             "", "| run | started | p99 A ms | p99 B ms | B / A | B / C | drain in B /s | drain in D /s | drain in E /s "
+             "| report |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in runs:
         c = f"{x['p99_ratio_b_over_c']:.2f}×" if x["p99_ratio_b_over_c"] else "-"
         lines.append(f"| {x['run']} | {x['started']} | {x['a_p99_ms']:.3f} | {x['b_p99_ms']:.3f} | "
-                     f"{x['p99_ratio_b_over_a']:.2f}× | {c} | run-{x['run']}/report.md |")
+                     f"{x['p99_ratio_b_over_a']:.2f}× | {c} | {_r(x.get('drain_rate_under_load_per_s'))} | "
+                     f"{_r(x.get('drain_rate_idle_push_per_s'))} | {_r(x.get('drain_rate_idle_per_s'))} | "
+                     f"run-{x['run']}/report.md |")
     return "\n".join(lines) + "\n"

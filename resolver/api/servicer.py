@@ -213,6 +213,16 @@ class IdentityResolverServicer(resolver_pb2_grpc.IdentityResolverServicer):
 
         return self._call(context, "Merge", run)
 
+    def Unmerge(self, request: pb.UnmergeRequest, context: grpc.ServicerContext) -> pb.UnmergeResponse:
+        deadline = _deadline(context)
+
+        def run() -> pb.UnmergeResponse:
+            r = self.service.unmerge(request.idempotency_key, request.survivor_uuid, request.merged_uuid, deadline)
+            return pb.UnmergeResponse(survivor_uuid=r.survivor_uuid, survivor_version=r.survivor_version,
+                                      merged_uuid=r.merged_uuid, merged_version=r.merged_version, replayed=r.replayed)
+
+        return self._call(context, "Unmerge", run)
+
     def IngestEvents(self, request: pb.IngestRequest, context: grpc.ServicerContext) -> pb.IngestResponse:
         def run() -> pb.IngestResponse:
             adm = self._events().admit(request.source, dict(request.headers), request.body)

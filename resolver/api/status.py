@@ -77,6 +77,11 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
         details.append(_bad_request([errors.FieldViolation("idempotency_key", exc.message, exc.reason)]))
     elif isinstance(exc, errors.AlreadyExists):
         metadata["holder"] = exc.holder
+    elif isinstance(exc, errors.UnmergeBlocked):
+        details.append(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(type=b.kind, subject=_clip(b.subject, MAX_FIELD),
+                                                            description=_clip(b.description, MAX_DESCRIPTION))
+            for b in exc.blockers[:MAX_VIOLATIONS]]))
     elif isinstance(exc, errors.FailedPrecondition) and exc.candidates:
         metadata["candidates"] = ",".join(exc.candidates)
     elif isinstance(exc, errors.VersionMismatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from resolver.config.schema import DEFAULT_VIEW, PRECEDENCE
 from resolver.config.settings import Settings
+from resolver.config.tables import EventSettings
 
 
 def describe(s: Settings) -> str:
@@ -46,12 +47,24 @@ def describe(s: Settings) -> str:
     )
     for src in sorted(s.sources.values(), key=lambda x: x.name):
         missing = f"; UNRESOLVED: {', '.join(src.unresolved)} (its webhooks are refused)" if src.unresolved else ""
-        lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), {len(src.secrets)} secret(s){missing}")
+        ids = ", ".join(f"{crm} -> {kind}" for crm, kind in sorted(src.identifiers.items())) or "none"
+        region = f", region {src.default_region}" if src.default_region else ""
+        lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), identifiers {ids}{region}, "
+                     f"{len(src.secrets)} secret(s){missing}")
     ev = s.events
     lines.append(
-        f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; apply {ev.rate_per_s:g}/s "
+        f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; {_pace(ev)} "
         f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s; "
         f"commit window {ev.commit_window_ms:g} ms; "
         f"events process nice +{ev.process_nice}{' (SCHED_IDLE)' if ev.process_sched_idle else ''}"
     )
     return "\n".join(lines)
+
+
+def _pace(ev: EventSettings) -> str:
+    """The applier's pace in words: adaptive between a floor and a ceiling, or fixed."""
+    low = min(ev.min_rate_per_s, ev.rate_per_s)
+    if low == ev.rate_per_s:
+        return f"apply {ev.rate_per_s:g}/s (fixed: min_rate_per_s is not below rate_per_s)"
+    return (f"apply {low:g}-{ev.rate_per_s:g}/s ({ev.rate_per_s:g}/s while the serving processes use at most "
+            f"{100 * ev.idle_cpu:g}% of the CPU, {low:g}/s from {100 * ev.busy_cpu:g}%)")

@@ -96,7 +96,8 @@ def _source(name: str, spec: Mapping[str, Any], environ: Mapping[str, str], prob
             problems.append(problem)
         else:
             secrets.append(key)
-    return SourceSpec(name, dict(spec.get("field_map", {})), tuple(secrets), tuple(unresolved))
+    return SourceSpec(name, dict(spec.get("field_map", {})), dict(spec.get("identifiers", {})),
+                      spec.get("default_region"), tuple(secrets), tuple(unresolved))
 
 
 def _read_secret(ref: Mapping[str, str], environ: Mapping[str, str], where: str) -> tuple[bytes | None, str]:

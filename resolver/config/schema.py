@@ -115,6 +115,8 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": _table({
                 "field_map": {"type": "object", "additionalProperties": {"type": "string"}},
+                "identifiers": {"type": "object", "additionalProperties": {"enum": ["phone", "email"]}},
+                "default_region": {"type": "string", "pattern": "^[A-Z]{2}$"},
                 "secrets": {"type": "array", "items": _SECRET_REF},
             }),
         },
@@ -122,6 +124,9 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "enabled": {"type": "boolean"},
             "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
             "rate_per_s": {"type": "number", "exclusiveMinimum": 0},
+            "min_rate_per_s": {"type": "number", "exclusiveMinimum": 0},
+            "idle_cpu": {"type": "number", "minimum": 0, "maximum": 1},
+            "busy_cpu": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
             "high_water": {"type": "integer", "minimum": 1},
             "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},

@@ -74,6 +74,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "write_keys": tuple, "default_region": str.upper, "blocked_values": frozenset, "blocked_patterns": tuple,
     "peak_rps": float, "latency_target_ms": float, "idempotency_retention_s": float,
     "rate_per_s": float, "timestamp_tolerance_s": float, "commit_window_ms": float,
+    "min_rate_per_s": float, "idle_cpu": float, "busy_cpu": float,
 }
 assert _CONVERT.keys() <= TABLE_OF.keys()
 
@@ -120,6 +121,17 @@ def check_settings(s: Settings) -> list[str]:
             f"sources.{source.name}.field_map: several CRM fields map to {attr!r}"
             for attr in sorted({a for a in targets if targets.count(a) > 1})
         ]
+        problems += [
+            f"sources.{source.name}: {crm} is mapped both to an attribute (field_map) and to an identifier "
+            "(identifiers); a CRM field is one or the other"
+            for crm in sorted(set(source.field_map) & set(source.identifiers))
+        ]
+        if source.default_region is not None:
+            import phonenumbers
+
+            if source.default_region not in phonenumbers.SUPPORTED_REGIONS:
+                problems.append(f"sources.{source.name}.default_region: {source.default_region!r} is not a region "
+                                "phonenumbers knows")
     for view, names in s.views.items():
         unknown = [f for f in names if s.attributes and f not in s.attributes]
         if unknown:

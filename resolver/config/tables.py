@@ -32,14 +32,20 @@ class AttributeSpec:
 
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
-    """A CRM source system: how its field names map to attributes, and its webhook secrets (resolved).
+    """A CRM source system: how its field names map to attributes and to identifier kinds, and its webhook
+    secrets (resolved).
 
-    `secrets` are the raw HMAC keys (a `whsec_<base64>` value is decoded); `unresolved` names the
-    references that could not be read at load time (the source's webhooks are then refused, 401).
+    `identifiers` maps CRM fields to "phone" or "email" (several fields may map to one kind: each is a slot of
+    its own, contract §5); `default_region` reads the national phone numbers this source sends (else the
+    server's `matching.default_region`). `secrets` are the raw HMAC keys (a `whsec_<base64>` value is
+    decoded); `unresolved` names the references that could not be read at load time (the source's webhooks
+    are then refused, 401).
     """
 
     name: str
     field_map: Mapping[str, str] = field(default_factory=dict)
+    identifiers: Mapping[str, str] = field(default_factory=dict)
+    default_region: str | None = None
     secrets: tuple[bytes, ...] = field(default=(), repr=False)
     unresolved: tuple[str, ...] = ()
 
@@ -134,12 +140,21 @@ class LoggingSettings:
 class EventSettings:
     """`[events]`: CRM change events (contract §5): the HTTP endpoint, admission and the applier's pace.
 
-    The figures behind `rate_per_s`, `commit_window_ms` and the process priority are in bench/README.md.
+    The applier's pace adapts (resolver.events.pace): `rate_per_s` events per second while the serving processes
+    (the gRPC workers) use at most `idle_cpu` of the machine's CPU, `min_rate_per_s` once they use `busy_cpu` or
+    more, geometric in between (each step of load divides the rate by the same factor). The floor keeps the inbox
+    draining under a server that is never idle; a `min_rate_per_s` at or above `rate_per_s` gives a fixed pace of
+    `rate_per_s`, and a `busy_cpu` at or below `idle_cpu` a step at `busy_cpu`. A full inbox paces intake to the
+    applier (429 with the delay of its current pace), so the pace also caps what a bulk push costs Resolve.
+    The figures behind these defaults, `commit_window_ms` and the process priority are in bench/README.md.
     """
 
     enabled: bool = False  # the loader turns it on when a source is declared: no source, no port opened
     http_listen: str = "127.0.0.1:8081"  # "" : no HTTP endpoint (gRPC IngestEvents only)
-    rate_per_s: float = 100.0  # applied per second; a full inbox paces intake too, so it caps what a push costs Resolve
+    rate_per_s: float = 2000.0  # the ceiling: applied per second while the serving processes are idle
+    min_rate_per_s: float = 100.0  # the floor: applied per second while they are busy (at most rate_per_s)
+    idle_cpu: float = 0.03  # serving processes' share of the machine's CPU (0-1) at or below which: rate_per_s
+    busy_cpu: float = 0.15  # ... at or above which: min_rate_per_s
     batch: int = 100  # events per applier write transaction
     high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED
     timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future

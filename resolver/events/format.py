@@ -6,6 +6,7 @@ admission, the applier and a dead-letter replay all call it, so a fixed mapping 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import fastjsonschema
 import orjson
 
+from resolver._hotpath import normalize_email, normalize_phone
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
-from resolver.errors import EventRejected, FieldViolation, IdentifierError
-from resolver.normalize import normalize_external_id
+from resolver.errors import BlockedIdentifier, EventRejected, FieldViolation, IdentifierError
+from resolver.identifiers import Skipped, policy_from
+from resolver.normalize import Kind, Policy, mask, normalize_external_id
 
 EVENT_TYPES = ("CREATE", "UPDATE", "DELETE")
 _SCALAR = {"type": ["string", "number", "boolean", "null"]}
@@ -61,6 +64,18 @@ class FieldChange:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotChange:
+    """A change of an identifier slot: `new` normalized (None empties the slot; a placeholder does too, and
+    is reported in `ChangeEvent.skipped`); `old` normalized when it could be, else as sent."""
+
+    crm_field: str
+    kind: Kind
+    new: str | None
+    old: str | None
+    has_old: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeEvent:
     """A validated, mapped, normalized event: what the applier executes."""
 
@@ -71,6 +86,8 @@ class ChangeEvent:
     object_type: str
     timestamp_us: int
     changes: tuple[FieldChange, ...]
+    slots: tuple[SlotChange, ...] = ()
+    skipped: tuple[Skipped, ...] = ()  # placeholder identifiers (contract §2): never indexed
 
 
 def _micros(text: str) -> int:
@@ -108,8 +125,10 @@ def interpret(source: str, webhook_id: str, body: bytes, settings: Settings, sch
         violations.append(FieldViolation("source_system", f"the event says {doc['source_system']!r}, the endpoint "
                                          f"is for {source!r}", "SOURCE_MISMATCH"))
     field_map = spec.field_map if spec is not None else {}
-    unmapped = [f for f in doc["change_set"] if f not in field_map]
-    violations += [FieldViolation(f"change_set.{f}", f"no mapping for {f} in sources.{source}.field_map", "UNMAPPED_FIELD")
+    id_map = spec.identifiers if spec is not None else {}
+    unmapped = [f for f in doc["change_set"] if f not in field_map and f not in id_map]
+    violations += [FieldViolation(f"change_set.{f}", f"no mapping for {f} in sources.{source}.field_map or "
+                                  f"sources.{source}.identifiers", "UNMAPPED_FIELD")
                    for f in unmapped]
     if violations:
         raise EventRejected(f"the event cannot be mapped: {len(violations)} problem(s)", reason="MAPPING_FAILED",
@@ -120,16 +139,19 @@ def interpret(source: str, webhook_id: str, body: bytes, settings: Settings, sch
     except IdentifierError as exc:
         violations.append(FieldViolation("record_id", exc.message, exc.reason))
         external_id = ""
-    news = {field_map[f]: v["new_value"] for f, v in doc["change_set"].items()}
+    attr_set = {f: v for f, v in doc["change_set"].items() if f in field_map}
+    news = {field_map[f]: v["new_value"] for f, v in attr_set.items()}
     normalized, bad = schema.normalize(news, prefix="change_set")
-    crm_of = {field_map[f]: f for f in doc["change_set"]}
+    crm_of = {field_map[f]: f for f in attr_set}
     violations += [FieldViolation(f"change_set.{crm_of.get(v.field.split('.', 1)[1], v.field)}.new_value",
                                   v.description, v.reason) for v in bad]
+    slots, skipped = _slot_changes(doc["change_set"], id_map, settings, spec.default_region if spec else None,
+                                   violations)
     if violations:
         raise EventRejected(f"the event has {len(violations)} invalid value(s)", reason="INVALID_VALUE",
                             violations=violations)
     changes = []
-    for crm, change in doc["change_set"].items():
+    for crm, change in attr_set.items():
         attr = field_map[crm]
         has_old = "old_value" in change
         old = change.get("old_value")
@@ -138,4 +160,60 @@ def interpret(source: str, webhook_id: str, body: bytes, settings: Settings, sch
             old = olds.get(attr, old) if not bad_old else old  # an unnormalizable old value is compared as sent
         changes.append(FieldChange(attr, crm, normalized[attr], old, has_old))
     return ChangeEvent(source, webhook_id, doc["event_type"], external_id, doc["object_type"], timestamp_us,
-                       tuple(changes))
+                       tuple(changes), slots, skipped)
+
+
+_KINDS = {"phone": Kind.PHONE, "email": Kind.EMAIL}
+
+
+def _slot_changes(change_set: dict[str, Any], id_map: Mapping[str, str], settings: Settings, region: str | None,
+                  violations: list[FieldViolation]) -> tuple[tuple[SlotChange, ...], tuple[Skipped, ...]]:
+    """The identifier slots an event changes, normalized exactly as an Upsert normalizes (the same policy):
+    a value that cannot be normalized is a violation (the whole event is refused), a placeholder empties
+    the slot and is reported as skipped."""
+    policy = _policy(settings)
+    slots: list[SlotChange] = []
+    skipped: list[Skipped] = []
+    for crm, change in change_set.items():
+        kind = _KINDS.get(id_map.get(crm, ""))
+        if kind is None:
+            continue
+        new = change["new_value"]
+        if new is not None and not isinstance(new, str):
+            violations.append(FieldViolation(f"change_set.{crm}.new_value", f"a {kind.name.lower()} is text",
+                                             "INVALID_VALUE"))
+            continue
+        if new is not None:
+            try:
+                new = _normalize(kind, new, region, policy)
+            except BlockedIdentifier as exc:
+                skipped.append(Skipped(kind, mask(kind, new), exc.reason, exc.message))
+                new = None
+            except IdentifierError as exc:
+                violations.append(FieldViolation(f"change_set.{crm}.new_value", exc.message, exc.reason))
+                continue
+        old = change.get("old_value")
+        if isinstance(old, str):
+            try:
+                old = _normalize(kind, old, region, policy)
+            except IdentifierError:
+                pass  # compared as sent: it will differ from what the slot holds, a conflict
+        elif old is not None:
+            old = str(old)
+        slots.append(SlotChange(crm, kind, new, old, "old_value" in change))
+    return tuple(slots), tuple(skipped)
+
+
+def _normalize(kind: Kind, value: str, region: str | None, policy: Policy) -> str:
+    return normalize_phone(value, region, policy) if kind == Kind.PHONE else normalize_email(value, policy)
+
+
+_last_policy: tuple[Settings, Policy] | None = None
+
+
+def _policy(settings: Settings) -> Policy:
+    """The Upsert path's normalization policy for these settings (built once: a process has one settings)."""
+    global _last_policy
+    if _last_policy is None or _last_policy[0] is not settings:
+        _last_policy = (settings, policy_from(settings))
+    return _last_policy[1]

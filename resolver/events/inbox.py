@@ -29,7 +29,7 @@ import orjson
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
-from resolver.events import counters, dlq, envelope, signatures
+from resolver.events import counters, dlq, envelope, pace, signatures
 from resolver.events.format import interpret
 from resolver.store import Store
 
@@ -105,6 +105,9 @@ class Ingestor:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._committer: threading.Thread | None = None
         self._closed = False
+        # The applier's pace, for the retry delay of a full inbox: its floor here; the events process, where the
+        # applier runs, points it at the current pace (resolver.events.process.watch_serving).
+        self.drain_rate: Callable[[], float] = lambda: pace.floor(settings.events)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -169,11 +172,12 @@ class Ingestor:
         return item.done
 
     def _full(self, in_inbox: int) -> InboxFull | None:
-        """InboxFull (with the delay in which the applier makes room for a batch) at the high-water mark."""
+        """InboxFull (with the delay in which the applier makes room for a batch, at `drain_rate()`) at the
+        high-water mark."""
         ev = self.settings.events
         if in_inbox < ev.high_water:
             return None
-        retry = max(1, math.ceil((in_inbox - ev.high_water + ev.batch) / ev.rate_per_s))
+        retry = max(1, math.ceil((in_inbox - ev.high_water + ev.batch) / max(self.drain_rate(), 1e-3)))
         return InboxFull(f"the event inbox is full; retry in {retry}s", retry_after_s=retry)
 
     def _refuse_if_full(self, key: bytes) -> None:

@@ -4,7 +4,9 @@ Why a process of their own: as threads of a serving process, the aiohttp loop, t
 share the GIL and the CPU with the Resolve handlers (Resolve p99 8-11x higher during a 20,000-event drain).
 In a child process at a lowered CPU priority (`[events] process_nice`, SCHED_IDLE with `process_sched_idle`),
 the kernel prefers the serving workers. The workers keep gRPC `IngestEvents` and the DLQ admin RPCs: they
-write to the same LMDB inbox, which this process's applier drains (one applier per data directory).
+write to the same LMDB inbox, which this process's applier drains (one applier per data directory), at a pace
+set by the CPU the serving processes (the parent and its other children) use, read from /proc
+(resolver.events.pace): nothing is added to a Resolve.
 
 `EventsProcess` is the parent's side: it spawns the child (spawn context, like the workers: the child opens
 the LMDB store itself), waits for its readiness, restarts it (bounded, with a backoff) if it dies (accepted
@@ -22,11 +24,15 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resolver.bootstrap import build_events, build_service
 from resolver.config import Settings
+from resolver.events import pace
 from resolver.logs import setup_logging
+
+if TYPE_CHECKING:
+    from resolver.events.runtime import Events
 
 log = logging.getLogger("resolver.events.process")
 PROCESS_NAME = "resolver-events"  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
@@ -64,8 +70,19 @@ def _set_name(name: str) -> None:
         pass
 
 
+def watch_serving(events: Events, parent: int) -> None:
+    """Pace the applier by the serving processes' CPU (the parent, `resolver serve`, and its other children: the
+    gRPC workers), and answer a full inbox with the delay of the applier's current pace."""
+    applier = events.applier
+    assert applier is not None
+    applier.watch(pace.serving_processes(parent, os.getpid()))
+    pacer = applier.pacer
+    events.ingestor.drain_rate = lambda: pacer.current
+
+
 def child_main(settings: Settings, conn: Connection) -> None:
     """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
+    parent = os.getppid()  # read first: once the parent is gone this is someone else
     lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
     _set_name(PROCESS_NAME)
     setup_logging(settings)
@@ -86,9 +103,12 @@ def child_main(settings: Settings, conn: Connection) -> None:
         service.close()
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    log.info("events process %d: webhooks on %s, applier %g/s in batches of %d, nice +%d%s", os.getpid(),
-             settings.events.http_listen or "(none)", settings.events.rate_per_s, settings.events.batch,
-             settings.events.process_nice, ", SCHED_IDLE" if settings.events.process_sched_idle else "")
+    watch_serving(events, parent)
+    ev = settings.events
+    log.info("events process %d: webhooks on %s, applier %g-%g/s (the ceiling while the serving processes use at "
+             "most %g%% of the CPU, the floor from %g%%) in batches of %d, nice +%d%s", os.getpid(),
+             ev.http_listen or "(none)", pace.floor(ev), ev.rate_per_s, 100 * ev.idle_cpu, 100 * ev.busy_cpu, ev.batch,
+             ev.process_nice, ", SCHED_IDLE" if ev.process_sched_idle else "")
     conn.send(("ready", events.http_port))
     while not stop.is_set():
         try:

@@ -270,12 +270,13 @@ def test_create_delete_and_apply_failures(srv: Client) -> None:
     for body in (create, unknown, owned, delete):
         assert post(srv.http_port, body, signed(body))[0] == 202
     snap = drained(srv)
-    assert attrs(srv, "new-1") == {"status": "Active", "tier": "gold"}
+    r = srv.stub.Resolve(resolve_req(external_id="new-1"), timeout=5)
+    assert r.outcome == pb.OUTCOME_NOT_FOUND  # deleted: it stops resolving (tests/integration/test_events_sync.py)
     reasons = [d.reason for d in srv.stub.ListDeadLetters(pb.ListDeadLettersRequest(), timeout=5).dead_letters]
     assert reasons == ["UNKNOWN_RECORD", "FIELD_OWNED_BY_OTHER_SOURCE"]
     assert snap.counters["applied"] == 2 and snap.counters["dead_lettered"] == 2 and snap.conserved
     deleted = [ch for ch in changes_for(srv) if ch["action"] == "DELETED"]
-    assert len(deleted) == 1 and "erasure" in deleted[0]["note"]
+    assert len(deleted) == 1 and deleted[0]["erased_uuids"] == [deleted[0]["customer_uuid"]]
 
 
 # -- dead-letter queue ---------------------------------------------------------------------------------------

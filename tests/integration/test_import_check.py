@@ -38,7 +38,7 @@ from resolver.importer.jsonl import JsonParser, simple_input
 from resolver.importer.prepare import KeyMaker
 from resolver.importer.rows import RowProblem
 from resolver.normalize import Kind, mask
-from resolver.records import Record
+from resolver.records import Record, encode_json, held_key
 from resolver.resolve import ResolveInput
 from resolver.store import Store, uuid_bytes
 from resolver.upsert import UpsertInput
@@ -619,3 +619,30 @@ def test_check_on_a_missing_data_dir_exits_2_and_creates_nothing(tmp_path: Path)
     assert r.returncode == 2
     assert "no resolver data here (data.mdb missing)" in r.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_find_problems_checks_provenance_and_tombstones(populated: Settings) -> None:
+    records = records_by_external_id(populated)
+    k0, k1 = records["K-0"], records["K-1"]
+    ghost = uuid_bytes("00000000-0000-4000-8000-000000000005")
+
+    def wreck(store: Store, txn: Any) -> None:
+        orphan = k0.copy()
+        orphan.held.pop(held_key(Kind.PHONE, orphan.phones[0]))  # a phone nobody holds
+        orphan.held[held_key(Kind.EMAIL, "stray@example.com")] = {"upsert:": 1}  # a holding of nothing held
+        txn.put(uuid_bytes(k0.uuid), orphan.encode(), db=store.db["records"])
+        # K-1 deleted (tombstone) but its record still there; a deleted record's hash without a tombstone
+        txn.put(uuid_bytes(k1.uuid), encode_json({"customer_uuid": k1.uuid, "source_system": "CRM",
+                                                  "deleted_us": 1, "at_us": 2}), db=store.db["ev_tombs"])
+        txn.put(store.hasher.key(Kind.EXTERNAL_ID, "gone"), ghost, db=store.db["ev_tomb_ext"])
+
+    damage(populated, wreck)
+    with closing(Store(populated)) as store, store.read() as view:
+        problems = find_problems(view)
+    text = "\n".join(problems)
+    assert f"customer {k0.uuid}: phone {mask(Kind.PHONE, k0.phones[0])} has no holder" in text
+    assert f"customer {k0.uuid}: a holder is recorded for email {mask(Kind.EMAIL, 'stray@example.com')}" in text
+    assert f"customer {k1.uuid} is deleted (tombstone) but still has a record" in text
+    assert "-> 00000000-0000-4000-8000-000000000005: no tombstone" in text
+    assert len(problems) == 4, text
+    assert k0.phones[0] not in text and "stray@example.com" not in text

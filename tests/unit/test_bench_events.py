@@ -1,7 +1,9 @@
-"""The events bench's own parts: the pusher's HTTP/1.1 connection and the load clients' real-time priority.
+"""The events bench's own parts: the pusher's HTTP/1.1 connection, the load clients' real-time priority, the
+drain figures (the applier's log lines as the bench reads them, windows D and E) and the backlog writer.
 
 The connection is exercised against a real aiohttp server on 127.0.0.1:0 (keep-alive, 429 with Retry-After,
-a server that closes the connection); the priority in a child process, so this test process keeps its own.
+a server that closes the connection); the priority in a child process, so this test process keeps its own; the
+backlog writer in a child process too, on a real LMDB inbox.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -107,3 +110,85 @@ def test_realtime_priority_is_sched_fifo_1_for_root_and_explained_otherwise() ->
         assert out[0] == "SCHED_FIFO 1" and int(out[1]) == os.SCHED_FIFO
     else:
         assert out[0].startswith("normal (PermissionError") and int(out[1]) == os.SCHED_OTHER
+
+
+# -- the drain figures (issue 14) ------------------------------------------------------------------------------
+
+def test_the_bench_reads_the_pace_lines_the_applier_writes() -> None:
+    from bench.events.accounting import applier_pace
+    from resolver.events.applier import _Stretch
+
+    period, drain = _Stretch(10.0), _Stretch(0.0)
+    for s, n, end in ((period, 1234, 20.0), (drain, 20000, 31.5)):
+        s.events, s.ended = n, end
+        s.see(100.0, 0.31)
+        s.see(2000.0, None)
+        s.see(2000.0, 0.004)
+    text = (f"2026-01-01 00:00:00,000 INFO resolver.events[1]: applier: {period.line()}\n"
+            f"2026-01-01 00:00:01,000 INFO resolver.events[1]: applier: inbox empty: {drain.line()}\n")
+    assert "serving processes at 0-31% of the CPU" in text
+    got = applier_pace(text)
+    assert (got["pace_low"], got["pace_high"]) == (100, 2000)
+    assert [(x["inbox_empty"], x["events"], x["seconds"], x["per_s"]) for x in got["lines"]] == [
+        (False, 1234, 10.0, 123), (True, 20000, 31.5, 635)]
+    assert applier_pace("nothing here") == {"lines": [], "pace_low": None, "pace_high": None}
+
+
+def test_idle_drain_figures_count_from_the_release_to_the_empty_inbox() -> None:
+    from bench.events.accounting import idle_drain_figures, merge_pushes
+
+    rows = [[0.0, 0, 0, 0, 0, 0], [0.25, 900, 300, 0, 0, 600], [0.5, 1000, 700, 0, 0, 300], [0.75, 1000, 990, 10, 0, 0],
+            [1.0, 1000, 990, 10, 0, 0], [1.25, -1, -1, -1, -1, -1]]
+    push = {"events": 1000, "accepted": list(range(1000)), "gave_up": {}, "codes": {"202": 1000}, "elapsed_s": 0.4}
+    d = idle_drain_figures(rows, push, 0.8)
+    assert (d["drained"], d["applied"], d["inbox_empty_after_s"], d["drain_rate_per_s"]) == (True, 1000, 0.75, 1333.3)
+    assert (d["admissions_per_s"], d["inbox_max"], d["throttled_429"]) == (2500.0, 600, 0)
+    merged = merge_pushes({"events": 2, "accepted": [1, 0], "gave_up": {"5": "x"}},
+                          {"events": 3, "accepted": [3, 2], "gave_up": {}})
+    assert merged == {"events": 5, "accepted": [0, 1, 2, 3], "gave_up": {"5": "x"}}
+
+
+def test_the_backlog_writer_admits_its_events_past_the_high_water_mark(tmp_path: Path) -> None:
+    import json
+    import textwrap
+
+    from bench.events.crm import SECRET_ENV, new_secret, webhook_id
+    from resolver.bootstrap import build_service
+    from resolver.config import load_settings
+    from resolver.events import counters
+
+    config, data, out = tmp_path / "bp.toml", tmp_path / "data", tmp_path / "backlog.json"
+    config.write_text(textwrap.dedent(f"""\
+        version = 1
+        [storage]
+        map_size_mb = 256
+        [attributes.status]
+        type = "string"
+        owner = "SALESFORCE"
+        [attributes.credit_limit]
+        type = "number"
+        owner = "SALESFORCE"
+        [sources.SALESFORCE]
+        field_map = {{ Customer_Status__c = "status", Credit_Limit__c = "credit_limit" }}
+        secrets = [{{ env = "{SECRET_ENV}" }}]
+        [events]
+        high_water = 10
+        """))
+    env = {**os.environ, SECRET_ENV: new_secret()}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.events", "backlog", "--config", str(config), "--data-dir",
+                             str(data), "--first", "7", "--events", "50", "--customers", "100", "--run-id", "t1",
+                             "--json", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    proc.communicate(b"go\n", timeout=60)
+    assert proc.returncode == 0
+    got = json.loads(out.read_text())
+    assert got["codes"] == {"202": 50} and got["accepted"] == list(range(7, 57)) and got["gave_up"] == {}
+    service = build_service(load_settings(config, environ=env, data_dir=str(data)))
+    try:
+        with service.store.read() as view:
+            snap = counters.snapshot(view.txn, service.store)
+            assert snap["in_inbox"] == 50 and snap["counters"]["accepted"] == 50  # five times the high-water mark
+            wid = webhook_id("t1", 7)
+            assert view.txn.get(f"SALESFORCE\0{wid}".encode(), db=service.store.db["ev_ids"]) is not None
+    finally:
+        service.close()

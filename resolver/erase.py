@@ -23,7 +23,8 @@ from resolver.records import Record, decode_json, encode_json
 from resolver.store import Txn, uuid_bytes, uuid_text
 
 # what a redacted change-log entry keeps: who, when, what kind of change; never a value
-_CHANGE_KEEPS = ("seq", "at_us", "customer_uuid", "action", "version", "source_system", "event", "merged_uuids")
+_CHANGE_KEEPS = ("seq", "at_us", "customer_uuid", "action", "version", "source_system", "event", "merged_uuids",
+                 "restored_uuid", "restored_version", "merge_seq", "erased_uuids", "interaction_id")
 _NO_IDENTIFIERS: dict[str, Any] = {"external_id": None, "emails": [], "phones": []}
 
 

@@ -102,6 +102,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
     result = survivor.copy()
     held = set(result.identifiers())  # what the survivor holds already: sets keep this linear in identifiers
     taken: dict[str, Any] = {}  # attribute values the survivor took from the merged
+    taken_old: dict[str, Any] = {}  # ... and what it held before (None: absent)
     for rec in others:
         for kind, value in rec.identifiers():
             txn.index_remove(kind, value, uuid_bytes(rec.uuid))
@@ -124,6 +125,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
             theirs = rec.field_us.get(name, rec.updated_us)
             ours = result.field_us.get(name, survivor.updated_us if name in result.attributes else -1)
             if theirs > ours:
+                taken_old.setdefault(name, result.attributes.get(name))
                 result.attributes[name] = value
                 result.field_us[name] = theirs
                 taken[name] = value
@@ -146,6 +148,7 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
             "merged_uuids": merged_uuids,
             "added": sorted([k.value, v] for k, v in set(result.identifiers()) - set(survivor.identifiers())),
             "attributes": taken,
+            "attributes_old": taken_old,
             "pii_of": merged_uuids,  # the identifiers added are theirs
         })
         # the journal keeps the records as they were, so that Unmerge can undo this merge exactly

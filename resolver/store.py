@@ -23,6 +23,13 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 | ev_counters | counter name                      | count (8, big-endian)          |
 | merges      | survivor uuid (16) + sequence (8) | merge journal entry JSON (the records before) |
 | pii_refs    | uuid (16) + b"C" + sequence (8), or uuid (16) + b"L" + ledger key | empty: where a customer's PII is copied |
+| interactions | see resolver.interactions        | interaction records, per customer and by id |
+| ob_queue    | see resolver.outbound             | outbound messages waiting for delivery |
+| ob_dlq      | see resolver.outbound             | outbound messages that could not be delivered |
+| ob_state    | see resolver.outbound             | outbound counters and delivery state |
+
+Every `Txn.append_change` calls the store's `change_listeners` (each `listener(txn, seq, change)`) in the same
+transaction: that is how the transactional outbox (resolver.outbound) learns of every committed change.
 
 `pii_refs` lets a deletion find every change-log entry and ledger response that copies a customer's
 identifiers or attributes (`Txn.append_change` and `Txn.ledger_put` write it), without scanning the log.
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 import struct
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,7 +66,7 @@ INDEX_NAMES = {kind: name.decode() for kind, name in _INDEX_DBS.items()}  # also
 _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
 # CRM change events (resolver.events); a read-only open of an older store simply lacks them.
 EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_tomb_ext",
-             b"ev_counters", b"merges", b"pii_refs")
+             b"ev_counters", b"merges", b"pii_refs", b"interactions", b"ob_queue", b"ob_dlq", b"ob_state")
 _CHANGE_REF = b"C"
 _LEDGER_REF = b"L"
 
@@ -148,6 +155,8 @@ class Store:
         with self.env.begin(write=not readonly) as txn:
             self._check_meta(txn, settings, readonly)
         self.hasher = KeyHasher(settings.index.hash, settings.index.secret)
+        # called by append_change with (txn, seq, change), in the change's own transaction (the outbox)
+        self.change_listeners: list[Callable[[Txn, int, dict[str, Any]], None]] = []
         self.records_db = self.db["records"]
 
     def _check_meta(self, txn: lmdb.Transaction[bytes], settings: Settings, readonly: bool) -> None:
@@ -338,7 +347,12 @@ class Txn:
         self.txn.put(packed, encode_json({"seq": seq, **change}), db=self.store.db["changes"], append=True)
         refs = self.store.db["pii_refs"]
         for owner in (change["customer_uuid"], *change.get("pii_of", ())) if pii else ():
-            self.txn.put(pii_change_ref(uuid_bytes(owner), seq), b"", db=refs)
+            if owner:  # an interaction recorded unassociated has no customer
+                self.txn.put(pii_change_ref(uuid_bytes(owner), seq), b"", db=refs)
+        if self.store.change_listeners:
+            stored = {"seq": seq, **change}
+            for listener in self.store.change_listeners:
+                listener(self, seq, stored)
         return seq
 
     def replace_change(self, seq: int, change: dict[str, Any]) -> None:

@@ -111,13 +111,18 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
         if after.slot_us.get(slot, 0) <= at_us:
             after.slot_us.pop(slot, None)
     written = _written_since(txn, sid, entry["seq"])
+    changed: dict[str, Any] = {}
+    changed_old: dict[str, Any] = {}
     for name in {*after.attributes, *after.field_us, *before.attributes}:
         if name in written:
             continue  # written since the merge: it stays
+        now = after.attributes.get(name)
         if name in before.attributes:
             after.attributes[name] = before.attributes[name]
         else:
             after.attributes.pop(name, None)
+        if after.attributes.get(name) != now:
+            changed[name], changed_old[name] = after.attributes.get(name), now
         if name in before.field_us:
             after.field_us[name] = before.field_us[name]
         else:
@@ -140,7 +145,9 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
         txn.journal_delete(sid, entry["seq"])
     txn.append_change({"at_us": cmd.now_us, "customer_uuid": after.uuid, "action": "UNMERGED", "version": after.version,
                        "restored_uuid": restored.uuid, "restored_version": restored.version,
-                       "merge_seq": entry["seq"], "pii_of": [restored.uuid]})
+                       "merge_seq": entry["seq"], "pii_of": [restored.uuid], "attributes": changed,
+                       "attributes_old": changed_old,
+                       "removed": sorted([k.value, v] for k, v in set(survivor.identifiers()) - set(after.identifiers()))})
     out = UnmergeResult(after.uuid, after.version, restored.uuid, restored.version)
     ledger.record(txn, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())
     return out

@@ -353,13 +353,15 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
         rec.add(Kind.PHONE, phone, holder, cmd.now_us)
     new_holder = len(rec.held) != held_before or sum(map(len, rec.held.values())) != holders_before
     changed_attrs: dict[str, Any] = {}
+    old_attrs: dict[str, Any] = {}  # what each changed field held before (None: absent)
     for name, value in cmd.attributes.items():
         if value is None:
             if name in rec.attributes:
-                del rec.attributes[name]
+                old_attrs[name] = rec.attributes.pop(name)
                 changed_attrs[name] = None
                 rec.field_us[name] = cmd.now_us
         elif rec.attributes.get(name, _MISSING) != value or type(rec.attributes.get(name)) is not type(value):
+            old_attrs[name] = rec.attributes.get(name)
             rec.attributes[name] = value
             changed_attrs[name] = value
             rec.field_us[name] = cmd.now_us
@@ -372,6 +374,7 @@ def _updated(current: Record | None, cmd: UpsertCommand) -> tuple[Record, dict[s
             "added": sorted([k.value, v] for k, v in after - before),
             "removed": sorted([k.value, v] for k, v in before - after),
             "attributes": changed_attrs,
+            "attributes_old": old_attrs,
         }
         if new_holder and before == after:
             changes["held_by"] = holder  # the same identifiers, now also held by this source

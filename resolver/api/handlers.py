@@ -47,8 +47,11 @@ def method_handlers(servicer: Any, limits: LimitSettings) -> dict[str, grpc.RpcM
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(impl, decode), request_deserializer=None, response_serializer=serialize)
+        elif method.server_streaming:  # one request, a stream of answers (WatchChanges)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _unary(impl, decode), request_deserializer=None, response_serializer=serialize)
         else:  # the proto has none; a new one must be wired here, not served with grpcio's deserializer
-            raise TypeError(f"{method.full_name}: only unary and bidirectional streaming methods are wired")
+            raise TypeError(f"{method.full_name}: client-streaming methods are not wired")
     return handlers
 
 

@@ -76,6 +76,7 @@ def apply_event(view: Txn, ev: ChangeEvent, schema: AttributeSchema, *, now_us: 
     uid = uuid_bytes(rec.uuid)
     out = Applied(rec.uuid, "CREATED" if created else "UPDATED")
     changed: dict[str, Any] = {}
+    old_values: dict[str, Any] = {}  # what each changed attribute held before (None: absent)
     for c in ev.changes:
         key = uid + c.attribute.encode()
         prev = txn.get(key, db=dbs["ev_fields"])
@@ -97,6 +98,7 @@ def apply_event(view: Txn, ev: ChangeEvent, schema: AttributeSchema, *, now_us: 
             rec.attributes[c.attribute] = c.new
         rec.field_us[c.attribute] = ev.timestamp_us
         changed[c.attribute] = c.new
+        old_values[c.attribute] = None if before is _MISSING else before
     added, removed, slots_moved = _apply_slots(rec, ev, out, now_us)
     if len(rec.emails) + len(rec.phones) > identifiers_per_customer and added:
         raise EventRejected(f"the customer would hold more than {identifiers_per_customer} emails and phones "
@@ -118,7 +120,7 @@ def apply_event(view: Txn, ev: ChangeEvent, schema: AttributeSchema, *, now_us: 
     if created or touched or out.conflicts:
         view.append_change({
             "at_us": now_us, "customer_uuid": rec.uuid, "action": out.action, "version": rec.version,
-            "source_system": ev.source, "event": _event_json(ev), "attributes": changed,
+            "source_system": ev.source, "event": _event_json(ev), "attributes": changed, "attributes_old": old_values,
             "added": ([[Kind.EXTERNAL_ID.value, ev.external_id]] if created else []) + [[k.value, v] for k, v in added],
             "removed": [[k.value, v] for k, v in removed],
             "conflicts": out.conflicts, "stale": out.stale,

@@ -157,7 +157,8 @@ def full_message(desc: Descriptor) -> Message:
         else:
             value = {FieldDescriptor.TYPE_STRING: "Zoë-😀-1", FieldDescriptor.TYPE_BYTES: b"\x00\xff{}",
                      FieldDescriptor.TYPE_BOOL: True, FieldDescriptor.TYPE_UINT64: 2**64 - 1,
-                     FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_DOUBLE: 0.5}.get(fd.type)
+                     FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_DOUBLE: 0.5,
+                     FieldDescriptor.TYPE_INT64: -(2**63), FieldDescriptor.TYPE_INT32: -(2**31)}.get(fd.type)
             if fd.type == FieldDescriptor.TYPE_ENUM:
                 value = fd.enum_type.values[-1].number
             assert value is not None, f"{fd.full_name}: give full_message() a value for field type {fd.type}"

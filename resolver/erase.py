@@ -53,16 +53,13 @@ class Erased:
 def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us: int,
           event: dict[str, Any] | None = None) -> Erased:
     """Erase the live customer `rec` (a survivor, never an alias)."""
-    txn, dbs = view.txn, view.store.db
     uid = uuid_bytes(rec.uuid)
     family = _family(view, uid)
     for kind, value in rec.identifiers():
         view.index_remove(kind, value, uid)
     view.delete_record(uid)
-    tomb = Tombstone(rec.uuid, source_system, deleted_us, now_us)
-    txn.put(uid, encode_json(tomb.to_json()), db=dbs["ev_tombs"])
-    for ext in ([rec.external_id] if rec.external_id is not None else []) + rec.merged_external_ids:
-        txn.put(view.key(Kind.EXTERNAL_ID, ext), uid, db=dbs["ev_tomb_ext"])
+    record_tombstone(view, rec.uuid, ([rec.external_id] if rec.external_id is not None else []) + rec.merged_external_ids,
+                     source_system=source_system, deleted_us=deleted_us, now_us=now_us)
     texts = {uuid_text(u) for u in family}
     changes = ledger = 0
     for member in family:
@@ -90,6 +87,25 @@ def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us
                               "version": rec.version + 1, "source_system": source_system,
                               "erased_uuids": sorted(texts), **({"event": event} if event else {})}, pii=False)
     return Erased(tuple(sorted(texts)), changes, ledger, seq)
+
+
+def record_tombstone(view: Txn, customer_uuid: str, external_ids: list[str], *, source_system: str, deleted_us: int,
+                     now_us: int) -> None:
+    """Tombstone `customer_uuid` (no PII) and the CRM records (`external_ids`) it held."""
+    uid = uuid_bytes(customer_uuid)
+    tomb = Tombstone(customer_uuid, source_system, deleted_us, now_us)
+    view.txn.put(uid, encode_json(tomb.to_json()), db=view.store.db["ev_tombs"])
+    for ext in external_ids:
+        view.txn.put(view.key(Kind.EXTERNAL_ID, ext), uid, db=view.store.db["ev_tomb_ext"])
+
+
+def merged_uuid_of(view: Txn, survivor: bytes, external_id: str) -> str | None:
+    """The uuid the customer holding `external_id` had before it was merged into `survivor` (None: unknown)."""
+    for entry in view.journal(survivor):
+        for merged in entry["merged"]:
+            if merged["external_id"] == external_id or external_id in merged.get("merged_external_ids", ()):
+                return str(merged["uuid"])
+    return None
 
 
 def tombstone(view: Txn, uid: bytes) -> Tombstone | None:

@@ -12,7 +12,9 @@ wins (`Record.slot_us`), as for attributes. The whole event is computed before a
 rejection aborts the caller's nested transaction: nothing of a refused event is applied.
 
 DELETE erases the customer (resolver.erase): it stops resolving at once; its tombstone refuses older or
-replayed events for the record (RECORD_DELETED); a CREATE newer than the deletion makes a new customer.
+replayed events for the record (RECORD_DELETED); a CREATE newer than the deletion makes a new customer. A DELETE
+of a CRM record merged into another customer (a CRM deletes the losers of its own merges) detaches that record
+only: the customer stays.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resolver.attributes import AttributeSchema
-from resolver.erase import erase, forget_record_tombstone, tombstone_of_record
+from resolver.erase import erase, forget_record_tombstone, merged_uuid_of, record_tombstone, tombstone_of_record
 from resolver.errors import EventRejected
 from resolver.events.format import ChangeEvent
 from resolver.normalize import Kind, mask
@@ -67,6 +69,8 @@ def apply_event(view: Txn, ev: ChangeEvent, schema: AttributeSchema, *, now_us: 
             raise EventRejected(f"{ev.event_type} for a record_id no customer holds", reason="UNKNOWN_RECORD")
     if ev.event_type == "DELETE":
         assert current is not None
+        if current.external_id != ev.external_id:  # a CRM record merged into this customer: only it goes
+            return _detach(view, current, ev, now_us)
         erase(view, current, source_system=ev.source, deleted_us=ev.timestamp_us, now_us=now_us,
               event=_event_json(ev))
         return Applied(current.uuid, "DELETED")
@@ -163,6 +167,38 @@ def _apply_slots(rec: Record, ev: ChangeEvent, out: Applied, now_us: int
             else:
                 added.append((s.kind, s.new))
     return added, removed, moved
+
+
+def _detach(view: Txn, current: Record, ev: ChangeEvent, now_us: int) -> Applied:
+    """DELETE of a CRM record that was merged into `current` (CRMs delete the losing records of their own merges):
+    the customer stays; the record's external_id and what its slots alone held leave it, and the record is
+    tombstoned under the uuid it had, so that its older events are refused (RECORD_DELETED)."""
+    rec = current.copy()
+    uid = uuid_bytes(rec.uuid)
+    rec.merged_external_ids.remove(ev.external_id)
+    removed: list[tuple[Kind, str]] = [(Kind.EXTERNAL_ID, ev.external_id)]
+    view.index_remove(Kind.EXTERNAL_ID, ev.external_id, uid)
+    suffix = ":" + ev.external_id
+    for key, holders in list(rec.held.items()):
+        kind = Kind.PHONE if key.startswith("phone:") else Kind.EMAIL
+        value = key.split(":", 1)[1]
+        for holder in [h for h in holders if h.startswith("slot:") and h.endswith(suffix)]:
+            if rec.release(kind, value, holder):
+                view.index_remove(kind, value, uid)
+                removed.append((kind, value))
+    for slot in [s for s in rec.slot_us if s.endswith(suffix)]:
+        del rec.slot_us[slot]
+    rec.version += 1
+    rec.updated_us = now_us
+    view.put_record(rec)
+    merged_uuid = merged_uuid_of(view, uid, ev.external_id)
+    if merged_uuid is not None:
+        record_tombstone(view, merged_uuid, [ev.external_id], source_system=ev.source, deleted_us=ev.timestamp_us,
+                         now_us=now_us)
+    view.append_change({"at_us": now_us, "customer_uuid": rec.uuid, "action": "UPDATED", "version": rec.version,
+                        "source_system": ev.source, "event": _event_json(ev), "attributes": {}, "attributes_old": {},
+                        "added": [], "removed": [[k.value, v] for k, v in removed], "detached_record": True})
+    return Applied(rec.uuid, "UPDATED")
 
 
 def _adopt(rec: Record, kind: Kind, value: str, holder: str, source: str, at_us: int) -> bool:

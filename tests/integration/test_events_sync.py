@@ -229,3 +229,18 @@ def test_delete_leaves_no_pii_in_the_data_files_after_compaction(tmp_path: Path,
         assert value.encode() not in blob, value
     for value in keep:
         assert value.encode() in blob, value
+
+
+def test_deleting_a_record_merged_into_another_detaches_only_it(srv: Client) -> None:
+    """A CRM deletes the losing records of its own merges: the surviving customer must stay."""
+    keep = create(srv, "win-1", Phone=A, Email="win@example.com")
+    loser = create(srv, "lose-1", Phone=B, MobilePhone=A, Email="lose@example.com")
+    srv.stub.Merge(pb.MergeRequest(idempotency_key="m-crm", survivor_uuid=keep, merged_uuids=[loser]), timeout=5)
+    send(srv, event("lose-1", {}, event_type="DELETE", ts="2024-03-01T00:00:00Z"))
+    assert matched(srv, keep, external_id="win-1") and matched(srv, keep, phones=(A,))  # A: win-1's Phone holds it
+    assert matched(srv, keep, emails=("win@example.com",))
+    for gone in ({"external_id": "lose-1"}, {"phones": (B,)}, {"emails": ("lose@example.com",)}):
+        assert not_found(srv, **gone), gone
+    send(srv, event("lose-1", {"Phone": B}, ts="2024-02-01T00:00:00Z"))
+    assert [d.reason for d in dead_letters(srv)] == ["RECORD_DELETED"]
+    no_problems(srv)

@@ -91,6 +91,12 @@ clean:
 bench-events: bench-deps
 	$(PY) -m bench.events --out bench/out/events $(BENCH_ARGS)
 
+# Outbound delivery (issue 15): messages/s to a local CRM receiver (rate unlimited), and Resolve p99 at 1,000/s while
+# 20,000 outbound messages drain vs without; report in bench/out/outbound/ (about 2-3 minutes a run; BENCH_ARGS="--repeat 3").
+.PHONY: bench-outbound
+bench-outbound: bench-deps
+	$(PY) -m bench.outbound --out bench/out/outbound $(BENCH_ARGS)
+
 # `resolver import` rows/s (issue 3): dataset, the real CLI into a fresh data directory, the same file again
 # (every row replays), `resolver check`, beside the raw py-lmdb floor in the same run; report in bench/out/import/.
 # 200k customers by default; BENCH_ARGS="--customers 1000000" for the issue's figure.
@@ -110,3 +116,9 @@ bench-channels: bench-deps
 
 bench-writes: bench-deps
 	$(PY) -m bench.writes_vs_reads $(BENCH_ARGS)
+
+# Issue 15 part 4: Upserts/s from 4 writers with no change-feed watcher, a live one and a stalled one (median of
+# $(REPEAT) rounds, ratios to "none"); about 1.5 minutes; results in bench/out/feed/.
+.PHONY: bench-feed
+bench-feed: bench-deps
+	$(PY) -m bench.feed --repeat $(REPEAT) --out bench/out/feed $(BENCH_ARGS)

@@ -10,6 +10,7 @@ wired in here once, not in each of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from grpc_health.v1 import health
 
     from resolver.events.runtime import Events
+    from resolver.outbound.deliverer import Deliverer
 
 
 def open_store(settings: Settings, *, readonly: bool = False) -> Store:
@@ -36,13 +38,19 @@ def open_store(settings: Settings, *, readonly: bool = False) -> Store:
     return Store(settings, readonly=readonly)
 
 
-def build_service(settings: Settings, *, writer: bool = True, readonly: bool = False) -> Service:
+def build_service(settings: Settings, *, writer: bool = True, readonly: bool = False, outbox: bool = True) -> Service:
     """Open the store named in `settings` and the use cases over it; the caller closes the service.
 
     `writer=False`: no writer thread (a bulk loader commits its own transactions; Upsert and Merge then raise).
     `readonly=True` opens LMDB read-only (and implies no writer).
+    `outbox`: with `[outbound]` destinations, every change this process commits queues its outbound messages in
+    the same transaction (resolver.outbound.outbox); `resolver import` says False: an initial load is not sent.
     """
     store = open_store(settings, readonly=readonly)
+    if outbox and settings.outbound and not readonly:
+        from resolver.outbound.outbox import Outbox
+
+        store.change_listeners.append(Outbox(settings))
     try:
         return Service(settings, store, AttributeSchema(settings), policy_from(settings),
                        Writer(store) if writer and not readonly else None)
@@ -76,6 +84,8 @@ class Running:
     health: health.HealthServicer
     port: int
     events: Events | None = None
+    deliverer: Deliverer | None = None  # outbound delivery, when it runs in this process (tests, embedding)
+    end_streams: Callable[[], None] | None = None  # ends the calls that never finish by themselves (WatchChanges)
 
     @property
     def http_port(self) -> int:
@@ -86,16 +96,21 @@ class Running:
         """Health NOT_SERVING and webhook intake closed, in-flight calls finish within `grace` (default: the
         blueprint's grace period), then the events parts after their current batch, then storage."""
         self.health.enter_graceful_shutdown()
+        if self.end_streams is not None:  # else a change-feed watcher holds the drain for the whole grace period
+            self.end_streams()
         if self.events is not None:
             self.events.stop_intake()
         self.server.stop(self.service.settings.server.grace_period_s if grace is None else grace).wait()
         if self.events is not None:
             self.events.stop()
+        if self.deliverer is not None:
+            self.deliverer.stop()
         self.service.close()
 
 
 def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | None = None,
-                 events_in_process: bool = True, worker_ports: WorkerPorts | None = None) -> Running:
+                 events_in_process: bool = True, worker_ports: WorkerPorts | None = None,
+                 deliverer: bool | None = None) -> Running:
     """Open the store and serve on `server.listen` in this process (port 0 picks a free port).
 
     With events enabled, gRPC IngestEvents and the DLQ RPCs are served here. `events_in_process=True` (tests,
@@ -103,6 +118,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     (one per data directory) unless `applier` says otherwise. `events_in_process=False` (the workers of
     `resolver serve`): neither runs here (no applier unless `applier=True`); the events process has them.
     `worker_ports`: this worker also listens on its own port, and GetServerInfo names every worker's.
+    `deliverer`: run outbound delivery here, as a thread (one per data directory; default: with
+    `events_in_process` where the sweeper runs; `resolver serve` runs it in a process of its own).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -129,7 +146,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     )
     info = (resolver_pb2.ServerInfo(worker_ports=worker_ports.ports, worker_index=worker_ports.index)
             if worker_ports is not None else resolver_pb2.ServerInfo())
-    handlers.register(server, IdentityResolverServicer(service, events, info), limits)
+    servicer = IdentityResolverServicer(service, events, info)
+    handlers.register(server, servicer, limits)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -151,9 +169,15 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
             events.stop()
             service.close()
             raise
+    outbound = None
+    if settings.outbound and (events_in_process and sweeper if deliverer is None else deliverer):
+        from resolver.outbound.deliverer import Deliverer
+
+        outbound = Deliverer(service.store, settings)
+        outbound.start()
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if sweeper:
         service.start_sweeper()
-    return Running(server, service, health_servicer, port, events)
+    return Running(server, service, health_servicer, port, events, outbound, end_streams=servicer.end_streams)

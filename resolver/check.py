@@ -10,7 +10,9 @@ What is checked:
   customer's tombstone; a deleted customer has no record, and every deleted CRM record has its tombstone;
 - provenance: every email and phone of a record has a holder (a CRM slot or an Upsert's source), and every
   holding names an identifier the record holds (with the index checks: every index entry has a holder);
-- change events are conserved: accepted = applied + dead-lettered + in inbox (resolver.events.counters).
+- interactions: each stored one has its by-id entry and belongs to a live customer (resolver.history.problems);
+- change events are conserved: accepted = applied + dead-lettered + in inbox (resolver.events.counters);
+- outbound messages are conserved: committed = delivered + pending + dead + discarded (resolver.outbound.outbox).
 
 How, in bounded memory: one pass over the records looks each expected entry up in its index (a B-tree
 lookup, no set of a million keys in RAM) and counts them. An index then has exactly
@@ -25,10 +27,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from resolver import history
 from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import counters
 from resolver.normalize import Kind, mask
+from resolver.outbound import outbox
 from resolver.records import Record, held_key
 from resolver.store import INDEX_NAMES, Txn, uuid_text
 
@@ -51,6 +55,7 @@ def run_check(settings: Settings) -> int:
             entries = {kind: view.count(INDEX_NAMES[kind]) for kind in KINDS}
             problems = find_problems(view)
             events = counters.snapshot(view.txn, store)
+            sent = outbox.snapshot(view.txn, store)
     finally:
         store.close()
     elapsed = time.monotonic() - started
@@ -72,6 +77,12 @@ def run_check(settings: Settings) -> int:
             f"{c['dead_lettered']} + in inbox {events['in_inbox']}, or dead-lettered != in DLQ {events['in_dlq']} "
             f"+ discarded {c['discarded']}"
         )
+    o = sent["counters"]
+    if o["committed"] or not sent["conserved"]:
+        print(f"outbound: committed {o['committed']} = delivered {o['delivered']} + pending {sent['pending']} + dead "
+              f"{sent['dead']} + discarded {o['discarded']}")
+    if not sent["conserved"]:
+        problems.append("outbound counters do not conserve: committed != delivered + pending + dead + discarded")
     for line in problems:
         print(f"  - {line}")
     if problems:
@@ -142,6 +153,7 @@ def find_problems(view: Txn) -> list[str]:
             cur.close()
     problems += _alias_problems(view)
     problems += _tombstone_problems(view)
+    problems += history.problems(view)
     return problems
 
 

@@ -1,4 +1,4 @@
-"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | blueprint check`."""
+"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | outbound | blueprint check`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--after", type=int, default=0, metavar="ID", help="start after this id")
             cmd.add_argument("--limit", type=int, default=100, metavar="N")
+
+    from resolver.outbound.cli import add_parser as add_outbound
+
+    add_outbound(sub, _store_args)
 
     bp = sub.add_parser("blueprint", help="blueprint tools")
     bp_sub = bp.add_subparsers(dest="blueprint_command", required=True)
@@ -123,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.events.cli import run_dlq
 
             return run_dlq(settings, args)
+        if args.command == "outbound":
+            from resolver.outbound.cli import run_outbound
+
+            return run_outbound(settings, args)
     except ConfigError as exc:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2

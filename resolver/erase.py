@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from resolver import history
 from resolver.normalize import Kind
+from resolver.outbound import outbox
 from resolver.records import Record, decode_json, encode_json
 from resolver.store import Txn, uuid_bytes, uuid_text
 
@@ -83,6 +85,8 @@ def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us
         for entry in view.journal(member):
             view.journal_delete(member, entry["seq"])
         view.drop_event_times(member)
+        history.forget(view, member)  # its interactions: their details are PII
+        outbox.forget_customer(view, member)  # outbound messages copying its PII (customer.deleted copies none)
     seq = view.append_change({"at_us": now_us, "customer_uuid": rec.uuid, "action": "DELETED",
                               "version": rec.version + 1, "source_system": source_system,
                               "erased_uuids": sorted(texts), **({"event": event} if event else {})}, pii=False)

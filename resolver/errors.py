@@ -59,9 +59,14 @@ _FIELDS_NAMED = 5  # in InvalidInput's message; the BadRequest detail lists more
 
 
 class IdempotencyKeyReused(ResolverError):
-    """The idempotency key was already used for a different request. Never retried."""
+    """The idempotency key was already used for a different request. Never retried. `field`: the request field
+    that carries the key (an interaction's is its `interaction_id`)."""
 
     reason = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self, message: str, *, field: str = "idempotency_key") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(ResolverError):
@@ -154,6 +159,29 @@ class InboxFull(ResolverError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class SequenceOutOfRange(ResolverError):
+    """A change-feed position outside the retained log: older than `oldest` (retention deleted it; reason
+    SEQUENCE_NOT_RETAINED) or past `next_sequence`, the sequence the next commit gets (SEQUENCE_AHEAD)."""
+
+    reason = "SEQUENCE_NOT_RETAINED"
+
+    def __init__(self, message: str, *, oldest: int, next_sequence: int, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.oldest = oldest
+        self.next_sequence = next_sequence
+
+
+class ResourceExhausted(ResolverError):
+    """A per-process resource is used up (TOO_MANY_WATCHERS) or a caller holds one without using it
+    (WATCHER_STALLED); `limit` names the blueprint key that sets it."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, reason: str, limit: str = "") -> None:
+        super().__init__(message, reason=reason)
+        self.limit = limit
 
 
 class EventRejected(ResolverError):

@@ -17,15 +17,21 @@ from resolver.records import encode_json
 from resolver.store import Txn
 
 MAX_KEY_LENGTH = 255
+# LMDB keys are at most 511 bytes, and a key is stored under prefixes (`pii_refs`: 17 bytes, interactions: 13 more):
+# 255 characters of 4-byte UTF-8 would not fit, so the bytes are bounded too (an ASCII key never reaches this).
+MAX_KEY_BYTES = 400
 
 
-def check_key(key: str) -> FieldViolation | None:
-    """The violation of a missing or malformed idempotency key (None: the key is fine)."""
+def check_key(key: str, field: str = "idempotency_key") -> FieldViolation | None:
+    """The violation of a missing or malformed idempotency key (None: the key is fine); `field`: the request field
+    that carries it (an interaction's key is its `interaction_id`)."""
     if not key:
-        return FieldViolation("idempotency_key", "required: retries must carry the same key", "REQUIRED")
+        return FieldViolation(field, "required: retries must carry the same key", "REQUIRED")
     if len(key) > MAX_KEY_LENGTH or (ASCII_CONTROL.search(key) if key.isascii()
-                                     else any(unicodedata.category(c) == "Cc" for c in key)):
-        return FieldViolation("idempotency_key", f"1-{MAX_KEY_LENGTH} characters, no control characters", "INVALID")
+                                     else any(unicodedata.category(c) == "Cc" for c in key)
+                                     or len(key.encode("utf-8")) > MAX_KEY_BYTES):
+        return FieldViolation(field, f"1-{MAX_KEY_LENGTH} characters (at most {MAX_KEY_BYTES} bytes in UTF-8), "
+                              "no control characters", "INVALID")
     return None
 
 

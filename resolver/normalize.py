@@ -17,6 +17,7 @@ import enum
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat
@@ -29,6 +30,7 @@ __all__ = [
     "Policy",
     "check_region",
     "mask",
+    "mask_value",
     "normalize_email",
     "normalize_external_id",
     "normalize_phone",
@@ -402,3 +404,9 @@ def mask(kind: Kind, value: str) -> str:
             return "***"
         return (local[0] if len(local) >= 3 else "") + "***@" + domain
     return value[:2] + "***" + value[-2:] if len(value) > 6 else "***"
+
+
+def mask_value(value: Any) -> str:
+    """An attribute value (or any payload value) as it may be shown where the value itself must not be: text
+    as `mask` shows a string that is no phone or email ("ab***yz"), anything else "***"."""
+    return mask(Kind.EXTERNAL_ID, value) if isinstance(value, str) else "***"

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from resolver._probe_types import MATCHED, NOT_FOUND, Decision
+from resolver._probe_types import MATCHED, NOT_FOUND, Decision, Fanned
 from resolver.attributes import AttributeSchema
 from resolver.config import DEFAULT_VIEW, Settings
 from resolver.erase import tombstone
@@ -96,6 +96,12 @@ class ResolveResult:
                   skipped: list[Skipped]) -> ResolveResult:
         """Several customers share the deciding identifiers: none is picked."""
         return cls("AMBIGUOUS", "", matched_on, 0, {}, candidates, [], probes, skipped)
+
+
+def fanned_skipped(fanned: list[Fanned], limit: int) -> list[Skipped]:
+    """The identifiers a decision skipped for fan-out (held by more than `limit` customers), as reported."""
+    detail = f"held by more than {limit} customers; never decides a match"
+    return [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
 
 
 class Resolver:
@@ -196,9 +202,7 @@ class Resolver:
         fanned, probes = decision.fanned, decision.probes
         skipped = p.skipped
         if fanned:
-            limit = self.settings.matching.max_fanout
-            detail = f"held by more than {limit} customers; never decides a match"
-            skipped = skipped + [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
+            skipped = skipped + fanned_skipped(fanned, self.settings.matching.max_fanout)
         shown = [Probe(_KIND[k], mask(_KIND[k], v), state, n) for k, v, state, n in probes] if probes else []
         if outcome == NOT_FOUND:
             return ResolveResult.not_found(probes=shown, skipped=list(skipped))

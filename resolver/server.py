@@ -4,9 +4,11 @@ Each worker opens the LMDB environment itself after it has started (spawned, nev
 environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API.
 With events enabled, the webhook endpoint and the applier run in one more child, the events process
 (resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
-workers keep `IngestEvents` and the DLQ admin RPCs.
+workers keep `IngestEvents` and the DLQ admin RPCs. With `[outbound]` destinations, the deliverer runs in one more
+child, the outbound process (resolver.outbound.process), supervised the same way.
 On SIGTERM/SIGINT (one sequence, `_shutdown`): webhook intake stops, each worker's health goes NOT_SERVING and
-its in-flight calls get `grace_period_s`, storage closes, then the events process finishes its applier batch.
+its in-flight calls get `grace_period_s`, storage closes, then the events process finishes its applier batch and
+the outbound process its attempts in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
 from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
+from resolver.outbound.process import OutboundProcess
 
 log = logging.getLogger("resolver.server")
 
@@ -215,13 +218,14 @@ def _start_failed(what: str) -> int:
     return 1
 
 
-def _shutdown(workers: _Workers, events: EventsProcess | None) -> int:
-    """The one stop sequence: webhook intake, then the gRPC side drains, then the events process; exit code."""
-    if events is not None:
-        events.stop_intake()
+def _shutdown(workers: _Workers, children: list[EventsProcess]) -> int:
+    """The one stop sequence: webhook intake, then the gRPC side drains, then the events process and the outbound
+    process; exit code."""
+    for child in children:
+        child.stop_intake()
     clean = workers.stop()
-    code = events.stop() if events is not None else 0
-    return 0 if clean and code == 0 else 1
+    codes = [child.stop() for child in children]
+    return 0 if clean and not any(codes) else 1
 
 
 def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
@@ -234,6 +238,8 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
         signals = _Signals(signal.SIGTERM, signal.SIGINT)
         stack.callback(signals.close)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))
+        outbound = OutboundProcess(pinned, ctx) if settings.outbound else None
+        children = [child for child in (events, outbound) if child is not None]
         workers: _Workers
         if settings.server.workers == 1:
             workers = _InProcess(pinned)
@@ -243,29 +249,35 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
             own = tuple(stack.enter_context(reserve_port(str(listen.with_port(base + i if base else 0))))
                         for i in range(settings.server.workers))
             workers = _Spawned(pinned, ctx, port, own)
-        if events is not None:
-            events.launch()  # starts beside the gRPC side; waited for below
+        for child in children:
+            child.launch()  # starts beside the gRPC side; waited for below
         try:
             failed = workers.start()
         except BaseException:
-            if events is not None:
-                events.stop()
+            for child in children:
+                child.stop()
             raise
-        if failed is None and events is not None:
+        for child in children:
             try:
-                events.wait_ready()
+                if failed is None:
+                    child.wait_ready()
             except EventsProcessError as exc:
-                failed = f"the events process failed to start: {exc}"
+                failed = f"{child.what} failed to start: {exc}"
         if failed is not None:  # nothing was served: no drain, no intake to close
             workers.stop(grace=0)
-            if events is not None:
-                events.stop()
+            for child in children:
+                child.stop()
             return _start_failed(failed)
         count = settings.server.workers
         own_ports = f" on ports {', '.join(map(str, workers.worker_ports))}" if isinstance(workers, _Spawned) else ""
         announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}"
                  f"{own_ports}, data {settings.server.data_dir}){hooks}")
-        signum = signals.wait(events.check if events is not None else None)
+
+        def check_children() -> None:  # restart a child that died
+            for child in children:
+                child.check()
+
+        signum = signals.wait(check_children if children else None)
         log.info("signal %d: shutting down %d worker(s) (grace %.1fs)", signum, count, settings.server.grace_period_s)
-        return _shutdown(workers, events)
+        return _shutdown(workers, children)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions

@@ -10,6 +10,7 @@ import threading
 import time
 
 from resolver import merge as merging
+from resolver import retention
 from resolver import unmerge as unmerging
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
@@ -90,8 +91,12 @@ class Service:
             if n < batch:
                 return total
 
+    def sweep_changes(self, now: int | None = None, batch: int = 1000) -> int:
+        """Delete change-log entries past `[changes]` retention (resolver.retention); how many were deleted."""
+        return retention.sweep_changes(self.store, self.settings.changes, now if now is not None else now_us(), batch)
+
     def start_sweeper(self) -> None:
-        """Sweep the ledger now and every `storage.sweep_interval_s` in a daemon thread."""
+        """Sweep the ledger and the change log now and every `storage.sweep_interval_s` in a daemon thread."""
 
         def run() -> None:
             while not self._stop.is_set():
@@ -101,6 +106,12 @@ class Service:
                         log.info("ledger sweep removed %d expired idempotency entries", n)
                 except Exception:  # the sweeper must never take the server down; it retries next round
                     log.exception("ledger sweep failed")
+                try:
+                    n = self.sweep_changes()
+                    if n:
+                        log.info("change-log retention removed %d entries", n)
+                except Exception:
+                    log.exception("change-log retention sweep failed")
                 self._stop.wait(self.settings.storage.sweep_interval_s)
 
         self._sweeper = threading.Thread(target=run, name="ledger-sweeper", daemon=True)

@@ -23,7 +23,7 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 | ev_counters | counter name                      | count (8, big-endian)          |
 | merges      | survivor uuid (16) + sequence (8) | merge journal entry JSON (the records before) |
 | pii_refs    | uuid (16) + b"C" + sequence (8), or uuid (16) + b"L" + ledger key | empty: where a customer's PII is copied |
-| interactions | see resolver.interactions        | interaction records, per customer and by id |
+| interactions | see resolver.history            | interaction records, per customer and by id |
 | ob_queue    | see resolver.outbound             | outbound messages waiting for delivery |
 | ob_dlq      | see resolver.outbound             | outbound messages that could not be delivered |
 | ob_state    | see resolver.outbound             | outbound counters and delivery state |

@@ -6,8 +6,9 @@ moves forward), and its alias is removed. On the survivor:
 - an email or phone the merged customer brought leaves unless the survivor held it before the merge, or some
   holder took it after the merge (provenance: `Record.held`, holder -> since when);
 - an external_id it brought leaves (external_ids are unique: it goes back to its owner);
-- per attribute: a value written after the merge (the change log says so) stays; any other goes back to
-  what the survivor had before the merge (set, or absent);
+- per attribute: a value written after the merge (the change log says so; for entries retention deleted, the
+  journal entry's `written_since`: resolver.retention) stays; any other goes back to what the survivor had before
+  the merge (set, or absent);
 - the CRM slots it brought leave with it.
 
 Blocked (UnmergeBlocked, every blocker named) when something later depends on the merge: the survivor was
@@ -110,7 +111,8 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
     for slot in snapshot.slot_us.keys() - before.slot_us.keys():
         if after.slot_us.get(slot, 0) <= at_us:
             after.slot_us.pop(slot, None)
-    written = _written_since(txn, sid, entry["seq"])
+    # the change log after the merge, and what retention folded into the journal entry before deleting log entries
+    written = _written_since(txn, sid, entry["seq"]) | set(entry.get("written_since", ()))
     changed: dict[str, Any] = {}
     changed_old: dict[str, Any] = {}
     for name in {*after.attributes, *after.field_us, *before.attributes}:

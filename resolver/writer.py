@@ -52,9 +52,13 @@ class Writer:
 
     def submit(self, fn: Callable[[Txn, C], T], command: C) -> T:
         """Apply one command; returns its result or raises its error, once the write is durable."""
+        return self.submit_nowait(fn, command).result()
+
+    def submit_nowait(self, fn: Callable[[Txn, C], T], command: C) -> Future[T]:
+        """Queue one command; its future is resolved once the write is durable (asyncio: `asyncio.wrap_future`)."""
         future: Future[T] = Future()
         self._queue.put((fn, command, future))
-        return future.result()
+        return future
 
     def close(self) -> None:
         self._queue.put(_STOP)

@@ -9,16 +9,18 @@ from typing import Any
 from bench import procstat
 
 EVENTS_PROCESS = "resolver-events"  # the comm of `resolver serve`'s events process (webhooks + applier)
+OUTBOUND_PROCESS = "resolver-outbox"  # ... and of its outbound process (the deliverer)
+_NAMED = {EVENTS_PROCESS: "events process", OUTBOUND_PROCESS: "outbound process"}
 
 
 def _role_of_children(server_pid: int, stats: dict[int, procstat.ProcStat]) -> dict[int, str]:
-    """The server's children that have a role: the events process, and each spawned gRPC worker in pid order.
-    Other children (the resource tracker) are left out."""
+    """The server's children that have a role: the events and outbound processes, and each spawned gRPC worker in
+    pid order. Other children (the resource tracker) are left out."""
     roles: dict[int, str] = {}
     workers = 0
     for pid in procstat.child_pids(server_pid, stats):
-        if procstat.comm(pid) == EVENTS_PROCESS:
-            roles[pid] = "events process"
+        if (named := _NAMED.get(procstat.comm(pid))) is not None:
+            roles[pid] = named
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

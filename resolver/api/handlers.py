@@ -48,8 +48,14 @@ def method_handlers(servicer: Any, limits: LimitSettings) -> dict[str, grpc.RpcM
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(impl, decode), request_deserializer=None, response_serializer=serialize)
         elif method.server_streaming:  # one request, a stream of answers (WatchChanges)
+            handle = _unary(impl, decode)
+            # a long-lived stream may run on a pool of its own (grpcio takes a behaviour's experimental_thread_pool),
+            # so its calls never hold the threads the unary methods are served from
+            pool = servicer.stream_thread_pool(method.name) if hasattr(servicer, "stream_thread_pool") else None
+            if pool is not None:
+                handle.experimental_thread_pool = pool  # type: ignore[attr-defined]
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _unary(impl, decode), request_deserializer=None, response_serializer=serialize)
+                handle, request_deserializer=None, response_serializer=serialize)
         else:  # the proto has none; a new one must be wired here, not served with grpcio's deserializer
             raise TypeError(f"{method.full_name}: client-streaming methods are not wired")
     return handlers

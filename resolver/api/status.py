@@ -24,6 +24,8 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.InboxFull, code_pb2.RESOURCE_EXHAUSTED),
     (errors.EventRejected, code_pb2.INVALID_ARGUMENT),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.SequenceOutOfRange, code_pb2.OUT_OF_RANGE),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -74,7 +76,7 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
     if isinstance(exc, errors.InvalidInput):
         details.append(_bad_request(exc.violations))
     elif isinstance(exc, errors.IdempotencyKeyReused):
-        details.append(_bad_request([errors.FieldViolation("idempotency_key", exc.message, exc.reason)]))
+        details.append(_bad_request([errors.FieldViolation(exc.field, exc.message, exc.reason)]))
     elif isinstance(exc, errors.AlreadyExists):
         metadata["holder"] = exc.holder
     elif isinstance(exc, errors.UnmergeBlocked):
@@ -90,6 +92,11 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
         metadata["fields"] = ",".join(exc.fields)
     elif isinstance(exc, errors.InboxFull):
         details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=exc.retry_after_s)))
+    elif isinstance(exc, errors.SequenceOutOfRange):
+        metadata["oldest_sequence"] = str(exc.oldest)
+        metadata["next_sequence"] = str(exc.next_sequence)
+    elif isinstance(exc, errors.ResourceExhausted) and exc.limit:
+        metadata["limit"] = exc.limit
     elif isinstance(exc, errors.EventRejected):
         if exc.dlq_id:
             metadata["dead_letter_id"] = str(exc.dlq_id)

@@ -29,7 +29,8 @@ _LIST = struct_pb2.ListValue.DESCRIPTOR.full_name
 _IDENTIFIERS = "resolver.v1.Identifiers"
 _ID_LISTS = ("emails", "phones")
 # Lists whose length is an attribute count, not a generic list length.
-_ATTRIBUTE_LISTS = frozenset({"resolver.v1.ResolveRequest.fields", "resolver.v1.UpsertRequest.attributes"})
+_ATTRIBUTE_LISTS = frozenset({"resolver.v1.ResolveRequest.fields", "resolver.v1.UpsertRequest.attributes",
+                              "resolver.v1.WatchRequest.fields"})
 MAX_NAME_SHOWN = 32  # characters of a map key or attribute name shown in a field path
 
 

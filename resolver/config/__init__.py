@@ -10,12 +10,15 @@ from resolver.config.load import load_settings, settings_from_document
 from resolver.config.schema import ATTRIBUTE_TYPES, BLUEPRINT_SCHEMA, DEFAULT_VIEW, PRECEDENCE
 from resolver.config.settings import Settings
 from resolver.config.tables import (
+    ActivitySettings,
     AttributeSpec,
     EventSettings,
     IndexSettings,
+    InteractionSettings,
     LimitSettings,
     LoggingSettings,
     MatchingSettings,
+    OutboundSpec,
     ReliabilitySettings,
     ServerSettings,
     SourceSpec,
@@ -24,7 +27,8 @@ from resolver.config.tables import (
 
 __all__ = [
     "ATTRIBUTE_TYPES", "BLUEPRINT_SCHEMA", "DEFAULT_VIEW", "PRECEDENCE",
-    "AttributeSpec", "EventSettings", "IndexSettings", "LimitSettings", "LoggingSettings", "MatchingSettings",
-    "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
+    "ActivitySettings", "AttributeSpec", "EventSettings", "IndexSettings", "InteractionSettings", "LimitSettings",
+    "LoggingSettings", "MatchingSettings",
+    "OutboundSpec", "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
     "describe", "load_settings", "settings_from_document",
 ]

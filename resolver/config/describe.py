@@ -51,6 +51,13 @@ def describe(s: Settings) -> str:
         region = f", region {src.default_region}" if src.default_region else ""
         lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), identifiers {ids}{region}, "
                      f"{len(src.secrets)} secret(s){missing}")
+    for dest in sorted(s.outbound.values(), key=lambda x: x.name):
+        missing = f"; UNRESOLVED: {', '.join(dest.unresolved)} (nothing is sent)" if dest.unresolved else ""
+        lines.append(f"outbound {dest.name}: {dest.url}; {', '.join(dest.events)}; fields "
+                     f"{', '.join(dest.fields) or '(all but sensitive)'}; not echoing {dest.source_system or '-'}; "
+                     f"{f'{dest.rate_per_s:g}/s' if dest.rate_per_s else 'no rate limit'}, {dest.concurrency} in "
+                     f"flight, timeout {dest.timeout_s:g}s, back-off {dest.backoff_initial_s:g}-{dest.backoff_max_s:g}s, "
+                     f"dead after {dest.max_age_s:g}s; {len(dest.secrets)} secret(s){missing}")
     ev = s.events
     lines.append(
         f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; {_pace(ev)} "
@@ -58,6 +65,18 @@ def describe(s: Settings) -> str:
         f"commit window {ev.commit_window_ms:g} ms; "
         f"events process nice +{ev.process_nice}{' (SCHED_IDLE)' if ev.process_sched_idle else ''}"
     )
+    it = s.interactions
+    tracked = it.last_interaction_attribute or "(no attribute: last interaction not tracked)"
+    lines.append(f"interactions: {it.history} kept per customer; last interaction -> {tracked}; unmatched ones "
+                 f"{'create a customer' if it.create_customer else 'recorded unassociated'}")
+    act = s.activity
+    lines.append(f"activity: {act.record_type} \"{act.subject}\", owner from {len(act.owners)} agent(s), default "
+                 f"{act.default_owner}" if act is not None else "activity: none (interactions carry no CRM activity)")
+    ch = s.changes
+    kept = ([f"{ch.retention_days:g} days"] if ch.retention_days else []) + \
+        ([f"{ch.retention_count} entries"] if ch.retention_count else [])
+    lines.append(f"changes: log kept {' or '.join(kept) + ' (whichever removes more)' if kept else 'whole'}; "
+                 f"{ch.max_watchers} watcher(s) per worker, cut off after {ch.stall_timeout_s:g}s without reading")
     return "\n".join(lines)
 
 

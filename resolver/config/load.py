@@ -18,7 +18,7 @@ import jsonschema
 
 from resolver.config.schema import BLUEPRINT_SCHEMA, PRECEDENCE
 from resolver.config.settings import TABLES, Settings, check_settings, convert
-from resolver.config.tables import AttributeSpec, SourceSpec
+from resolver.config.tables import ActivitySettings, AttributeSpec, InteractionSettings, OutboundSpec, SourceSpec
 from resolver.errors import ConfigError
 
 
@@ -60,7 +60,11 @@ def settings_from_document(doc: Mapping[str, Any], environ: Mapping[str, str],
         if problem:
             problems.append(problem)
     sources = {name: _source(name, spec, environ, problems) for name, spec in doc.get("sources", {}).items()}
+    outbound = {name: _outbound(name, spec, environ, problems) for name, spec in doc.get("outbound", {}).items()}
     tables["events"].setdefault("enabled", bool(sources))  # declaring a source turns events on
+    tracked = InteractionSettings().last_interaction_attribute
+    if doc.get("attributes") and tracked not in doc["attributes"]:  # the default attribute only where declared
+        tables["interactions"].setdefault("last_interaction_attribute", "")
     if tuple(tables["matching"].pop("precedence", PRECEDENCE)) != PRECEDENCE:
         problems.append("matching.precedence: only external_id > email > phone is supported (contract §3)")
     settings = Settings(
@@ -69,6 +73,8 @@ def settings_from_document(doc: Mapping[str, Any], environ: Mapping[str, str],
         attributes={name: _attribute(name, spec) for name, spec in doc.get("attributes", {}).items()},
         views={name: tuple(v["fields"]) for name, v in doc.get("views", {}).items()},
         sources=sources,
+        outbound=outbound,
+        activity=ActivitySettings(**doc["activity"]) if "activity" in doc else None,
         **{name: cls(**{k: convert(k, v) for k, v in tables[name].items()}) for name, cls in TABLES.items()},
     )
     problems += check_settings(settings)
@@ -84,20 +90,35 @@ def _attribute(name: str, spec: Mapping[str, Any]) -> AttributeSpec:
 
 def _source(name: str, spec: Mapping[str, Any], environ: Mapping[str, str], problems: list[str]) -> SourceSpec:
     """A source with the secrets that could be read; a malformed one is a problem, an unset one `unresolved`."""
+    secrets, unresolved = _webhook_secrets(spec.get("secrets", ()), environ, f"sources.{name}.secrets", problems)
+    return SourceSpec(name, dict(spec.get("field_map", {})), dict(spec.get("identifiers", {})),
+                      spec.get("default_region"), secrets, unresolved)
+
+
+def _webhook_secrets(refs: Any, environ: Mapping[str, str], where: str,
+                     problems: list[str]) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """The Standard Webhooks keys of `refs` that could be read, and the references that could not."""
     secrets: list[bytes] = []
     unresolved: list[str] = []
-    for i, ref in enumerate(spec.get("secrets", ())):
-        value, _ = _read_secret(ref, environ, f"sources.{name}.secrets[{i}]")
+    for i, ref in enumerate(refs):
+        value, _ = _read_secret(ref, environ, f"{where}[{i}]")
         if value is None:
             unresolved.append(f"env {ref['env']}" if "env" in ref else f"file {ref['file']}")
             continue
-        key, problem = _webhook_key(value, f"sources.{name}.secrets[{i}]")
+        key, problem = _webhook_key(value, f"{where}[{i}]")
         if problem:
             problems.append(problem)
         else:
             secrets.append(key)
-    return SourceSpec(name, dict(spec.get("field_map", {})), dict(spec.get("identifiers", {})),
-                      spec.get("default_region"), tuple(secrets), tuple(unresolved))
+    return tuple(secrets), tuple(unresolved)
+
+
+def _outbound(name: str, spec: Mapping[str, Any], environ: Mapping[str, str], problems: list[str]) -> OutboundSpec:
+    """An [outbound.NAME] destination, its signing secrets read as a source's are."""
+    secrets, unresolved = _webhook_secrets(spec["secrets"], environ, f"outbound.{name}.secrets", problems)
+    given = {k: v for k, v in spec.items() if k not in ("secrets", "events", "fields")}  # url, numbers: as given
+    return OutboundSpec(name=name, events=tuple(spec["events"]), fields=tuple(spec.get("fields", ())),
+                        secrets=secrets, unresolved=unresolved, **{"source_system": name} | given)
 
 
 def _read_secret(ref: Mapping[str, str], environ: Mapping[str, str], where: str) -> tuple[bytes | None, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from resolver.config.tables import OUTBOUND_EVENTS
+
 PRECEDENCE = ("external_id", "email", "phone")
 ATTRIBUTE_TYPES = ("string", "integer", "number", "boolean", "date", "date-time")
 DEFAULT_VIEW = "default"
@@ -120,6 +122,43 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
                 "secrets": {"type": "array", "items": _SECRET_REF},
             }),
         },
+        "outbound": {
+            "type": "object",
+            "propertyNames": {"pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+            "additionalProperties": {**_table({
+                "url": {"type": "string", "pattern": r"^https?://[^\s/]+"},
+                "secrets": {"type": "array", "items": _SECRET_REF, "minItems": 1},
+                "events": {"type": "array", "items": {"enum": list(OUTBOUND_EVENTS)}, "minItems": 1,
+                           "uniqueItems": True},
+                "fields": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                "source_system": {"type": "string"},
+                "rate_per_s": {"type": "number", "minimum": 0},
+                "max_age_s": {"type": "number", "exclusiveMinimum": 0},
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600},
+                "concurrency": {"type": "integer", "minimum": 1, "maximum": 1024},
+                "backoff_initial_s": {"type": "number", "exclusiveMinimum": 0},
+                "backoff_max_s": {"type": "number", "exclusiveMinimum": 0},
+            }), "required": ["url", "secrets", "events"]},
+        },
+        "interactions": _table({
+            "create_customer": {"type": "boolean"},
+            "last_interaction_attribute": {"type": "string", "pattern": r"^$|" + _NAME},
+            # ListInteractions answers up to a whole history in one message: 500 interactions with the largest
+            # details (resolver.interactions.MAX_DETAILS_BYTES) stay under a client's default 4 MiB
+            "history": {"type": "integer", "minimum": 1, "maximum": 500},
+        }),
+        "activity": _table({
+            "record_type": {"type": "string", "minLength": 1, "maxLength": 64},
+            "subject": {"type": "string", "minLength": 1, "maxLength": 255},
+            "owners": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+            "default_owner": {"type": "string"},
+        }),
+        "changes": _table({
+            "retention_days": {"type": "number", "exclusiveMinimum": 0},
+            "retention_count": {"type": "integer", "minimum": 1},
+            "max_watchers": {"type": "integer", "minimum": 1, "maximum": 1024},
+            "stall_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        }),
         "events": _table({
             "enabled": {"type": "boolean"},
             "http_listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},

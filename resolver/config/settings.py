@@ -34,6 +34,10 @@ class Settings:
     limits: tables.LimitSettings = field(default_factory=tables.LimitSettings)
     sources: Mapping[str, tables.SourceSpec] = field(default_factory=dict)
     events: tables.EventSettings = field(default_factory=tables.EventSettings)
+    changes: tables.ChangeSettings = field(default_factory=tables.ChangeSettings)
+    interactions: tables.InteractionSettings = field(default_factory=tables.InteractionSettings)
+    activity: tables.ActivitySettings | None = None  # None: no [activity] table (interactions carry no CRM activity)
+    outbound: Mapping[str, tables.OutboundSpec] = field(default_factory=dict)  # [outbound.NAME] destinations
 
     @property
     def open_schema(self) -> bool:
@@ -75,6 +79,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "peak_rps": float, "latency_target_ms": float, "idempotency_retention_s": float,
     "rate_per_s": float, "timestamp_tolerance_s": float, "commit_window_ms": float,
     "min_rate_per_s": float, "idle_cpu": float, "busy_cpu": float,
+    "retention_days": float, "stall_timeout_s": float,
 }
 assert _CONVERT.keys() <= TABLE_OF.keys()
 
@@ -142,9 +147,34 @@ def check_settings(s: Settings) -> list[str]:
     if s.server.worker_port_base and s.server.worker_port_base + s.server.workers - 1 > 65535:
         problems.append(f"server.worker_port_base: {s.server.workers} workers from port {s.server.worker_port_base} "
                         "run past 65535")
+    for dest in s.outbound.values():
+        problems += _check_outbound(dest, s)
+    problems += _check_interactions(s)
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)
+    return problems
+
+
+def _check_outbound(dest: tables.OutboundSpec, s: Settings) -> list[str]:
+    """An [outbound.NAME] destination: a URL with a host, known attributes in `fields`, sane back-off."""
+    from urllib.parse import urlsplit
+
+    where = f"outbound.{dest.name}"
+    problems = []
+    try:
+        parts = urlsplit(dest.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"{where}.url: an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            problems.append(f"{where}.url: no credentials in the URL (the blueprint holds secrets by reference only)")
+        parts.port  # noqa: B018 - ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        problems.append(f"{where}.url: {exc}")
+    problems += [f"{where}.fields: {name!r} is not a declared attribute" for name in dest.fields
+                 if s.attributes and name not in s.attributes]
+    if dest.backoff_max_s < dest.backoff_initial_s:
+        problems.append(f"{where}.backoff_max_s: below backoff_initial_s")
     return problems
 
 
@@ -171,4 +201,35 @@ def _check_attribute(name: str, spec: tables.AttributeSpec) -> list[str]:
             re.compile(spec.pattern)
         except re.error as exc:
             problems.append(f"{where}.pattern: not a regular expression: {exc}")
+    return problems
+
+
+def _check_interactions(s: Settings) -> list[str]:
+    """`[interactions]` and `[activity]`: a date attribute to track, a subject template that renders, an owner for
+    every interaction, and an activity for every destination that sends interactions."""
+    from resolver.activity import subject_problems
+
+    problems = []
+    name = s.interactions.last_interaction_attribute
+    spec = s.attributes.get(name)
+    where = "interactions.last_interaction_attribute"
+    if name and s.attributes and spec is None:
+        problems.append(f"{where}: {name!r} is not a declared attribute (declare it as a date-time or date, or set "
+                        "\"\" to track none)")
+    elif spec is not None and spec.type not in ("date-time", "date"):
+        problems.append(f"{where}: attributes.{name} is a {spec.type}; it must be a date-time or a date")
+    elif spec is not None and spec.owner:
+        problems.append(f"{where}: attributes.{name} is owned by {spec.owner}; interactions would write it behind its "
+                        "owner's back (drop the owner, or set \"\" to track none)")
+    if s.activity is not None:
+        if not s.activity.default_owner:
+            problems.append("activity.default_owner: required: the owner of an interaction whose agent_id is not in "
+                            "activity.owners (no activity may land unowned)")
+        problems += [f"activity.subject: {p}" for p in subject_problems(s.activity.subject)]
+    # [outbound.NAME] (resolver.outbound) may be absent from this Settings: read it by name
+    for dest in getattr(s, "outbound", {}).values():
+        if "interaction.recorded" in getattr(dest, "events", ()) and s.activity is None:
+            problems.append(f"outbound.{getattr(dest, 'name', '?')}.events: sends interaction.recorded, but the "
+                            "blueprint has no [activity] table (record_type, subject, owners, default_owner): the "
+                            "CRM would get activities without an owner")
     return problems

@@ -50,6 +50,38 @@ class SourceSpec:
     unresolved: tuple[str, ...] = ()
 
 
+OUTBOUND_EVENTS = ("interaction.recorded", "customer.created", "customer.updated", "customer.merged",
+                   "customer.unmerged", "customer.deleted")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSpec:
+    """`[outbound.NAME]`: a destination of signed webhooks back to the CRM (contract §5b; resolver.outbound).
+
+    `events`: the event types it subscribes to. `fields`: the attributes it is sent (empty: every attribute but
+    the sensitive ones); customer.updated is sent only when one of them changed. `source_system`: the source
+    this destination is (default: NAME); changes that came from it are not echoed back. `rate_per_s` 0: no
+    limit. A message older than `max_age_s` is dead-lettered. `secrets` sign every message (a `whsec_` value is
+    decoded; several: one signature each, for rotation); `unresolved` as for SourceSpec (nothing is sent then).
+    Across destinations the deliverer also follows the events applier's adaptive pace (`[events] rate_per_s`,
+    `min_rate_per_s`, `idle_cpu`, `busy_cpu`: one rule for the server's background work).
+    """
+
+    name: str
+    url: str
+    events: tuple[str, ...] = OUTBOUND_EVENTS
+    fields: tuple[str, ...] = ()
+    source_system: str = ""
+    rate_per_s: float = 100.0
+    max_age_s: float = 24 * 3600.0
+    timeout_s: float = 10.0
+    concurrency: int = 16  # customers in flight at once (each customer's messages go one at a time)
+    backoff_initial_s: float = 1.0  # the first retry's delay (5xx, timeouts, resets), doubled per attempt ...
+    backoff_max_s: float = 300.0  # ... up to this, each with jitter (a random 50-100% of it)
+    secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    unresolved: tuple[str, ...] = ()
+
+
 def _one_worker_per_core() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -162,3 +194,50 @@ class EventSettings:
     commit_window_ms: float = 5.0  # admissions within it share one synced commit, at most this much added to a 202
     process_nice: int = 10  # the events process yields the CPU to the serving workers (os.nice increment)
     process_sched_idle: bool = True  # ... and runs only on CPU they leave: a waking worker preempts it at once
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSettings:
+    """`[changes]`: the change log's retention and the change feed (WatchChanges; resolver.feed, resolver.retention).
+
+    Retention, applied by the sweeper every `storage.sweep_interval_s`: entries older than `retention_days` and
+    entries beyond the newest `retention_count` are deleted, whichever removes more (unset: no such limit; both
+    unset: the log is kept whole). The newest entry is always kept. `max_watchers`: WatchChanges calls served at
+    once by each serving process (RESOURCE_EXHAUSTED beyond). `stall_timeout_s`: a watcher whose client has not
+    taken an event for this long while one waits to be sent is cut off (RESOURCE_EXHAUSTED).
+    """
+
+    retention_days: float | None = None
+    retention_count: int | None = None
+    max_watchers: int = 8
+    stall_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionSettings:
+    """`[interactions]`: RecordInteraction (contract §7; resolver.interactions).
+
+    `last_interaction_attribute`: the attribute set to an interaction's occurred_at when that is later than its value
+    (a date-time or date attribute; "": none). Left out, it is "last_interaction_date" when that attribute is
+    declared (or no attribute is: the open schema), else "" (the loader decides). `create_customer`: an interaction
+    whose identifiers match nobody creates a customer with them, instead of being recorded unassociated.
+    `history`: the interactions kept per customer (the oldest dropped beyond it; ListInteractions' largest page).
+    """
+
+    create_customer: bool = False
+    last_interaction_attribute: str = "last_interaction_date"
+    history: int = 100
+
+
+DEFAULT_SUBJECT = "{channel} interaction - {disposition}"
+
+
+@dataclass(frozen=True, slots=True)
+class ActivitySettings:
+    """`[activity]`: the CRM activity an interaction becomes (contract §5b; resolver.activity): its record type, a
+    subject template over the interaction's fields, and its owner: `owners[agent_id]`, else `default_owner`."""
+
+    record_type: str = "Task"
+    subject: str = DEFAULT_SUBJECT
+    owners: Mapping[str, str] = field(default_factory=dict)
+    default_owner: str = ""  # required by the blueprint check: no interaction may land unowned

@@ -71,18 +71,19 @@ def masked_payload(body: bytes) -> str:
         return f"(not JSON: {len(body)} bytes)"
     if not isinstance(doc, dict):
         return f"(JSON {type(doc).__name__}: {len(body)} bytes)"
-    out = {k: (v if k in ("event_type", "source_system", "timestamp", "object_type") else _mask(v))
+    out = {k: (v if k in ("event_type", "source_system", "timestamp", "object_type") else mask_value(v))
            for k, v in doc.items() if k != "change_set"}
     cs = doc.get("change_set")
     if isinstance(cs, dict):
-        out["change_set"] = {f: ({k: _mask(x) for k, x in v.items()} if isinstance(v, dict) else _mask(v))
+        out["change_set"] = {f: ({k: mask_value(x) for k, x in v.items()} if isinstance(v, dict) else mask_value(v))
                              for f, v in cs.items()}
     elif cs is not None:
-        out["change_set"] = _mask(cs)
+        out["change_set"] = mask_value(cs)
     return orjson.dumps(out).decode()
 
 
-def _mask(value: Any) -> Any:
+def mask_value(value: Any) -> Any:
+    """One payload value, masked: a string as resolver.normalize.mask masks an id, any other value "***"."""
     if value is None:
         return None
     if isinstance(value, str):

@@ -26,6 +26,9 @@ TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/PID/
 SAMPLE_S = 0.1  # the serving CPU is read at most this often
 WINDOW_S = 0.5  # ... and its share computed over about this long: a burst of Resolve shows within ~0.1 s
 RESCAN_S = 2.0  # how often the serving processes are listed again (a worker restarted, the supervisor's own)
+# `resolver serve`'s background children by /proc/PID/comm (15 characters at most): they are not serving processes
+EVENTS_PROCESS = "resolver-events"  # webhooks + the applier (resolver.events.process)
+OUTBOUND_PROCESS = "resolver-outbox"  # the deliverer (resolver.outbound.process)
 
 
 def floor(ev: EventSettings) -> float:
@@ -132,9 +135,20 @@ class Processes:
 
 
 def serving_processes(parent: int, me: int) -> Processes:
-    """The serving side of `resolver serve`, seen from its events process: the parent (the supervisor; with one
-    worker it serves gRPC itself) and the parent's other children (the gRPC workers)."""
-    return Processes(lambda: [parent, *(p for p in children(parent) if p != me)])
+    """The serving side of `resolver serve`, seen from one of its background children (the events process, the
+    outbound process): the parent (the supervisor; with one worker it serves gRPC itself) and the parent's other
+    children but the background ones (the gRPC workers)."""
+    return Processes(lambda: [parent, *(p for p in children(parent)
+                                        if p != me and comm(p) not in (EVENTS_PROCESS, OUTBOUND_PROCESS))])
+
+
+def comm(pid: int) -> str:
+    """A process's name (/proc/PID/comm; "" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 class ProcessButThread:

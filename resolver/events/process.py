@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from resolver.events.runtime import Events
 
 log = logging.getLogger("resolver.events.process")
-PROCESS_NAME = "resolver-events"  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
+PROCESS_NAME = pace.EVENTS_PROCESS  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
 START_TIMEOUT_S = 60.0
 MAX_RESTARTS = 5  # consecutive; the count starts again once a child has stayed up for HEALTHY_AFTER_S
 HEALTHY_AFTER_S = 60.0
@@ -62,7 +63,7 @@ def lower_priority(nice: int, sched_idle: bool) -> None:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _set_name(name: str) -> None:
+def set_process_name(name: str) -> None:
     """Name this process for ps/top (prctl PR_SET_NAME); nothing where that is not available."""
     try:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
@@ -84,7 +85,7 @@ def child_main(settings: Settings, conn: Connection) -> None:
     """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
     parent = os.getppid()  # read first: once the parent is gone this is someone else
     lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
-    _set_name(PROCESS_NAME)
+    set_process_name(PROCESS_NAME)
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
     stop = threading.Event()
@@ -120,15 +121,15 @@ def child_main(settings: Settings, conn: Connection) -> None:
             break
         if command == "stop_intake":
             events.stop_intake()
-            _send(conn, ("intake_stopped", 0))
+            send_quietly(conn, ("intake_stopped", 0))
         elif command == "stop":
             break
     events.stop()  # intake (if still open), queued admissions, then the applier after its current batch
     service.close()
-    _send(conn, ("stopped", 0))
+    send_quietly(conn, ("stopped", 0))
 
 
-def _send(conn: Connection, message: tuple[str, Any]) -> None:
+def send_quietly(conn: Connection, message: tuple[str, Any]) -> None:
     try:
         conn.send(message)
     except OSError:
@@ -139,7 +140,18 @@ def _send(conn: Connection, message: tuple[str, Any]) -> None:
 
 class EventsProcess:
     """The supervised events process of one `resolver serve`: `launch()`, `wait_ready()`, `check()` (from the
-    parent's main loop: restarts a dead child), `stop_intake()`, then `stop()`."""
+    parent's main loop: restarts a dead child), `stop_intake()`, then `stop()`.
+
+    Another child speaking the same pipe protocol is supervised the same way by a subclass naming its `target`,
+    `process_name`, `what` (for the log) and `while_down` (what waits while it is down): the outbound deliverer
+    (resolver.outbound.process).
+    """
+
+    target: Callable[[Settings, Connection], None] = staticmethod(child_main)
+    process_name = PROCESS_NAME
+    what = "the events process"
+    while_down = ("webhooks are refused and the inbox is not applied until the server restarts",
+                  "accepted events wait in the inbox")
 
     def __init__(self, settings: Settings, ctx: Any, *, start_timeout: float = START_TIMEOUT_S,
                  max_restarts: int = MAX_RESTARTS) -> None:
@@ -163,7 +175,7 @@ class EventsProcess:
     def launch(self) -> None:
         """Spawn the child (returns at once; `wait_ready()` waits for it)."""
         parent_end, child_end = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=child_main, args=(self.settings, child_end), name=PROCESS_NAME)
+        proc = self.ctx.Process(target=self.target, args=(self.settings, child_end), name=self.process_name)
         proc.start()
         child_end.close()  # only the child holds it now: its exit reads as EOF here
         self._proc, self._conn = proc, parent_end
@@ -177,17 +189,17 @@ class EventsProcess:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._kill()
-                raise EventsProcessError(f"the events process did not start within {self.start_timeout:g}s")
+                raise EventsProcessError(f"{self.what} did not start within {self.start_timeout:g}s")
             try:
                 if not self._conn.poll(min(left, 0.5)):
                     continue
                 kind, value = self._conn.recv()
             except (EOFError, OSError):
                 self._proc.join(5)
-                raise EventsProcessError(f"the events process exited (code {self._proc.exitcode}) before it was "
+                raise EventsProcessError(f"{self.what} exited (code {self._proc.exitcode}) before it was "
                                          "ready") from None
             if kind == "ready":
-                log.info("events process started (pid %d)", self._proc.pid)
+                log.info("%s started (pid %d)", self.what, self._proc.pid)
                 return int(value)
             if kind == "failed":
                 self._proc.join(5)
@@ -208,14 +220,13 @@ class EventsProcess:
             self._failures += 1
             if self._failures > self.max_restarts:
                 self.gave_up = True
-                log.error("the events process (pid %d) died (exit code %s) %d times in a row: not restarting it; "
-                          "webhooks are refused and the inbox is not applied until the server restarts",
-                          self._proc.pid, self._proc.exitcode, self._failures)
+                log.error("%s (pid %d) died (exit code %s) %d times in a row: not restarting it; %s", self.what,
+                          self._proc.pid, self._proc.exitcode, self._failures, self.while_down[0])
                 return
             delay = BACKOFF_S[min(self._failures, len(BACKOFF_S)) - 1]
-            log.error("the events process (pid %d) died unexpectedly (exit code %s); restarting it in %gs "
-                      "(restart %d of at most %d in a row); accepted events wait in the inbox",
-                      self._proc.pid, self._proc.exitcode, delay, self._failures, self.max_restarts)
+            log.error("%s (pid %d) died unexpectedly (exit code %s); restarting it in %gs (restart %d of at most %d "
+                      "in a row); %s", self.what, self._proc.pid, self._proc.exitcode, delay, self._failures,
+                      self.max_restarts, self.while_down[1])
             self._restart_at = now + delay
             return
         if now < self._restart_at:
@@ -226,7 +237,7 @@ class EventsProcess:
             self.launch()
             self.wait_ready()
         except (EventsProcessError, OSError) as exc:
-            log.error("restarting the events process failed: %s", exc)  # counted as a death on the next check
+            log.error("restarting %s failed: %s", self.what, exc)  # counted as a death on the next check
 
     def stop_intake(self, timeout: float = 10.0) -> None:
         """Ask the child to stop accepting webhooks, and wait until it has (bounded)."""
@@ -242,7 +253,7 @@ class EventsProcess:
                     return
         except (EOFError, OSError):
             return
-        log.warning("the events process did not confirm that intake stopped within %gs", timeout)
+        log.warning("%s did not confirm that intake stopped within %gs", self.what, timeout)
 
     def stop(self, timeout: float = 30.0) -> int:
         """Stop the child: its applier finishes the current batch; its exit code (0: clean)."""
@@ -257,7 +268,7 @@ class EventsProcess:
                 pass
             self._proc.join(timeout)
             if self._proc.is_alive():
-                log.error("the events process did not stop within %gs; terminating it", timeout)
+                log.error("%s did not stop within %gs; terminating it", self.what, timeout)
                 self._kill()
         else:
             self._proc.join(1)

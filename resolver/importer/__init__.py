@@ -67,7 +67,7 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         workers = start_workers(preparer, lines)
         if workers is not None:
             stack.callback(workers.close)
-        service = build_service(settings, writer=False)
+        service = build_service(settings, writer=False, outbox=False)  # an initial load is not sent to the CRM
         stack.callback(service.close)
         importer = Importer(service, rejects, batch_size=args.batch_size, progress=not args.no_progress)
         return importer.run(prepared(source.rows, preparer, workers), total=lines - source.header_lines,

@@ -394,9 +394,17 @@ def test_interactions_merges_and_unmerges_are_sent(tmp_path: Path, receiver: Rec
     req = pb.RecordInteractionRequest(interaction_id="call-1", customer_uuid=a, channel="voice", agent_id="agent-7",
                                       queue="billing", disposition="resolved")
     req.occurred_at.FromMicroseconds(1_714_557_600_000_000)  # 2024-05-01T10:00:00Z
-    c.stub.RecordInteraction(req, timeout=5)
-    c.stub.RecordInteraction(req, timeout=5)  # a retry: recorded once, sent once
+    # the platform retries the same call 20 times at once: recorded once, one message, one delivery
+    answers: list[pb.RecordInteractionResponse] = []
+    threads = [threading.Thread(target=lambda: answers.append(c.stub.RecordInteraction(req, timeout=10)))
+               for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 20 and sum(not r.replayed for r in answers) == 1
     wait_for("delivered", delivered_all(c.stub, 5))
+    assert [s.doc["type"] for s in receiver.snapshot()].count("interaction.recorded") == 1  # one delivery attempt
     docs = sorted((s.doc for s in receiver.acked()), key=lambda d: d["data"]["sequence"])
     assert [d["type"] for d in docs] == ["customer.created", "customer.created", "customer.merged",
                                          "customer.unmerged", "interaction.recorded"]

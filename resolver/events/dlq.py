@@ -11,7 +11,7 @@ import orjson
 
 from resolver.errors import DeadLetterNotFound, EventRejected
 from resolver.events import counters, envelope
-from resolver.normalize import Kind, mask
+from resolver.normalize import mask_value as normalize_mask_value
 
 _U64 = struct.Struct(">Q")
 
@@ -83,9 +83,5 @@ def masked_payload(body: bytes) -> str:
 
 
 def mask_value(value: Any) -> Any:
-    """One payload value, masked: a string as resolver.normalize.mask masks an id, any other value "***"."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return mask(Kind.EXTERNAL_ID, value)
-    return "***"
+    """One payload value, masked by the project's one rule (resolver.normalize.mask_value); None stays None."""
+    return None if value is None else normalize_mask_value(value)

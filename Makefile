@@ -29,11 +29,19 @@ install: $(STAMP)
 build compile: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-demo: build
-	$(VENV)/bin/resolver import examples/demo_customers.jsonl --config $(BLUEPRINT) --data-dir $(DATA) --no-progress
+# The example blueprint's secrets (encryption key, webhook secrets) by environment variable: fresh random ones,
+# made once per data directory and kept beside it (never committed).
+DEMO_ENV := $(DATA)/demo.env
+
+$(DEMO_ENV):
+	mkdir -p $(DATA)
+	umask 077 && $(PY) examples/demo_env.py > $@
+
+demo: build $(DEMO_ENV)
+	. $(DEMO_ENV) && $(VENV)/bin/resolver import examples/demo_customers.jsonl --config $(BLUEPRINT) --data-dir $(DATA) --no-progress
 
 run: demo
-	$(VENV)/bin/resolver serve --config $(BLUEPRINT) --data-dir $(DATA) --listen $(LISTEN)
+	. $(DEMO_ENV) && exec $(VENV)/bin/resolver serve --config $(BLUEPRINT) --data-dir $(DATA) --listen $(LISTEN)
 
 # The whole suite, against the compiled modules and again against the pure-Python twins.
 # pytest exit code 5 (no tests collected) is a failure here, never a silent pass.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +15,13 @@ from grpc_status import rpc_status
 
 from resolver.config import Settings, load_settings
 
-# How the blueprints of tests that start a server open: one worker of 8 threads, a 1 s grace period, a 256 MB map.
+# The encryption key of the test blueprints and of examples/blueprint.toml (a fixed, public test key; child
+# processes inherit it).
+TEST_ENCRYPTION_KEY = base64.b64encode(bytes(range(32))).decode()
+os.environ.setdefault("RESOLVER_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
+
+# How the blueprints of tests that start a server open: one worker of 8 threads, a 1 s grace period, a 256 MB map,
+# sensitive attributes encrypted with the test key.
 SERVER_TOML = textwrap.dedent(
     """
     version = 1
@@ -23,6 +31,8 @@ SERVER_TOML = textwrap.dedent(
     grace_period_s = 1
     [storage]
     map_size_mb = 256
+    [encryption]
+    keys = [{ id = "test", key = { env = "RESOLVER_ENCRYPTION_KEY" } }]
     """
 )
 

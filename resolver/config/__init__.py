@@ -12,6 +12,9 @@ from resolver.config.settings import Settings
 from resolver.config.tables import (
     ActivitySettings,
     AttributeSpec,
+    AuthSettings,
+    EncryptionKey,
+    EncryptionSettings,
     EventSettings,
     IndexSettings,
     InteractionSettings,
@@ -23,12 +26,14 @@ from resolver.config.tables import (
     ServerSettings,
     SourceSpec,
     StorageSettings,
+    TlsSettings,
 )
 
 __all__ = [
     "ATTRIBUTE_TYPES", "BLUEPRINT_SCHEMA", "DEFAULT_VIEW", "PRECEDENCE",
-    "ActivitySettings", "AttributeSpec", "EventSettings", "IndexSettings", "InteractionSettings", "LimitSettings",
+    "ActivitySettings", "AttributeSpec", "AuthSettings", "EncryptionKey", "EncryptionSettings",
+    "EventSettings", "IndexSettings", "InteractionSettings", "LimitSettings",
     "LoggingSettings", "MatchingSettings",
-    "OutboundSpec", "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings",
+    "OutboundSpec", "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings", "TlsSettings",
     "describe", "load_settings", "settings_from_document",
 ]

@@ -18,7 +18,14 @@ import jsonschema
 
 from resolver.config.schema import BLUEPRINT_SCHEMA, PRECEDENCE
 from resolver.config.settings import TABLES, Settings, check_settings, convert
-from resolver.config.tables import ActivitySettings, AttributeSpec, InteractionSettings, OutboundSpec, SourceSpec
+from resolver.config.tables import (
+    ActivitySettings,
+    AttributeSpec,
+    EncryptionKey,
+    InteractionSettings,
+    OutboundSpec,
+    SourceSpec,
+)
 from resolver.errors import ConfigError
 
 
@@ -59,6 +66,8 @@ def settings_from_document(doc: Mapping[str, Any], environ: Mapping[str, str],
         tables["index"]["secret"], problem = _read_secret(tables["index"]["secret"], environ, "index.secret")
         if problem:
             problems.append(problem)
+    if "keys" in tables["encryption"]:
+        tables["encryption"]["keys"] = _encryption_keys(tables["encryption"]["keys"], environ, problems)
     sources = {name: _source(name, spec, environ, problems) for name, spec in doc.get("sources", {}).items()}
     outbound = {name: _outbound(name, spec, environ, problems) for name, spec in doc.get("outbound", {}).items()}
     tables["events"].setdefault("enabled", bool(sources))  # declaring a source turns events on
@@ -119,6 +128,27 @@ def _outbound(name: str, spec: Mapping[str, Any], environ: Mapping[str, str], pr
     given = {k: v for k, v in spec.items() if k not in ("secrets", "events", "fields")}  # url, numbers: as given
     return OutboundSpec(name=name, events=tuple(spec["events"]), fields=tuple(spec.get("fields", ())),
                         secrets=secrets, unresolved=unresolved, **{"source_system": name} | given)
+
+
+def _encryption_keys(refs: Any, environ: Mapping[str, str], problems: list[str]) -> tuple[EncryptionKey, ...]:
+    """`[encryption] keys`: each a base64 AES-256 key (32 bytes) read from its reference. A key that cannot be read
+    is a problem at load: without it, what it encrypted cannot be read back."""
+    keys = []
+    for i, ref in enumerate(refs):
+        where = f"encryption.keys[{i}].key"
+        value, problem = _read_secret(ref["key"], environ, where)
+        if value is None:
+            problems.append(problem)
+            continue
+        try:
+            key = base64.b64decode(value, validate=True)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            problems.append(f"{where}: must be 32 bytes in base64 (`resolver key new` makes one)")
+            continue
+        keys.append(EncryptionKey(ref["id"], key))
+    return tuple(keys)
 
 
 def _read_secret(ref: Mapping[str, str], environ: Mapping[str, str], where: str) -> tuple[bytes | None, str]:

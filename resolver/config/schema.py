@@ -41,6 +41,19 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
             "worker_port_base": {"type": "integer", "minimum": 0, "maximum": 65535},
             "grace_period_s": {"type": "number", "minimum": 0},
+            "insecure": {"type": "boolean"},
+        }),
+        "tls": _table({
+            "cert_file": {"type": "string", "minLength": 1},
+            "key_file": {"type": "string", "minLength": 1},
+            "client_ca_file": {"type": "string", "minLength": 1},
+        }),
+        "auth": _table({"tokens_file": {"type": "string", "minLength": 1}}),
+        "encryption": _table({
+            "keys": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "required": ["id", "key"],
+                "properties": {"id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,32}$"}, "key": _SECRET_REF},
+            }},
         }),
         "storage": _table({
             "map_size_mb": {"type": "integer", "minimum": 16},
@@ -112,7 +125,8 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "string_chars": {"type": "integer", "minimum": 256, "maximum": 1024 * 1024},
             "struct_depth": {"type": "integer", "minimum": 1, "maximum": 32},
         }),
-        "logging": _table({"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}}),
+        "logging": _table({"payload": {"enum": ["masked", "none"]}, "level": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+                            "format": {"enum": ["auto", "json", "text"]}}),
         "sources": {
             "type": "object",
             "additionalProperties": _table({

@@ -24,6 +24,9 @@ class Settings:
     blueprint_path: Path | None = None
     name: str | None = None  # the blueprint's own `name`
     server: tables.ServerSettings = field(default_factory=tables.ServerSettings)
+    tls: tables.TlsSettings = field(default_factory=tables.TlsSettings)
+    auth: tables.AuthSettings = field(default_factory=tables.AuthSettings)
+    encryption: tables.EncryptionSettings = field(default_factory=tables.EncryptionSettings)
     storage: tables.StorageSettings = field(default_factory=tables.StorageSettings)
     index: tables.IndexSettings = field(default_factory=tables.IndexSettings)
     matching: tables.MatchingSettings = field(default_factory=tables.MatchingSettings)
@@ -141,6 +144,7 @@ def check_settings(s: Settings) -> list[str]:
         unknown = [f for f in names if s.attributes and f not in s.attributes]
         if unknown:
             problems.append(f"views.{view}.fields: unknown attribute(s) {', '.join(unknown)}")
+    problems += _check_security(s)
     if s.events.enabled and s.events.max_body_bytes + 64 * 1024 > s.limits.message_bytes:
         problems.append("limits.message_bytes: must exceed events.max_body_bytes by 64 KiB (IngestEvents carries "
                         "a whole webhook body and its headers)")
@@ -153,6 +157,24 @@ def check_settings(s: Settings) -> list[str]:
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)
+    return problems
+
+
+def _check_security(s: Settings) -> list[str]:
+    """[tls] needs its certificate and key together; [encryption] key ids are unique; a sensitive attribute is
+    stored encrypted, so it needs a key, unless the blueprint says `[server] insecure = true` (stored in clear)."""
+    problems = []
+    tls = s.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.append("tls: cert_file and key_file go together")
+    if tls.client_ca_file and not tls.cert_file:
+        problems.append("tls.client_ca_file: mTLS needs the server's own cert_file and key_file")
+    ids = [k.id for k in s.encryption.keys]
+    problems += [f"encryption.keys: id {i!r} is given twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    sensitive = sorted(name for name, spec in s.attributes.items() if spec.sensitive)
+    if sensitive and not s.encryption.keys and not s.server.insecure:
+        problems.append(f"attributes.{sensitive[0]}: sensitive attributes are stored encrypted: declare [encryption] "
+                        "keys (or `[server] insecure = true` to store them in clear)")
     return problems
 
 

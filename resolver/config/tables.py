@@ -100,6 +100,52 @@ class ServerSettings:
     # free port chosen at start when 0.
     worker_port_base: int = 0
     grace_period_s: float = 5.0
+    # Secure by default (contract §8): off loopback, `serve` refuses to start without TLS and tokens, and any
+    # secret reference that does not resolve stops the start-up. True (the demo, a lab) allows both, with one
+    # warning at start-up.
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """`[tls]`: TLS 1.2+ on the gRPC port and the webhook endpoint ("" : plaintext). `client_ca_file`: mTLS,
+    client certificates required and verified against it. Re-read on SIGHUP (resolver.tls)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """`[auth]`: bearer tokens with scopes (resolver.auth). `tokens_file`: one `NAME SCOPES sha256:HEX` per line
+    ("" : no token is asked for). Re-read on SIGHUP."""
+
+    tokens_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens_file)
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionKey:
+    """One AES-256 key of `[encryption] keys`: its id (stored beside each ciphertext) and its 32 bytes."""
+
+    id: str
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionSettings:
+    """`[encryption]`: the keys sensitive attributes are encrypted with (AES-256-GCM, resolver.crypto): the first
+    encrypts, all decrypt (rotation: put the new key first, run `resolver rekey`, then drop the old one)."""
+
+    keys: tuple[EncryptionKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +208,12 @@ class LimitSettings:
 
 @dataclass(frozen=True, slots=True)
 class LoggingSettings:
-    """`[logging]`: the log level; `payload` is accepted and shown, and nothing reads it yet (issue 16)."""
+    """`[logging]`: the level; `format` "json" (one object per line), "text", or "auto" (json unless stderr is a
+    terminal); `payload` "masked" (identifiers and values appear masked) or "none" (not even masked)."""
 
     level: str = "INFO"
     payload: str = "masked"
+    format: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,13 +37,14 @@ from resolver.events.process import PROCESS_NAME
 from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
-from tests.conftest import SERVER_TOML
+from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY
 from tests.integration.helpers import resolve_req, upsert_req
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD_KEY = b"old-secret-\x00\x01\x02-from-salesforce"
 NEW_KEY = b"new-raw-secret"
-ENV = {"SF_SECRET_OLD": "whsec_" + base64.b64encode(OLD_KEY).decode(), "SF_SECRET_NEW": NEW_KEY.decode()}
+ENV = {"SF_SECRET_OLD": "whsec_" + base64.b64encode(OLD_KEY).decode(), "SF_SECRET_NEW": NEW_KEY.decode(),
+       "RESOLVER_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY}
 SEED_ID = "a1B2c3D4e5F6g7H8"
 WAIT_S = 15.0
 

@@ -26,11 +26,12 @@ from resolver.config import Settings, load_settings
 from resolver.events import counters
 from resolver.events.inbox import Ingestor
 from resolver.events.signatures import sign
-from tests.conftest import SERVER_TOML
+from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = b"drain-test-secret"
-ENV = {"DRAIN_TEST_SECRET": KEY.decode()}
+ENV = {"DRAIN_TEST_SECRET": KEY.decode(),
+       "RESOLVER_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY}
 BURST = 2000
 CEILING, FLOOR = 1000, 20
 DEADLINE_S = 180.0  # a wait condition only: at the floor the burst would take 100 s, at the ceiling about 2

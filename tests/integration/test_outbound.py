@@ -43,13 +43,14 @@ from resolver.events.signatures import sign
 from resolver.outbound import outbox
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
-from tests.conftest import SERVER_TOML
+from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY
 from tests.integration.helpers import upsert_req
 
 ROOT = Path(__file__).resolve().parents[2]
 CRM_KEY = b"crm-outbound-\x00\x01-signing-key"
 SF_KEY = b"salesforce-inbound-key"
-ENV = {"CRM_OUT_SECRET": "whsec_" + base64.b64encode(CRM_KEY).decode(), "SF_IN_SECRET": SF_KEY.decode()}
+ENV = {"CRM_OUT_SECRET": "whsec_" + base64.b64encode(CRM_KEY).decode(), "SF_IN_SECRET": SF_KEY.decode(),
+       "RESOLVER_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY}
 WAIT_S = 30.0
 ALL_EVENTS = '["interaction.recorded", "customer.created", "customer.updated", "customer.merged", ' \
              '"customer.unmerged", "customer.deleted"]'

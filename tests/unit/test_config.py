@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,32 @@ def test_listen_addresses_are_validated_by_one_parser() -> None:
     for bad in ("[::1]:65536", ":80"):
         with pytest.raises(ConfigError, match=r"server\.listen: .* is not HOST:PORT"):
             settings_from_document({"server": {"listen": bad}}, {})
+
+
+def test_security_tables_are_validated() -> None:
+    key = base64.b64encode(b"k" * 32).decode()
+    env = {"K1": key, "SHORT": base64.b64encode(b"k" * 16).decode()}
+    doc = {"version": 1, "attributes": {"ssn": {"type": "string", "sensitive": True}},
+           "encryption": {"keys": [{"id": "k1", "key": {"env": "K1"}}]}}
+    s = settings_from_document(doc, env)
+    assert [k.id for k in s.encryption.keys] == ["k1"] and s.encryption.keys[0].key == b"k" * 32
+    assert key not in repr(s)  # a key is never shown
+    with pytest.raises(ConfigError) as err:
+        settings_from_document({"version": 1, "attributes": {"ssn": {"type": "string", "sensitive": True}},
+                                "encryption": {"keys": [{"id": "a", "key": {"env": "SHORT"}},
+                                                        {"id": "b", "key": {"env": "UNSET"}}]}}, env)
+    text = "\n".join(err.value.problems)
+    assert "encryption.keys[0].key: must be 32 bytes" in text
+    assert "encryption.keys[1].key: environment variable UNSET is not set" in text
+    with pytest.raises(ConfigError) as err:
+        settings_from_document({"version": 1, "logging": {"format": "xml"}}, env)
+    assert "logging.format" in "\n".join(err.value.problems)
+    with pytest.raises(ConfigError) as err:
+        settings_from_document({"version": 1, "attributes": {"ssn": {"type": "string", "sensitive": True}},
+                                "tls": {"cert_file": "x.crt", "client_ca_file": "ca.crt"}}, env)
+    text = "\n".join(err.value.problems)
+    assert "tls: cert_file and key_file go together" in text
+    assert "attributes.ssn: sensitive attributes are stored encrypted" in text
+    # the demo's escape hatch: stored in clear, said so explicitly
+    insecure = {"version": 1, "server": {"insecure": True}, "attributes": {"ssn": {"type": "string", "sensitive": True}}}
+    assert settings_from_document(insecure, env).server.insecure

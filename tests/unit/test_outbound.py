@@ -20,7 +20,7 @@ SECRET = {"OUT": "whsec_" + base64.b64encode(b"k").decode()}
 
 
 def settings(**dest: Any) -> Any:
-    doc = {"version": 1,
+    doc = {"version": 1, "server": {"insecure": True},  # the sensitive ssn stored in clear: no key needed here
            "attributes": {"status": {"type": "string"}, "tier": {"type": "string"}, "ssn": {"type": "string",
                                                                                           "sensitive": True}},
            "outbound": {"CRM": {"url": "https://crm.example/hooks", "secrets": [{"env": "OUT"}],

@@ -130,3 +130,9 @@ bench-writes: bench-deps
 .PHONY: bench-feed
 bench-feed: bench-deps
 	$(PY) -m bench.feed --repeat $(REPEAT) --out bench/out/feed $(BENCH_ARGS)
+
+# Issue 16: server CPU per Resolve at 1,000/s, plaintext without a token vs TLS + bearer token, alternating, 5 rounds
+# of 15 s each (about 3 minutes); report in bench/out/security/.
+.PHONY: bench-security
+bench-security: build
+	$(PY) -m bench.security --out bench/out/security $(BENCH_ARGS)

@@ -11,13 +11,14 @@ wired in here once, not in each of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from resolver.address import parse_address
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.identifiers import policy_from
+from resolver.reload import Reloadable, reload_all
 from resolver.service import Service
 from resolver.store import Store
 from resolver.writer import Writer
@@ -86,11 +87,17 @@ class Running:
     events: Events | None = None
     deliverer: Deliverer | None = None  # outbound delivery, when it runs in this process (tests, embedding)
     end_streams: Callable[[], None] | None = None  # ends the calls that never finish by themselves (WatchChanges)
+    reloadables: list[Reloadable] = field(default_factory=list)  # what SIGHUP re-reads here (resolver.reload)
 
     @property
     def http_port(self) -> int:
         """The webhook endpoint's port (0: none here)."""
         return self.events.http_port if self.events is not None else 0
+
+    def reload(self) -> list[str]:
+        """Re-read every reloadable part (SIGHUP): certificates, tokens, webhook secrets; a part whose files are
+        bad keeps what it had (logged). The failures, as "WHAT: REASON"."""
+        return reload_all(self.reloadables)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING and webhook intake closed, in-flight calls finish within `grace` (default: the
@@ -128,16 +135,30 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     from grpc_reflection.v1alpha import reflection
 
     from resolver.api import handlers
+    from resolver.api.interceptors import CallInterceptor
     from resolver.api.servicer import IdentityResolverServicer
+    from resolver.auth import TokenSet
     from resolver.v1 import resolver_pb2
 
     service_name = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
+    # What SIGHUP re-reads in this process (Running.reload): every part that keeps a file in memory joins here.
+    reloadables: list[Reloadable] = []
+    tls = None
+    if settings.tls.enabled:  # read and checked before anything opens: a bad file is a ConfigError naming it
+        from resolver.tls import GrpcTls
+
+        tls = GrpcTls(settings.tls)
+        reloadables.append(tls)
+    tokens = TokenSet(settings.auth.tokens_file) if settings.auth.enabled else None  # a bad file: ConfigError
+    if tokens is not None:
+        reloadables.append(tokens)
     service = build_service(settings)
     events = build_events(service) if settings.events.enabled else None
     limits = settings.limits
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+        interceptors=[CallInterceptor(service_name, tokens)],  # auth, request ids, access log; not health
         # gRPC refuses larger messages and metadata itself (RESOURCE_EXHAUSTED) before reading them; the soft
         # and hard metadata limits are one, so the answer does not depend on chance between the two.
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limits.message_bytes),
@@ -155,7 +176,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     if worker_ports is not None:
         listen.append(str(parse_address(settings.server.listen).with_port(worker_ports.ports[worker_ports.index])))
     try:
-        port, *_ = [server.add_insecure_port(address) for address in listen]
+        port, *_ = [server.add_secure_port(address, tls.credentials()) if tls is not None
+                    else server.add_insecure_port(address) for address in listen]
     except RuntimeError as exc:
         service.close()
         raise OSError(f"cannot listen on {' and '.join(listen)}: {exc}") from None
@@ -180,4 +202,7 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if sweeper:
         service.start_sweeper()
-    return Running(server, service, health_servicer, port, events, outbound, end_streams=servicer.end_streams)
+    if events is not None:
+        reloadables.extend(events.reloadables)
+    return Running(server, service, health_servicer, port, events, outbound, end_streams=servicer.end_streams,
+                   reloadables=reloadables)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from resolver import ledger
 from resolver._hotpath import KeyHasher
+from resolver.crypto import Sealer
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json
@@ -78,8 +79,9 @@ def command_from(blob: bytes) -> UpsertCommand:
     )
 
 
-def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
-    """Everything `apply` would write for `cmd` as a plain create, encoded (None: not a plain create)."""
+def plan(cmd: UpsertCommand, hasher: KeyHasher, sealer: Sealer) -> Planned | None:
+    """Everything `apply` would write for `cmd` as a plain create, encoded (None: not a plain create), sensitive
+    values sealed as `Txn.put_record` and `Txn.append_change` seal them."""
     planned = planned_create(cmd)
     if planned is None:
         return None
@@ -87,11 +89,11 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher) -> Planned | None:
     keys = tuple((INDEX_NAMES[kind], hasher.key(kind, value)) for kind, value in rec.identifiers())
     if len(set(keys)) != len(keys):
         return None  # two identifiers of one kind under one key (a hash collision): let apply deal with it
-    encoded = encode_json(change)
+    encoded = encode_json(sealer.seal_change(change))
     cut = encoded.rindex(_SEQ_AT) + 1  # after "source_system" only "version" (an integer) follows
     lkey = cmd.idempotency_key.encode("utf-8")
     entry = ledger.entry(cmd.fingerprint, cmd.expires_us, result.to_json())
-    return Planned(ledger_key=lkey, index_keys=keys, uuid=uuid_bytes(rec.uuid), record=rec.encode(),
+    return Planned(ledger_key=lkey, index_keys=keys, uuid=uuid_bytes(rec.uuid), record=sealer.encode_record(rec),
                    change_head=encoded[:cut], change_tail=encoded[cut:], ledger_entry=encode_json(entry),
                    expiry_key=ledger_exp_key(cmd.expires_us, lkey))
 

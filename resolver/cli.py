@@ -1,4 +1,5 @@
-"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | outbound | blueprint check`."""
+"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | outbound | forget |
+audit | rekey | key new | blueprint check`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "deleted data (stop every server on the directory first)")
     _store_args(compact)
 
+    reindex = sub.add_parser("reindex", help="rebuild the identifier indexes under the [index] hash and key of "
+                                             "--config (stop every server on the directory first)")
+    reindex.add_argument("--config", metavar="NEW.toml", required=True, help="the blueprint whose [index] to use")
+    reindex.add_argument("--data-dir", metavar="DIR", help="LMDB data directory (default: ./data)")
+    reindex.add_argument("--drop-record-tombstones", action="store_true",
+                         help="forget which deleted CRM records were deleted (their keys cannot follow a new key)")
+
     dlq = sub.add_parser("dlq", help="dead-letter queue of CRM change events: list, show, replay, discard")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     for name, text in (("list", "list dead letters (payloads masked)"), ("show", "one dead letter, PII masked"),
@@ -60,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     from resolver.outbound.cli import add_parser as add_outbound
 
     add_outbound(sub, _store_args)
+
+    from resolver.forget_cli import add_parsers as add_forget
+
+    add_forget(sub, _store_args)
+
+    from resolver.auth import add_parser as add_token
+
+    add_token(sub)
+
+    from resolver.rekey import add_parsers as add_rekey
+
+    add_rekey(sub, _store_args)
 
     bp = sub.add_parser("blueprint", help="blueprint tools")
     bp_sub = bp.add_subparsers(dest="blueprint_command", required=True)
@@ -97,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench_load(argv[2:])
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "token":  # needs no blueprint: it only makes a token and its tokens-file line
+            from resolver.auth import run_token
+
+            return run_token(args)
+        if args.command == "key":  # needs no blueprint either: it only prints a fresh key
+            from resolver.rekey import run_key
+
+            return run_key(args)
         if args.command == "blueprint":
             settings = load_settings(args.file)
             print(describe(settings))
@@ -123,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.compact import run_compact
 
             return run_compact(settings)
+        if args.command == "reindex":
+            from resolver.reindex import run_reindex
+
+            return run_reindex(settings, drop_record_tombstones=args.drop_record_tombstones)
+        if args.command == "rekey":
+            from resolver.rekey import run_rekey
+
+            return run_rekey(settings, args)
         if args.command == "dlq":
             from resolver.events.cli import run_dlq
 
@@ -131,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.outbound.cli import run_outbound
 
             return run_outbound(settings, args)
+        if args.command == "forget":
+            from resolver.forget_cli import run_forget
+
+            return run_forget(settings, args)
+        if args.command == "audit":
+            from resolver.forget_cli import run_audit
+
+            return run_audit(settings, args)
     except ConfigError as exc:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,9 @@ Retries: the channel's service config retries UNAVAILABLE transparently (gRPC re
 that every call is re-sent after DEADLINE_EXCEEDED or UNAVAILABLE up to `max_attempts` times, each
 attempt with its own deadline. An Upsert is re-sent with the *same* idempotency key, so the server
 executes it at most once (contract §4.2); reads are naturally idempotent.
+
+TLS: `root_certificates` (the PEM CA bundle that signed the server's certificate; None: plaintext, the default),
+and for mTLS `client_cert` + `client_key` (PEM); `tls_credentials` builds the same for a raw grpc channel.
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ def service_config(max_attempts: int, round_robin: bool = False) -> str:
 
 
 def workers_target(target: str, credentials: grpc.ChannelCredentials | None = None,
-                   timeout: float = 1.0) -> str | None:
+                   timeout: float = 1.0, token: str = "") -> str | None:
     """A target naming every worker of the server at `target` on its own port (`ipv4:A:P1,A:P2`), for a
     round_robin channel; None when there is nothing to spread over (one process, an older server, no answer, or
     a target that is not HOST:PORT). A connection is served by one worker: without this, one channel gets one
-    worker's share of the server."""
+    worker's share of the server. `token`: the bearer token to ask with (GetServerInfo needs scope resolve)."""
     try:
         address = parse_address(target)
         family, *_, sockaddr = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0]
@@ -63,7 +66,8 @@ def workers_target(target: str, credentials: grpc.ChannelCredentials | None = No
         return None
     channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     try:
-        info = resolver_pb2_grpc.IdentityResolverStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+        info = resolver_pb2_grpc.IdentityResolverStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout,
+                                                                        metadata=bearer(token))
     except grpc.RpcError:
         return None
     finally:
@@ -76,6 +80,23 @@ def workers_target(target: str, credentials: grpc.ChannelCredentials | None = No
     return "ipv4:" + ",".join(f"{host}:{p}" for p in info.worker_ports)
 
 
+def bearer(token: str) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that presents `token` (`authorization: Bearer TOKEN`); None without a token.
+
+    Metadata on each call, not grpc.access_token_call_credentials: gRPC sends call credentials only over TLS (or
+    local) channels, and a client of a loopback server without TLS needs its token all the same."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def tls_credentials(root_certificates: bytes | None = None, client_cert: bytes | None = None,
+                    client_key: bytes | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials for a TLS server: trust `root_certificates` (PEM; None: the system's roots); present
+    `client_cert` with `client_key` (PEM) where the server asks for client certificates (mTLS)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together")
+    return grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+
+
 def new_idempotency_key() -> str:
     return str(uuid.uuid4())
 
@@ -86,7 +107,8 @@ class ResolverClient:
     `resolve_timeout` is the call-setup budget for Resolve (seconds); `write_timeout` for Upsert and
     GetCustomer. With `spread` (the default) the one channel reaches every worker process of the server on its
     own port and round-robins calls over them (`workers_target`); `target` then only serves to find them.
-    Use as a context manager or call close().
+    `root_certificates` (and `client_cert` + `client_key` for mTLS) connect over TLS (`tls_credentials`);
+    `credentials` gives ready channel credentials instead. Use as a context manager or call close().
     """
 
     def __init__(
@@ -99,8 +121,15 @@ class ResolverClient:
         backoff: float = 0.02,
         credentials: grpc.ChannelCredentials | None = None,
         spread: bool = True,
+        token: str = "",
+        root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
+        if credentials is None and (root_certificates is not None or client_cert is not None):
+            credentials = tls_credentials(root_certificates, client_cert, client_key)
         self.address, self.credentials, self.spread = target, credentials, spread
+        self.token, self.metadata = token, bearer(token)  # `token`: sent on every call ([auth] on the server)
         self.resolve_timeout = resolve_timeout
         self.write_timeout = write_timeout
         self.max_attempts = max_attempts
@@ -111,10 +140,14 @@ class ResolverClient:
     def _connect(self) -> None:
         """Open the channel: over every worker's own port when the server names them (`spread`), else `address`.
         A channel it replaces is left to in-flight calls on other threads (closed when the last one drops it)."""
-        workers = workers_target(self.address, self.credentials) if self.spread else None
+        workers = workers_target(self.address, self.credentials, token=self.token) if self.spread else None
         self.target = workers or self.address
-        options = [("grpc.service_config", service_config(self.max_attempts, round_robin=workers is not None)),
-                   ("grpc.enable_retries", 1)]
+        options: list[tuple[str, str | int]] = [
+            ("grpc.service_config", service_config(self.max_attempts, round_robin=workers is not None)),
+            ("grpc.enable_retries", 1)]
+        if workers is not None and self.credentials is not None:
+            # the workers' addresses are one server: its certificate is checked against the name it was asked by
+            options.append(("grpc.default_authority", self.address))
         self.channel = (
             grpc.secure_channel(self.target, self.credentials, options=options)
             if self.credentials is not None
@@ -165,7 +198,8 @@ class ResolverClient:
             view=view,
             explain=explain,
         )
-        return self._with_retries(lambda t: self.stub.Resolve(request, timeout=t), timeout or self.resolve_timeout)
+        return self._with_retries(lambda t: self.stub.Resolve(request, timeout=t, metadata=self.metadata),
+                                  timeout or self.resolve_timeout)
 
     def upsert(
         self,
@@ -201,8 +235,10 @@ class ResolverClient:
             request.idempotency_key = idempotency_key
         if not request.idempotency_key:
             request.idempotency_key = new_idempotency_key()
-        return self._with_retries(lambda t: self.stub.Upsert(request, timeout=t), timeout or self.write_timeout)
+        return self._with_retries(lambda t: self.stub.Upsert(request, timeout=t, metadata=self.metadata),
+                                  timeout or self.write_timeout)
 
     def get_customer(self, customer_uuid: str, *, timeout: float | None = None) -> pb.Customer:
         request = pb.GetCustomerRequest(customer_uuid=customer_uuid)
-        return self._with_retries(lambda t: self.stub.GetCustomer(request, timeout=t), timeout or self.write_timeout)
+        return self._with_retries(lambda t: self.stub.GetCustomer(request, timeout=t, metadata=self.metadata),
+                                  timeout or self.write_timeout)

@@ -61,16 +61,16 @@ def serving(data_dir: Path) -> Iterator[None]:
 
 
 @contextmanager
-def exclusive(data_dir: Path) -> Iterator[None]:
-    """Held by `resolver compact`: no server runs on `data_dir`, and none starts, while it is held. StoreError
-    if a server runs."""
+def exclusive(data_dir: Path, *, doing: str = "compacting") -> Iterator[None]:
+    """Held by `resolver compact` (and `reindex`): no server runs on `data_dir`, and none starts, while it is
+    held. StoreError if a server runs (`doing` names the command's work in the message)."""
     fd = _open(Path(data_dir) / LOCK_FILE, os.O_RDONLY, mkdir=False)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(f"{data_dir} is in use by a running server (`resolver serve`): "
-                             "stop it before compacting") from None
+                             f"stop it before {doing}") from None
         yield
     finally:
         os.close(fd)
@@ -95,20 +95,21 @@ def refuse_if_open(data_dir: Path) -> None:
 
 
 @contextmanager
-def replacing(data_dir: Path) -> Iterator[None]:
+def replacing(data_dir: Path, *, doing: str = "compacting") -> Iterator[None]:
     """Keep every process out of the LMDB environment while its data.mdb is replaced (StoreError at once if one
     has it open). On leaving, whatever happened inside, lock.mdb is emptied and removed: the next open makes a new
     one, and a process that waited on the lock fails to open rather than trust a lock file that may describe
-    the file replaced."""
+    the file replaced. `resolver reindex` holds it while it rewrites the store in place (opened without LMDB's
+    lock: no other process can be in it)."""
     path = Path(data_dir) / LMDB_LOCK_FILE
     if _open_here(path):
-        raise StoreError(_in_use(data_dir, os.getpid()))
+        raise StoreError(_in_use(data_dir, os.getpid(), doing))
     fd = _open(path, os.O_RDWR, mkdir=False)  # created if missing: an opener would otherwise slip past us
     try:
         try:
             fcntl.fcntl(fd, _SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0) + _FLOCK_PAD)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: a shared lock is held
-            raise StoreError(_in_use(data_dir, _holder(fd))) from None
+            raise StoreError(_in_use(data_dir, _holder(fd), doing)) from None
         try:
             yield
         finally:
@@ -154,9 +155,9 @@ def _holder(fd: int) -> int | None:
     return pid
 
 
-def _in_use(data_dir: Path, pid: int | None) -> str:
+def _in_use(data_dir: Path, pid: int | None, doing: str = "compacting") -> str:
     who = "this process" if pid == os.getpid() else f"process {pid}" if pid and pid > 0 else "another process"
-    return f"{data_dir} is in use by {who}, which has the store open: stop it before compacting"
+    return f"{data_dir} is in use by {who}, which has the store open: stop it before {doing}"
 
 
 def _open(path: Path, mode: int, *, mkdir: bool) -> int:

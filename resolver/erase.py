@@ -50,6 +50,8 @@ class Erased:
     changes_redacted: int
     ledger_redacted: int
     seq: int  # the DELETED change-log entry
+    interactions: int = 0  # interactions forgotten
+    outbound: int = 0  # queued or dead outbound messages dropped
 
 
 def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us: int,
@@ -63,7 +65,7 @@ def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us
     record_tombstone(view, rec.uuid, ([rec.external_id] if rec.external_id is not None else []) + rec.merged_external_ids,
                      source_system=source_system, deleted_us=deleted_us, now_us=now_us)
     texts = {uuid_text(u) for u in family}
-    changes = ledger = 0
+    changes = ledger = interactions = outbound = 0
     for member in family:
         seqs, keys = view.pii_refs(member)
         for seq in seqs:
@@ -85,12 +87,12 @@ def erase(view: Txn, rec: Record, *, source_system: str, deleted_us: int, now_us
         for entry in view.journal(member):
             view.journal_delete(member, entry["seq"])
         view.drop_event_times(member)
-        history.forget(view, member)  # its interactions: their details are PII
-        outbox.forget_customer(view, member)  # outbound messages copying its PII (customer.deleted copies none)
+        interactions += history.forget(view, member)  # its interactions: their details are PII
+        outbound += outbox.forget_customer(view, member)  # messages copying its PII (customer.deleted copies none)
     seq = view.append_change({"at_us": now_us, "customer_uuid": rec.uuid, "action": "DELETED",
                               "version": rec.version + 1, "source_system": source_system,
                               "erased_uuids": sorted(texts), **({"event": event} if event else {})}, pii=False)
-    return Erased(tuple(sorted(texts)), changes, ledger, seq)
+    return Erased(tuple(sorted(texts)), changes, ledger, seq, interactions, outbound)
 
 
 def record_tombstone(view: Txn, customer_uuid: str, external_ids: list[str], *, source_system: str, deleted_us: int,

@@ -145,6 +145,23 @@ class Unauthenticated(ResolverError):
     reason = "INVALID_SIGNATURE"
 
 
+class TokenRejected(Unauthenticated):
+    """A call to the API (with `[auth]`) without a bearer token, or with one the tokens file does not hold
+    (reason TOKEN_MISSING or TOKEN_UNKNOWN). The message never holds the token."""
+
+    reason = "TOKEN_UNKNOWN"
+
+
+class ScopeMissing(ResolverError):
+    """A known token without the scope the method needs; `scope` names that scope."""
+
+    reason = "SCOPE_MISSING"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"this method needs a token with the {scope!r} scope")
+        self.scope = scope
+
+
 class UnknownSource(NotFound):
     """A change event for a source system the blueprint does not declare."""
 
@@ -208,6 +225,14 @@ class Unavailable(ResolverError):
     """The server is shutting down or cannot take the request now; retry (with the same key / webhook-id)."""
 
     reason = "UNAVAILABLE"
+
+
+class DecryptionFailed(ResolverError):
+    """A stored sensitive value or event body cannot be decrypted (resolver.crypto): its key id is not among
+    `[encryption] keys` (ENCRYPTION_KEY_UNKNOWN), or it was altered or moved to another customer, attribute or
+    event (DECRYPTION_FAILED). Never answered with a guess: the data is unreadable until the key is restored."""
+
+    reason = "DECRYPTION_FAILED"
 
 
 class ConfigError(Exception):

@@ -11,7 +11,8 @@ What a watcher sees of an entry (`Change`):
 - identifiers added or removed: always masked (resolver.normalize.mask): the feed goes to agent desktops;
 - attribute values as stored (new from `attributes`, old from `attributes_old`; an entry written before
   `attributes_old` existed has no old values), except a sensitive attribute's (blueprint `sensitive = true`):
-  masked by resolver.normalize.mask_value and flagged;
+  masked by resolver.normalize.mask_value and flagged (the log stores it encrypted, resolver.crypto: it is
+  decrypted only to be masked; one that cannot be decrypted shows as "***");
 - a redacted entry (erased, `redacted_us`): who, when, what kind of change, never a value.
 
 Filters (both given: an entry must pass both):
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from resolver.attributes import AttributeSchema
-from resolver.errors import FieldViolation, InvalidInput, SequenceOutOfRange
+from resolver.crypto import Sealer
+from resolver.errors import DecryptionFailed, FieldViolation, InvalidInput, SequenceOutOfRange
 from resolver.normalize import Kind, mask, mask_value
 from resolver.records import decode_json
 from resolver.store import Store, Txn
@@ -114,8 +116,10 @@ def _customers_named(entry: Mapping[str, Any]) -> set[str]:
     return named
 
 
-def to_change(entry: Mapping[str, Any], flt: WatchFilter, sensitive: frozenset[str]) -> Change:
-    """The watcher's view of one change-log entry (the one place the feed masks)."""
+def to_change(entry: Mapping[str, Any], flt: WatchFilter, sensitive: frozenset[str],
+              sealer: Sealer | None = None) -> Change:
+    """The watcher's view of one change-log entry (the one place the feed masks). `sealer` opens the sensitive
+    values the log stores encrypted (None: they are in clear)."""
     redacted = "redacted_us" in entry
     new: Mapping[str, Any] = {} if redacted else entry.get("attributes") or {}
     old: Mapping[str, Any] = {} if redacted else entry.get("attributes_old") or {}
@@ -125,8 +129,9 @@ def to_change(entry: Mapping[str, Any], flt: WatchFilter, sensitive: frozenset[s
             continue
         before, after = old.get(name), new[name]
         if name in sensitive:
-            fields.append(FieldDiff(name, None if before is None else mask_value(before),
-                                    None if after is None else mask_value(after), True))
+            uid = entry.get("customer_uuid") or ""
+            fields.append(FieldDiff(name, _masked_value(sealer, uid, name, before),
+                                    _masked_value(sealer, uid, name, after), True))
         else:
             fields.append(FieldDiff(name, before, after, False))
     return Change(
@@ -143,6 +148,18 @@ def to_change(entry: Mapping[str, Any], flt: WatchFilter, sensitive: frozenset[s
         interaction_id=entry.get("interaction_id") or "",
         source_system=entry.get("source_system") or "",
     )
+
+
+def _masked_value(sealer: Sealer | None, customer_uuid: str, name: str, value: Any) -> str | None:
+    """A sensitive value as a watcher sees it: masked (None stays None)."""
+    if value is None:
+        return None
+    if sealer is not None:
+        try:
+            value = sealer.open_value(customer_uuid, name, value)
+        except DecryptionFailed:
+            return "***"  # the mask is a courtesy: an unreadable value must not stop the watcher's stream
+    return mask_value(value)
 
 
 def _masked_identifiers(pairs: Iterable[list[Any]] | None) -> tuple[tuple[Kind, str], ...]:
@@ -187,6 +204,7 @@ class Watch:
         self.filter = flt
         self.next = next_seq
         self._sensitive = frozenset(name for name, spec in schema.specs.items() if spec.sensitive)
+        self._sealer = store.sealer
 
     def poll(self, limit: int = BATCH) -> tuple[list[Change], bool]:
         """The changes among the next `limit` committed entries that pass the filter, and whether any entry was
@@ -207,4 +225,4 @@ class Watch:
                         break
         self.next += len(entries)
         flt = self.filter
-        return [to_change(e, flt, self._sensitive) for e in entries if flt.matches(e)], bool(entries)
+        return [to_change(e, flt, self._sensitive, self._sealer) for e in entries if flt.matches(e)], bool(entries)

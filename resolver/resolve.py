@@ -2,6 +2,10 @@
 
 One read transaction per call, so a Resolve sees every write acknowledged before it started. A shared
 identifier never picks a customer: several hits on the deciding kind answer AMBIGUOUS with the candidates.
+
+Sensitive attributes (stored sealed: resolver.crypto) are decrypted for a caller whose token has the `sensitive`
+scope (resolver.api.caller) and left out for others. Only a projection that can show one looks for them: a view
+without sensitive attributes, or a blueprint without any, answers as if encryption did not exist.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from resolver._probe_types import MATCHED, NOT_FOUND, Decision, Fanned
+from resolver.api.caller import sees_sensitive
 from resolver.attributes import AttributeSchema
 from resolver.config import DEFAULT_VIEW, Settings
+from resolver.crypto import Sealer
 from resolver.erase import tombstone
 from resolver.errors import DeadlineExceeded, FieldViolation, IdentifierError, InvalidInput, NotFound, ResolverError
 from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize_identifiers
@@ -26,6 +32,7 @@ _SORTED = ("updated_us", "uuid", "version", "attributes")  # candidates: most re
 _KIND = {int(k): k for k in Kind}  # by number, without Enum's slow __call__
 _PROBE_CHUNK = 64  # requests probed between two reads of the deadline in resolve_many
 _BATCH_TOO_LATE = "the deadline passed during the batch; it was not answered"
+_ADHOC: tuple[str, ...] = ("(a request's own fields)",)  # Resolver._sensitive_of's miss: a marker, compared by identity
 
 
 @dataclass(slots=True)
@@ -113,6 +120,12 @@ class Resolver:
         self.schema = schema
         self.policy = policy
         self.default_fields = settings.views.get(DEFAULT_VIEW)
+        self.sealer = store.sealer if store is not None else Sealer.from_settings(settings)  # None: prepare only
+        # The sensitive attributes each projection may show, by the identity of its fields: None (all of them) and
+        # the blueprint's view tuples, which `projection` hands out as they are. So a view costs one dict lookup per
+        # answer, not a pass over its fields; a request's own `fields` are looked at when answered (`_sensitive`).
+        self._sensitive_of = {id(f): tuple(n for n in f if self.sealer.sensitive(n))
+                              for f in settings.views.values()} | {id(None): self.sealer.names}
 
     def projection(self, fields: tuple[str, ...], view: str) -> tuple[str, ...] | None:
         """The attribute names to return (None: all); InvalidInput for an unknown view or field."""
@@ -196,6 +209,11 @@ class Resolver:
         return self._answer(txn, p, txn.prober.decide(ids.external_id, ids.emails, ids.phones,
                                                       self.settings.matching.max_fanout, p.explain))
 
+    def _sensitive(self, fields: tuple[str, ...]) -> tuple[str, ...]:
+        """The sensitive attributes among a request's own `fields`."""
+        sensitive = self.sealer.sensitive
+        return tuple(n for n in fields if sensitive(n))
+
     def _answer(self, txn: Txn, p: Prepared, decision: Decision) -> ResolveResult:
         """The answer to a prepared request from its probe decision (records read in the same transaction)."""
         outcome, kind, uids, conflicts = decision.outcome, decision.kind, decision.uuids, decision.conflicts
@@ -208,34 +226,52 @@ class Resolver:
             return ResolveResult.not_found(probes=shown, skipped=list(skipped))
         fields = p.fields
         project = self.schema.project
+        # () for most answers: no sensitive attribute declared, or none in the projection; nothing more is done then
+        sensitive = self._sensitive_of.get(id(fields), _ADHOC) if self.sealer.names else ()
+        if sensitive is _ADHOC:
+            sensitive = self._sensitive(fields or ())  # (never None: id(None) is in _sensitive_of)
         if outcome == MATCHED:
             found = txn.prober.fields(uids[0], _SHOWN)
             assert found is not None  # confirmed inside this transaction
             customer_uuid, version, attributes = found
+            projected = project(attributes, fields)
+            for name in sensitive:  # usually none; else the first one the record holds decides
+                if name in projected:
+                    self.sealer.reveal(customer_uuid, projected, sensitive, sees_sensitive())
+                    break
             return ResolveResult.matched(customer_uuid=customer_uuid, matched_on=_KIND[kind], version=version,
-                                         attributes=project(attributes, fields),
+                                         attributes=projected,
                                          conflicts=[uuid_text(u) for u in conflicts] if conflicts else [],
                                          probes=shown, skipped=list(skipped))
         ranked = sorted((f for u in uids if (f := txn.prober.fields(u, _SORTED)) is not None),
                         key=lambda f: (-f[0], f[1]))
         candidates = [Candidate(customer_uuid, project(attributes, fields))
                       for _, customer_uuid, _, attributes in ranked[: self.settings.matching.max_candidates]]
+        if sensitive:
+            visible = sees_sensitive()
+            for c in candidates:
+                self.sealer.reveal(c.customer_uuid, c.attributes, sensitive, visible)
         return ResolveResult.ambiguous(matched_on=_KIND[kind], candidates=candidates, probes=shown,
                                        skipped=list(skipped))
 
     def get_customer(self, customer_uuid: str) -> Record:
-        """The full record (a merged-away uuid answers with its survivor); NotFound, with reason
-        CUSTOMER_DELETED when the customer (or the survivor it was merged into) was deleted."""
+        """The full record (a merged-away uuid answers with its survivor), sensitive attributes decrypted for a
+        caller with the `sensitive` scope and left out for others; NotFound, with reason CUSTOMER_DELETED when the
+        customer (or the survivor it was merged into) was deleted."""
         try:
             uid = uuid_bytes(customer_uuid)
         except ValueError:
             raise InvalidInput([FieldViolation("customer_uuid", "not a UUID", "INVALID")]) from None
         with self.store.read() as txn:
             survivor = txn.survivor(uid)
-            rec = txn.record(survivor)
+            rec = txn.stored_record(survivor)
             deleted = rec is None and tombstone(txn, survivor) is not None
         if deleted:
             raise NotFound(f"customer {customer_uuid} was deleted", reason="CUSTOMER_DELETED")
         if rec is None:
             raise NotFound(f"no customer {customer_uuid}")
+        if not sees_sensitive():
+            for name in self.sealer.names:
+                rec.attributes.pop(name, None)
+        self.sealer.open_all(rec.uuid, rec.attributes)
         return rec

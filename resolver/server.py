@@ -9,11 +9,18 @@ child, the outbound process (resolver.outbound.process), supervised the same way
 On SIGTERM/SIGINT (one sequence, `_shutdown`): webhook intake stops, each worker's health goes NOT_SERVING and
 its in-flight calls get `grace_period_s`, storage closes, then the events process finishes its applier batch and
 the outbound process its attempts in flight.
+On SIGHUP (resolver.reload): the supervisor reloads its in-process parts (one worker) and forwards SIGHUP to every
+worker, the events process and the outbound process; each re-reads its certificates, tokens and webhook secrets
+between two calls (a bad file keeps the previous one, logged), so no call is dropped.
+
+Secure by default (contract §8): off loopback, `serve` refuses to start without TLS and tokens, and a secret that
+cannot be read stops it, unless `[server] insecure = true` (then one warning at start-up).
 """
 
 from __future__ import annotations
 
 import gc
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -32,6 +39,8 @@ from resolver.config import Settings
 from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
 from resolver.outbound.process import OutboundProcess
+from resolver.reload import accept_sighup, sighup_blocked
+from resolver.tls import read_material
 
 log = logging.getLogger("resolver.server")
 
@@ -58,7 +67,8 @@ def settle() -> None:
 
 
 class _Signals:
-    """The signals that stop a process, awaited with no lock taken in a signal handler.
+    """The signals a process waits for (those that stop it, SIGHUP that reloads), awaited with no lock taken in a
+    signal handler.
 
     A handler runs in the main thread between two bytecodes. One that sets a threading.Event can deadlock with
     the main thread's own Event.wait (both take the Event's non-reentrant lock): the process then ignores
@@ -100,7 +110,8 @@ def _worker(settings: Settings, ready: Any, index: int, ports: tuple[int, ...]) 
     applier), stop gracefully on SIGTERM."""
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
-    signals = _Signals(signal.SIGTERM)
+    signals = _Signals(signal.SIGTERM, signal.SIGHUP)
+    accept_sighup()  # spawned with SIGHUP blocked: one sent while we start waits for `signals`
     try:
         running = build_server(settings, sweeper=index == 0, events_in_process=False,
                                worker_ports=WorkerPorts(ports, index))
@@ -117,7 +128,8 @@ def _worker(settings: Settings, ready: Any, index: int, ports: tuple[int, ...]) 
         log.warning("worker %d: the supervisor is gone; stopping", index)
         return True
 
-    signals.wait(orphaned, every=1.0)
+    while signals.wait(orphaned, every=1.0) == signal.SIGHUP:
+        running.reload()  # between calls: handler threads keep serving while the files are read
     running.stop()
     signals.close()
 
@@ -133,6 +145,9 @@ class _Workers(Protocol):
     def stop(self, grace: float | None = None) -> bool:
         """Drain and stop within the blueprint's grace period (`grace=0`: at once, as after a failed start);
         whether every part stopped cleanly."""
+
+    def reload(self) -> None:
+        """SIGHUP: re-read certificates, tokens and webhook secrets where the gRPC side serves."""
 
 
 class _InProcess:
@@ -154,6 +169,10 @@ class _InProcess:
             self.running.stop(grace)
         return True
 
+    def reload(self) -> None:
+        if self.running is not None:
+            self.running.reload()
+
 
 class _Spawned:
     """N worker processes binding the port the supervisor holds with SO_REUSEPORT, each also on its own port."""
@@ -170,8 +189,9 @@ class _Spawned:
         self.procs = [self.ctx.Process(target=_worker, args=(self.settings, ready, i, self.worker_ports),
                                        name=f"resolver-worker-{i}")
                       for i in range(self.settings.server.workers)]
-        for p in self.procs:
-            p.start()
+        with sighup_blocked():  # each worker takes SIGHUP once its handler is in place
+            for p in self.procs:
+                p.start()
         failures = [err for _, err in (ready.get(timeout=60) for _ in self.procs) if err]
         return f"a worker failed to start: {failures[0]}" if failures else None
 
@@ -192,6 +212,11 @@ class _Spawned:
                 p.join(5)
         return all(p.exitcode == 0 for p in self.procs)
 
+    def reload(self) -> None:
+        for p in self.procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGHUP)
+
 
 @contextmanager
 def _events_process(settings: Settings, ctx: Any) -> Iterator[tuple[Settings, EventsProcess | None, str]]:
@@ -210,12 +235,57 @@ def _events_process(settings: Settings, ctx: Any) -> Iterator[tuple[Settings, Ev
         except OSError as exc:
             raise OSError(f"cannot listen for webhooks on {settings.events.http_listen}: {exc.strerror}") from None
         pinned = settings.with_overrides(http_listen=str(http.with_port(http_port)))
-        yield pinned, EventsProcess(pinned, ctx), f", webhooks on http://{http.host}:{http_port}"
+        scheme = "https" if settings.tls.enabled else "http"
+        yield pinned, EventsProcess(pinned, ctx), f", webhooks on {scheme}://{http.host}:{http_port}"
 
 
 def _start_failed(what: str) -> int:
     print(f"resolver: {what}", file=sys.stderr)
     return 1
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere: not loopback
+
+
+def _exposure(settings: Settings) -> str | None:
+    """What `serve` would expose off loopback without TLS and tokens (None: nothing)."""
+    listening = [settings.server.listen]
+    if settings.events.enabled and settings.events.http_listen:
+        listening.append(settings.events.http_listen)
+    exposed = [a for a in listening if not _loopback(parse_address(a).host)]
+    missing = [what for what, on in (("TLS", settings.tls.enabled), ("tokens", settings.auth.enabled)) if not on]
+    if not exposed or not missing:
+        return None
+    return f"serving {' and '.join(exposed)} off loopback without {' and '.join(missing)}"
+
+
+def _unreadable_secrets(settings: Settings) -> str | None:
+    """The secret references of sources and outbound destinations that could not be read (None: none)."""
+    unread = [f"source {s.name} ({', '.join(s.unresolved)})" for s in settings.sources.values() if s.unresolved]
+    unread += [f"outbound {d.name} ({', '.join(d.unresolved)})" for d in settings.outbound.values() if d.unresolved]
+    return f"the secrets of {' and '.join(unread)} cannot be read" if unread else None
+
+
+def secure_by_default(settings: Settings) -> str | None:
+    """Contract §8: the one sentence `serve` refuses to start with (None: it may start). With `[server] insecure =
+    true`, None, after one warning that says what is allowed."""
+    exposure, secrets = _exposure(settings), _unreadable_secrets(settings)
+    if settings.server.insecure:
+        relaxed = ", ".join(x for x in (exposure, secrets) if x) or "plaintext off loopback and unread secrets allowed"
+        log.warning("[server] insecure = true: %s; never use it in production", relaxed)
+        return None
+    if exposure:
+        return (f"refusing to start: {exposure}; set [tls] cert_file and key_file and [auth] tokens_file, or "
+                "[server] insecure = true to allow it")
+    if secrets:
+        return f"refusing to start: {secrets}; provide them, or set [server] insecure = true to start without them"
+    return None
 
 
 def _shutdown(workers: _Workers, children: list[EventsProcess]) -> int:
@@ -229,13 +299,19 @@ def _shutdown(workers: _Workers, children: list[EventsProcess]) -> int:
 
 
 def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
-    """Serve until SIGTERM/SIGINT; the exit code. One worker runs in this process; more are spawned processes.
-    With events enabled, the webhook endpoint and the applier run in the events process (restarted if it dies)."""
+    """Serve until SIGTERM/SIGINT (SIGHUP reloads); the exit code (1: the start-up was refused or failed). One
+    worker runs in this process; more are spawned processes. With events enabled, the webhook endpoint and the
+    applier run in the events process (restarted if it dies)."""
+    refusal = secure_by_default(settings)
+    if refusal is not None:
+        return _start_failed(refusal)
+    if settings.tls.enabled:
+        read_material(settings.tls)  # a file that cannot serve is a ConfigError naming it, before anything starts
     ctx = multiprocessing.get_context("spawn")
     listen = parse_address(settings.server.listen)
     with ExitStack() as stack:
         stack.enter_context(datalock.serving(settings.server.data_dir))  # `resolver compact` refuses while held
-        signals = _Signals(signal.SIGTERM, signal.SIGINT)
+        signals = _Signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         stack.callback(signals.close)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))
         outbound = OutboundProcess(pinned, ctx) if settings.outbound else None
@@ -270,14 +346,20 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
             return _start_failed(failed)
         count = settings.server.workers
         own_ports = f" on ports {', '.join(map(str, workers.worker_ports))}" if isinstance(workers, _Spawned) else ""
+        tls = (", mTLS" if settings.tls.client_ca_file else ", TLS") if settings.tls.enabled else ""
         announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}"
-                 f"{own_ports}, data {settings.server.data_dir}){hooks}")
+                 f"{own_ports}, data {settings.server.data_dir}{tls}){hooks}")
 
         def check_children() -> None:  # restart a child that died
             for child in children:
                 child.check()
 
-        signum = signals.wait(check_children if children else None)
+        while (signum := signals.wait(check_children if children else None)) == signal.SIGHUP:
+            log.info("SIGHUP: reloading certificates, tokens and webhook secrets in %d worker(s)%s", count,
+                     "".join(f", {child.what}" for child in children))
+            workers.reload()
+            for child in children:
+                child.reload()
         log.info("signal %d: shutting down %d worker(s) (grace %.1fs)", signum, count, settings.server.grace_period_s)
         return _shutdown(workers, children)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions

@@ -27,9 +27,15 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 | ob_queue    | see resolver.outbound             | outbound messages waiting for delivery |
 | ob_dlq      | see resolver.outbound             | outbound messages that could not be delivered |
 | ob_state    | see resolver.outbound             | outbound counters and delivery state |
+| audit       | sequence (8, big-endian)          | erasure audit entry JSON, no PII (resolver.audit) |
 
 Every `Txn.append_change` calls the store's `change_listeners` (each `listener(txn, seq, change)`) in the same
 transaction: that is how the transactional outbox (resolver.outbound) learns of every committed change.
+
+Sensitive attributes (blueprint `sensitive = true`) are encrypted at rest (resolver.crypto): `Txn.put_record`,
+`append_change` and `journal_put` seal them, each under its customer's uuid; `Txn.record` opens them for the use
+cases; `stored_record`, `journal`, `change` and the raw databases hand them out sealed. The events inbox and
+dead-letter queue seal whole bodies (resolver.events.envelope).
 
 `pii_refs` lets a deletion find every change-log entry and ledger response that copies a customer's
 identifiers or attributes (`Txn.append_change` and `Txn.ledger_put` write it), without scanning the log.
@@ -55,6 +61,7 @@ import lmdb
 from resolver._hotpath import KeyHasher, Prober
 from resolver._probe_types import Probed
 from resolver.config import Settings
+from resolver.crypto import Sealer
 from resolver.errors import StoreError
 from resolver.normalize import Kind
 from resolver.records import Record, decode_json, encode_json
@@ -66,7 +73,8 @@ INDEX_NAMES = {kind: name.decode() for kind, name in _INDEX_DBS.items()}  # also
 _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"changes")
 # CRM change events (resolver.events); a read-only open of an older store simply lacks them.
 EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_tomb_ext",
-             b"ev_counters", b"merges", b"pii_refs", b"interactions", b"ob_queue", b"ob_dlq", b"ob_state")
+             b"ev_counters", b"merges", b"pii_refs", b"interactions", b"ob_queue", b"ob_dlq", b"ob_state",
+             b"audit")
 _CHANGE_REF = b"C"
 _LEDGER_REF = b"L"
 
@@ -109,6 +117,11 @@ def pii_change_ref(uid: bytes, seq: int) -> bytes:
     return uid + _CHANGE_REF + _U64.pack(seq)
 
 
+def index_meta(settings: Settings) -> dict[bytes, bytes]:
+    """The `meta` entries naming how the store's index keys are made: hash algorithm and key id."""
+    return {b"hash": settings.index.hash.encode(), b"key_id": settings.index.key_id.encode()}
+
+
 @contextmanager
 def _no_txn() -> Iterator[None]:
     yield None
@@ -117,7 +130,9 @@ def _no_txn() -> Iterator[None]:
 class Store:
     """The LMDB environment of one data directory. Thread-safe; not fork-safe (open after forking)."""
 
-    def __init__(self, settings: Settings, *, readonly: bool = False) -> None:
+    def __init__(self, settings: Settings, *, readonly: bool = False, reindexing: bool = False) -> None:
+        # reindexing (resolver.reindex only): the caller holds LMDB's lock exclusive (resolver.datalock.replacing),
+        # so the environment opens without it, and the stored index hash and key id may differ from the settings'
         path = Path(settings.server.data_dir)
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
@@ -133,7 +148,7 @@ class Store:
             readonly=readonly,
             sync=True,
             metasync=True,
-            lock=True,
+            lock=not reindexing,
         )
         # A process killed mid-read leaves its reader slot behind; free them before serving.
         self.env.reader_check()
@@ -153,20 +168,20 @@ class Store:
         # by kind number - 1 (a tuple: Kind is an Enum, and hashing one runs Python code)
         self.index_dbs = (self.ix[Kind.EXTERNAL_ID], self.ix[Kind.EMAIL], self.ix[Kind.PHONE])
         with self.env.begin(write=not readonly) as txn:
-            self._check_meta(txn, settings, readonly)
+            self._check_meta(txn, settings, readonly, reindexing)
         self.hasher = KeyHasher(settings.index.hash, settings.index.secret)
+        # sensitive attributes: sealed where records, change-log and journal entries are encoded (resolver.crypto)
+        self.sealer = Sealer.from_settings(settings)
         # called by append_change with (txn, seq, change), in the change's own transaction (the outbox)
         self.change_listeners: list[Callable[[Txn, int, dict[str, Any]], None]] = []
         self.records_db = self.db["records"]
 
-    def _check_meta(self, txn: lmdb.Transaction[bytes], settings: Settings, readonly: bool) -> None:
-        """Refuse a store written in another format or hashed with another algorithm or key."""
+    def _check_meta(self, txn: lmdb.Transaction[bytes], settings: Settings, readonly: bool,
+                    reindexing: bool = False) -> None:
+        """Refuse a store written in another format or hashed with another algorithm or key (`reindexing`: the
+        format only)."""
         meta = self.db["meta"]
-        want = {
-            b"format": str(FORMAT_VERSION).encode(),
-            b"hash": settings.index.hash.encode(),
-            b"key_id": settings.index.key_id.encode(),
-        }
+        want = {b"format": str(FORMAT_VERSION).encode(), **index_meta(settings)}
         have = {k: txn.get(k, db=meta) for k in want}
         if all(v is None for v in have.values()):
             if txn.stat(self.db["records"])["entries"]:
@@ -178,12 +193,13 @@ class Store:
         problems = [
             f"{k.decode()} is {'(unset)' if (got := have[k]) is None else got.decode()}, configuration says {v.decode()}"
             for k, v in want.items()
-            if have[k] != v
+            if have[k] != v and not (reindexing and k != b"format")
         ]
         if problems:
             raise StoreError(
                 f"{self.path}: the store does not match the configuration: {'; '.join(problems)}. "
-                "Index keys depend on the hash algorithm and key: re-import into a new data directory to change them."
+                "Index keys depend on the hash algorithm and key: `resolver reindex --config NEW.toml` rebuilds them "
+                "for another one."
             )
 
     def read(self) -> Txn:
@@ -232,13 +248,19 @@ class Txn:
             return self._records[uid]
         except KeyError:
             raw = self.txn.get(uid, db=self.store.db["records"])
-            rec = Record.decode(raw) if raw is not None else None
+            rec = self.store.sealer.decode_record(raw) if raw is not None else None
             self._records[uid] = rec
             return rec
 
+    def stored_record(self, uid: bytes) -> Record | None:
+        """The record under `uid` as stored: sensitive values still sealed (resolver.crypto.Sealer.reveal opens
+        them for a reader allowed to see them). Not cached, not for writing back."""
+        raw = self.txn.get(uid, db=self.store.db["records"])
+        return Record.decode(raw) if raw is not None else None
+
     def put_record(self, rec: Record) -> None:
         uid = uuid_bytes(rec.uuid)
-        self.txn.put(uid, rec.encode(), db=self.store.db["records"])
+        self.txn.put(uid, self.store.sealer.encode_record(rec), db=self.store.db["records"])
         self._records[uid] = rec
 
     def delete_record(self, uid: bytes) -> None:
@@ -264,7 +286,7 @@ class Txn:
     def iter_records(self) -> Iterator[Record]:
         with self.txn.cursor(db=self.store.db["records"]) as cur:
             for _, raw in cur:
-                yield Record.decode(raw)
+                yield self.store.sealer.decode_record(raw)
 
     def count(self, name: str) -> int:
         """Entries in a named database (``records``, ``ledger``, ``ix_phone``, ...)."""
@@ -340,7 +362,9 @@ class Txn:
     # -- change log ------------------------------------------------------------------------------------------
     def append_change(self, change: dict[str, Any], *, pii: bool = True) -> int:
         """Append a change with the next sequence number (1, 2, ...) and return that number. `pii`: the entry
-        copies identifiers or attributes of its customer (and of those in `pii_of`): erasure redacts it."""
+        copies identifiers or attributes of its customer (and of those in `pii_of`): erasure redacts it.
+        Sensitive attribute values are sealed (resolver.crypto): as stored, so are they passed to the listeners."""
+        change = self.store.sealer.seal_change(change)
         with self.txn.cursor(db=self.store.db["changes"]) as cur:
             seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         packed = _U64.pack(seq)
@@ -357,7 +381,8 @@ class Txn:
 
     def replace_change(self, seq: int, change: dict[str, Any]) -> None:
         """Overwrite the change-log entry `seq` (erasure redacts entries in place; the sequence stays)."""
-        self.txn.put(_U64.pack(seq), encode_json({**change, "seq": seq}), db=self.store.db["changes"])
+        self.txn.put(_U64.pack(seq), encode_json(self.store.sealer.seal_change({**change, "seq": seq})),
+                     db=self.store.db["changes"])
 
     def change(self, seq: int) -> dict[str, Any] | None:
         raw = self.txn.get(_U64.pack(seq), db=self.store.db["changes"])
@@ -398,10 +423,12 @@ class Txn:
     # -- merge journal -----------------------------------------------------------------------------------------
     def journal_put(self, survivor: bytes, seq: int, entry: dict[str, Any]) -> None:
         """Record a merge (the records as they were before it) under its survivor and change sequence."""
-        self.txn.put(survivor + _U64.pack(seq), encode_json(entry), db=self.store.db["merges"])
+        self.txn.put(survivor + _U64.pack(seq), encode_json(self.store.sealer.seal_journal(entry)),
+                     db=self.store.db["merges"])
 
     def journal(self, survivor: bytes) -> list[dict[str, Any]]:
-        """The merges recorded into `survivor`, oldest first."""
+        """The merges recorded into `survivor`, oldest first, as stored (the records' sensitive values sealed:
+        `store.sealer.open_record` opens a record built from one)."""
         out: list[dict[str, Any]] = []
         with self.txn.cursor(db=self.store.db["merges"]) as cur:
             if cur.set_range(survivor):

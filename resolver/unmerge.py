@@ -168,10 +168,12 @@ def _written_since(txn: Txn, sid: bytes, seq: int) -> set[str]:
 def _journal_entry(txn: Txn, sid: bytes, mid: bytes, cmd: UnmergeCommand
                    ) -> tuple[dict[str, Any], Record, Record]:
     """The journal entry of the merge of `mid` into `sid`, the survivor before it and the merged record."""
+    sealer = txn.store.sealer  # the journal keeps sensitive values sealed, each under its record's uuid
     for entry in reversed(txn.journal(sid)):
         for m in entry["merged"]:
             if m["uuid"] == cmd.merged_uuid:
-                return entry, Record.from_json(entry["survivor_before"]), Record.from_json(m)
+                return (entry, sealer.open_record(Record.from_json(entry["survivor_before"])),
+                        sealer.open_record(Record.from_json(m)))
     target = txn.survivor(mid)
     if txn.record(mid) is not None or target == mid:
         raise FailedPrecondition(f"customer {cmd.merged_uuid} is not merged into anyone", reason="NOT_MERGED")

@@ -122,7 +122,7 @@ def reconcile(config: Path, data: Path, run_id: str, push: dict[str, Any]) -> di
                 if wid.startswith(prefix):
                     applied[int(wid[len(prefix):])] += 1
             if "ev_dlq" in store.db:
-                for meta, _ in dlq.iterate(view.txn, store.db["ev_dlq"]):
+                for meta, _ in dlq.iterate(view.txn, store.db["ev_dlq"], ring=store.sealer.ring):
                     wid = meta.get("webhook_id", "")
                     if wid.startswith(prefix):
                         dead[int(wid[len(prefix):])] = str(meta.get("reason", "?"))

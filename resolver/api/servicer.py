@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from resolver._rwire import encode_resolve
 from resolver._rwire_py import raw_identifiers, resolve_input, resolve_response, skipped_pb
 from resolver.api.feed_rpc import FeedRpcs
+from resolver.api.forget_rpc import ForgetRpcs
 from resolver.api.interactions_rpc import InteractionRpcs
 from resolver.api.outbound_rpc import OutboundRpcs
 from resolver.api.status import internal_status, to_rpc_status, to_status
@@ -96,7 +97,8 @@ def dead_letter_pb(meta: dict[str, Any], body: bytes | None = None) -> pb.DeadLe
     return d
 
 
-class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, resolver_pb2_grpc.IdentityResolverServicer):
+class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRpcs,
+                               resolver_pb2_grpc.IdentityResolverServicer):
     def __init__(self, service: Service, events: Events | None = None, info: pb.ServerInfo | None = None) -> None:
         self.service = service
         self.events = events

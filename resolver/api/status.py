@@ -8,6 +8,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from resolver import errors
+from resolver.redact import redact
 
 DOMAIN = "resolver.v1"
 
@@ -19,11 +20,13 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.VersionMismatch, code_pb2.ABORTED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.ScopeMissing, code_pb2.PERMISSION_DENIED),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.InboxFull, code_pb2.RESOURCE_EXHAUSTED),
     (errors.EventRejected, code_pb2.INVALID_ARGUMENT),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.DecryptionFailed, code_pb2.DATA_LOSS),
     (errors.SequenceOutOfRange, code_pb2.OUT_OF_RANGE),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
 ]
@@ -45,6 +48,9 @@ MAX_TEXT = 512  # the message, an ErrorInfo metadata value
 
 
 def _clip(text: str, limit: int) -> str:
+    """Every text a client gets passes here: through the masking choke point (resolver.redact), then clipped.
+    A number alone (a sequence, a version, an id of ours in ErrorInfo metadata) is ours, never a value: kept."""
+    text = text if text.isdigit() else redact(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -88,6 +94,8 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
         metadata["candidates"] = ",".join(exc.candidates)
     elif isinstance(exc, errors.VersionMismatch):
         metadata["current_version"] = str(exc.current)
+    elif isinstance(exc, errors.ScopeMissing):
+        metadata["scope"] = exc.scope
     elif isinstance(exc, errors.PermissionDenied):
         metadata["fields"] = ",".join(exc.fields)
     elif isinstance(exc, errors.InboxFull):

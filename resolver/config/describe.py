@@ -46,13 +46,15 @@ def describe(s: Settings) -> str:
         f"depth {lim.struct_depth}"
     )
     for src in sorted(s.sources.values(), key=lambda x: x.name):
-        missing = f"; UNRESOLVED: {', '.join(src.unresolved)} (its webhooks are refused)" if src.unresolved else ""
+        missing = (f"; UNRESOLVED: {', '.join(src.unresolved)} (`serve` refuses to start; with [server] insecure its "
+                   "webhooks are refused)") if src.unresolved else ""
         ids = ", ".join(f"{crm} -> {kind}" for crm, kind in sorted(src.identifiers.items())) or "none"
         region = f", region {src.default_region}" if src.default_region else ""
         lines.append(f"source {src.name}: {len(src.field_map)} mapped field(s), identifiers {ids}{region}, "
                      f"{len(src.secrets)} secret(s){missing}")
     for dest in sorted(s.outbound.values(), key=lambda x: x.name):
-        missing = f"; UNRESOLVED: {', '.join(dest.unresolved)} (nothing is sent)" if dest.unresolved else ""
+        missing = (f"; UNRESOLVED: {', '.join(dest.unresolved)} (`serve` refuses to start; with [server] insecure "
+                   "nothing is sent)") if dest.unresolved else ""
         lines.append(f"outbound {dest.name}: {dest.url}; {', '.join(dest.events)}; fields "
                      f"{', '.join(dest.fields) or '(all but sensitive)'}; not echoing {dest.source_system or '-'}; "
                      f"{f'{dest.rate_per_s:g}/s' if dest.rate_per_s else 'no rate limit'}, {dest.concurrency} in "

@@ -27,6 +27,7 @@ from resolver.events.apply import Applied, apply_event
 from resolver.events.format import interpret
 from resolver.events.inbox import dedupe_key, remember, sweep_ids
 from resolver.events.pace import SAMPLE_S, CpuSource, Pacer, ProcessButThread
+from resolver.redact import redact
 from resolver.store import Store, Txn
 from resolver.writer import apply_nested
 
@@ -62,6 +63,7 @@ def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settin
 def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit: int) -> int:
     """Apply up to `limit` inbox events in one write transaction; how many left the inbox."""
     db = store.db
+    ring = store.sealer.ring
     now_us = _now_us()
     with store.write() as view:
         txn = view.txn
@@ -74,21 +76,21 @@ def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit:
                         break
         deltas: Counter[str] = Counter()
         for key, raw in batch:
-            meta, body = envelope.decode(raw)
+            meta, body = envelope.decode(raw, ring)
             try:
                 result = run_one(store, txn, meta, body, settings, schema, now_us)
                 deltas["applied"] += 1
                 deltas["conflicts"] += len(result.conflicts)
                 deltas["stale_fields"] += len(result.stale)
             except EventRejected as exc:
-                exc.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, exc, origin="apply", now_us=now_us)
+                exc.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, exc, origin="apply", now_us=now_us, ring=ring)
                 deltas["dead_lettered"] += 1
                 log.info("event %s from %s dead-lettered (%s) as #%d", meta["webhook_id"][:64], meta["source"],
                          exc.reason, exc.dlq_id)
             except Exception as exc:  # a bug must not wedge the inbox: the event waits in the DLQ instead
                 log.exception("event from %s failed to apply", meta["source"])
                 rej = EventRejected(f"internal error while applying: {type(exc).__name__}", reason="APPLY_FAILED")
-                rej.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rej, origin="apply", now_us=now_us)
+                rej.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rej, origin="apply", now_us=now_us, ring=ring)
                 deltas["dead_lettered"] += 1
             txn.delete(key, db=db["ev_inbox"])
             time.sleep(0)  # yield the GIL between events: Resolve threads wait at most one event, not a batch
@@ -107,12 +109,12 @@ def replay(store: Store, settings: Settings, schema: AttributeSchema, dlq_id: in
     now_us = _now_us()
     with store.write() as view:
         txn = view.txn
-        meta, body = dlq.get(txn, db["ev_dlq"], dlq_id)
+        meta, body = dlq.get(txn, db["ev_dlq"], dlq_id, ring=store.sealer.ring)
         try:
             result = run_one(store, txn, meta, body, settings, schema, now_us)
         except EventRejected as exc:
-            dlq.update(txn, db["ev_dlq"], dlq_id, meta, body, exc, now_us)
-            return ReplayResult(False, exc.reason, exc.message)
+            dlq.update(txn, db["ev_dlq"], dlq_id, meta, body, exc, now_us, ring=store.sealer.ring)
+            return ReplayResult(False, exc.reason, redact(exc.message))  # shown to operators: the choke point
         txn.delete(dlq.key(dlq_id), db=db["ev_dlq"])
         remember(txn, db, dedupe_key(meta["source"], meta["webhook_id"]),
                  {"status": 202, "at_us": now_us, "replayed_from": dlq_id})

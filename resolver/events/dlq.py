@@ -1,5 +1,7 @@
 """The dead-letter queue (contract §6): events that failed schema, mapping or apply, kept with their original
-bytes, redacted headers, source, reason and time; listed, shown masked, replayed or discarded by operators."""
+bytes, redacted headers, source, reason and time; listed, shown masked, replayed or discarded by operators.
+
+`ring` is the store's key ring (`store.sealer.ring`): with a key, bodies are stored encrypted (resolver.events.envelope)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from typing import Any
 
 import orjson
 
+from resolver.crypto import KeyRing
 from resolver.errors import DeadLetterNotFound, EventRejected
 from resolver.events import counters, envelope
 from resolver.normalize import mask_value as normalize_mask_value
+from resolver.redact import redact
 
 _U64 = struct.Struct(">Q")
 
@@ -21,46 +25,51 @@ def key(dlq_id: int) -> bytes:
 
 
 def put(txn: Any, db: Any, meta: dict[str, Any], body: bytes, exc: EventRejected, *, origin: str,
-        now_us: int) -> int:
+        now_us: int, ring: KeyRing | None) -> int:
     """Store a dead letter in the caller's write transaction; its id (1, 2, ...)."""
     with txn.cursor(db=db) as cur:
         dlq_id = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
     entry = {**meta, "id": dlq_id, "reason": exc.reason, "detail": _detail(exc), "dead_lettered_us": now_us,
              "origin": origin, "attempts": meta.get("attempts", 0) + 1}
-    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body), db=db, append=True)
+    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body, ring), db=db, append=True)
     return dlq_id
 
 
 def _detail(exc: EventRejected) -> str:
     parts = [exc.message] + [f"{v.field}: {v.description}" for v in exc.violations]
-    return "; ".join(parts)
+    return redact("; ".join(parts))  # a schema message may quote a key of the body
 
 
-def get(txn: Any, db: Any, dlq_id: int) -> tuple[dict[str, Any], bytes]:
+def get(txn: Any, db: Any, dlq_id: int, *, ring: KeyRing | None) -> tuple[dict[str, Any], bytes]:
     raw = txn.get(_U64.pack(dlq_id), db=db)
     if raw is None:
         raise DeadLetterNotFound(f"no dead letter {dlq_id} (never existed, replayed or discarded)")
-    return envelope.decode(raw)
+    return envelope.decode(raw, ring)
 
 
-def iterate(txn: Any, db: Any, after: int = 0) -> Iterator[tuple[dict[str, Any], bytes]]:
+def iterate(txn: Any, db: Any, after: int = 0, *, ring: KeyRing | None) -> Iterator[tuple[dict[str, Any], bytes]]:
     with txn.cursor(db=db) as cur:
         if cur.set_range(_U64.pack(after + 1)):
             for _, raw in cur:
-                yield envelope.decode(raw)
+                yield envelope.decode(raw, ring)
 
 
 def discard(txn: Any, store: Any, dlq_id: int) -> None:
-    get(txn, store.db["ev_dlq"], dlq_id)
+    if txn.get(_U64.pack(dlq_id), db=store.db["ev_dlq"]) is None:
+        raise DeadLetterNotFound(f"no dead letter {dlq_id} (never existed, replayed or discarded)")
     txn.delete(_U64.pack(dlq_id), db=store.db["ev_dlq"])
     counters.add(txn, store.db["ev_counters"], {"discarded": 1})
 
 
-def update(txn: Any, db: Any, dlq_id: int, meta: dict[str, Any], body: bytes, exc: EventRejected, now_us: int) -> None:
+def update(txn: Any, db: Any, dlq_id: int, meta: dict[str, Any], body: bytes, exc: EventRejected, now_us: int, *,
+           ring: KeyRing | None) -> None:
     """A replay failed again: keep the entry with the new reason and one more attempt."""
     entry = {**meta, "reason": exc.reason, "detail": _detail(exc), "dead_lettered_us": now_us,
              "attempts": meta.get("attempts", 1) + 1}
-    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body), db=db)
+    txn.put(_U64.pack(dlq_id), envelope.encode(entry, body, ring), db=db)
+
+
+_PLAIN = ("event_type", "source_system", "timestamp", "object_type")
 
 
 def masked_payload(body: bytes) -> str:
@@ -71,11 +80,14 @@ def masked_payload(body: bytes) -> str:
         return f"(not JSON: {len(body)} bytes)"
     if not isinstance(doc, dict):
         return f"(JSON {type(doc).__name__}: {len(body)} bytes)"
-    out = {k: (v if k in ("event_type", "source_system", "timestamp", "object_type") else mask_value(v))
+    # Names kept (keys, event type, source, time) still pass the choke point: the body may be one that failed its
+    # schema, with anything in them.
+    out = {redact(k): (redact(v) if k in _PLAIN and isinstance(v, str) else mask_value(v))
            for k, v in doc.items() if k != "change_set"}
     cs = doc.get("change_set")
     if isinstance(cs, dict):
-        out["change_set"] = {f: ({k: mask_value(x) for k, x in v.items()} if isinstance(v, dict) else mask_value(v))
+        out["change_set"] = {redact(f): ({redact(k): mask_value(x) for k, x in v.items()} if isinstance(v, dict)
+                                         else mask_value(v))
                              for f, v in cs.items()}
     elif cs is not None:
         out["change_set"] = mask_value(cs)

@@ -3,22 +3,30 @@ with its own event loop (uvloop where installed: a third less CPU per request th
 never holds the gRPC threads. The loop checks each request itself (signature, schema: tens of µs) and awaits
 the inbox committer's group commit; the answer is sent only after that committed. No thread is held per
 request: on a small machine every thread hop is CPU taken from Resolve.
+
+With `[tls]` it serves HTTPS (resolver.tls.WebhookTls: TLS 1.2 at least, no client certificate asked for: senders
+prove who they are by signature); a reload changes the certificate on this loop, between two handshakes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from resolver.address import parse_address
 from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
 from resolver.events.inbox import COMMIT_TIMEOUT_S, Ingestor
+from resolver.redact import redact
+
+if TYPE_CHECKING:
+    from resolver.tls import WebhookTls
 
 _new_loop: Callable[[], asyncio.AbstractEventLoop]
 try:
@@ -30,19 +38,29 @@ except ImportError:  # pragma: no cover - a platform without uvloop serves on as
 
 log = logging.getLogger("resolver.events.http")
 COUNTER_FLUSH_S = 1.0
+RELOAD_TIMEOUT_S = 10.0
 
 
 def _json(code: int, /, **body: Any) -> web.Response:
+    """An answer; its error texts pass the masking choke point (resolver.redact), as the gRPC errors' do."""
+    if "message" in body:
+        body["message"] = redact(body["message"])
+    if "violations" in body:
+        body["violations"] = [{k: redact(x) for k, x in item.items()} for item in body["violations"]]
     return web.json_response(body, status=code)
 
 
 class HttpEndpoint:
-    """Start with `start()` (returns once listening; `port` is the bound port), stop with `stop()`."""
+    """Start with `start()` (returns once listening; `port` is the bound port), stop with `stop()`. With `tls`,
+    HTTPS; its reloads run on this endpoint's loop."""
 
-    def __init__(self, ingestor: Ingestor, listen: str, max_body_bytes: int) -> None:
+    def __init__(self, ingestor: Ingestor, listen: str, max_body_bytes: int, tls: WebhookTls | None = None) -> None:
         self.ingestor = ingestor
         self.listen = listen
         self.max_body_bytes = max_body_bytes
+        self.tls = tls
+        if tls is not None:
+            tls.run_change = self._on_loop
         self.port = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,7 +124,7 @@ class HttpEndpoint:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, ssl_context=self.tls.context if self.tls is not None else None).start()
             flusher = asyncio.create_task(self._flush_counters())
             self._ready.set()
             await self._stopping.wait()
@@ -130,6 +148,25 @@ class HttpEndpoint:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._ready.set()
+
+    def _on_loop(self, change: Callable[[], None]) -> None:
+        """Run `change` on the endpoint's loop and wait for it (at once, here, when the loop does not run)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            change()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                change()
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result(RELOAD_TIMEOUT_S)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread = threading.Thread(target=self._run, name="webhook-http", daemon=True)

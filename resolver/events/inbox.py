@@ -100,6 +100,7 @@ class Ingestor:
         self.settings = settings
         self.schema = schema
         self.clock = clock
+        self.secrets = signatures.SourceSecrets(settings)  # swapped on SIGHUP (resolver.reload)
         self._pending: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -153,7 +154,8 @@ class Ingestor:
                                 reason="TOO_LARGE")
         now = self.clock()
         try:
-            webhook_id = signatures.verify(headers, body, spec.secrets, now, self.settings.events.timestamp_tolerance_s)
+            webhook_id = signatures.verify(headers, body, self.secrets.of(source), now,
+                                           self.settings.events.timestamp_tolerance_s)
         except Unauthenticated:
             self._count("rejected_unsigned")
             raise
@@ -253,13 +255,14 @@ class Ingestor:
         deltas["accepted"] += 1
         if item.rejection is not None:
             item.rejection.dlq_id = dlq.put(txn, db["ev_dlq"], item.meta, item.body, item.rejection,
-                                            origin="admission", now_us=item.now_us)
+                                            origin="admission", now_us=item.now_us, ring=self.store.sealer.ring)
             remember(txn, db, item.key, {"status": 400, "at_us": item.now_us, "dlq": item.rejection.dlq_id})
             deltas["dead_lettered"] += 1
             return item.rejection
         with txn.cursor(db=db["ev_inbox"]) as cur:
             seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
-        txn.put(_U64.pack(seq), envelope.encode(item.meta, item.body), db=db["ev_inbox"], append=True)
+        txn.put(_U64.pack(seq), envelope.encode(item.meta, item.body, self.store.sealer.ring), db=db["ev_inbox"],
+                append=True)
         remember(txn, db, item.key, {"status": 202, "at_us": item.now_us})
         return Admission(webhook_id, False, seq, 202)
 

@@ -12,7 +12,8 @@ set by the CPU the serving processes (the parent and its other children) use, re
 the LMDB store itself), waits for its readiness, restarts it (bounded, with a backoff) if it dies (accepted
 events are durable in the inbox, so nothing is lost), and stops it in two steps: intake first (before the gRPC
 workers drain), then the applier after its current batch. Commands travel on a pipe; the child takes the end
-of the pipe (its parent is gone) as "stop".
+of the pipe (its parent is gone) as "stop". SIGHUP, forwarded by the parent (`reload()`), makes the child re-read
+the webhook secrets and the endpoint's certificate between two requests (resolver.reload).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from resolver.bootstrap import build_events, build_service
 from resolver.config import Settings
 from resolver.events import pace
 from resolver.logs import setup_logging
+from resolver.reload import ReloadRequests, reload_all, sighup_blocked
 
 if TYPE_CHECKING:
     from resolver.events.runtime import Events
@@ -90,6 +92,8 @@ def child_main(settings: Settings, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reloads = ReloadRequests()
+    reloads.install()  # spawned with SIGHUP blocked: one sent while we start is answered below
 
     try:
         service = build_service(settings)
@@ -112,6 +116,8 @@ def child_main(settings: Settings, conn: Connection) -> None:
              ev.process_nice, ", SCHED_IDLE" if ev.process_sched_idle else "")
     conn.send(("ready", events.http_port))
     while not stop.is_set():
+        if reloads.taken():
+            reload_all(events.reloadables)
         try:
             if not conn.poll(0.2):
                 continue
@@ -176,7 +182,8 @@ class EventsProcess:
         """Spawn the child (returns at once; `wait_ready()` waits for it)."""
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(target=self.target, args=(self.settings, child_end), name=self.process_name)
-        proc.start()
+        with sighup_blocked():  # the child takes SIGHUP once its handler is in place
+            proc.start()
         child_end.close()  # only the child holds it now: its exit reads as EOF here
         self._proc, self._conn = proc, parent_end
         self._started_at = time.monotonic()
@@ -238,6 +245,12 @@ class EventsProcess:
             self.wait_ready()
         except (EventsProcessError, OSError) as exc:
             log.error("restarting %s failed: %s", self.what, exc)  # counted as a death on the next check
+
+    def reload(self) -> None:
+        """Forward SIGHUP to the child: it re-reads what it keeps from files (a child being restarted reads them
+        as it starts)."""
+        if self._proc is not None and self._proc.is_alive() and self._proc.pid is not None:
+            os.kill(self._proc.pid, signal.SIGHUP)
 
     def stop_intake(self, timeout: float = 10.0) -> None:
         """Ask the child to stop accepting webhooks, and wait until it has (bounded)."""

@@ -16,6 +16,7 @@ from resolver.events import counters, dlq
 from resolver.events.applier import Applier, ReplayResult, replay
 from resolver.events.http import COUNTER_FLUSH_S, HttpEndpoint
 from resolver.events.inbox import Admission, Ingestor
+from resolver.reload import Reloadable
 from resolver.service import Service
 
 log = logging.getLogger("resolver.events")
@@ -31,6 +32,8 @@ class Events:
         self.ingestor = Ingestor(self.store, self.settings, service.schema)
         self.applier: Applier | None = None
         self.http: HttpEndpoint | None = None
+        # what SIGHUP reloads here: the sources' webhook secrets, and the endpoint's certificate where it serves
+        self.reloadables: list[Reloadable] = [self.ingestor.secrets]
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -49,7 +52,14 @@ class Events:
                     log.warning("source %s has no usable webhook secret (unresolved: %s): its events are refused",
                                 src.name, ", ".join(src.unresolved) or "none configured")
         if serve_http:
-            self.http = HttpEndpoint(self.ingestor, self.settings.events.http_listen, self.settings.events.max_body_bytes)
+            tls = None
+            if self.settings.tls.enabled:
+                from resolver.tls import WebhookTls
+
+                tls = WebhookTls(self.settings.tls)
+                self.reloadables.append(tls)
+            self.http = HttpEndpoint(self.ingestor, self.settings.events.http_listen, self.settings.events.max_body_bytes,
+                                     tls)
             self.http.start()
         else:
             self._flusher = threading.Thread(target=self._flush_loop, name="event-counters", daemon=True)
@@ -95,7 +105,7 @@ class Events:
     def list_dead_letters(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         out = []
         with self.store.read() as view:
-            for meta, body in dlq.iterate(view.txn, self.store.db["ev_dlq"], after):
+            for meta, body in dlq.iterate(view.txn, self.store.db["ev_dlq"], after, ring=self.store.sealer.ring):
                 out.append({**meta, "masked_payload": dlq.masked_payload(body), "size": len(body)})
                 if len(out) >= limit:
                     break
@@ -105,7 +115,7 @@ class Events:
         with self.store.read() as view:
             if "ev_dlq" not in self.store.db:
                 raise DeadLetterNotFound(f"no dead letter {dlq_id}")
-            return dlq.get(view.txn, self.store.db["ev_dlq"], dlq_id)
+            return dlq.get(view.txn, self.store.db["ev_dlq"], dlq_id, ring=self.store.sealer.ring)
 
     def counters(self) -> dict[str, Any]:
         self.ingestor.flush()

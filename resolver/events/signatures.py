@@ -3,6 +3,8 @@
 https://www.standardwebhooks.com: headers `webhook-id`, `webhook-timestamp` (Unix seconds) and
 `webhook-signature` ("v1,<base64>" entries separated by spaces, so a sender can sign with an old and a new
 secret during rotation).
+
+`SourceSecrets` holds the secrets each source is checked with, and swaps them on SIGHUP (resolver.reload).
 """
 
 from __future__ import annotations
@@ -10,9 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 from collections.abc import Mapping, Sequence
 
-from resolver.errors import Unauthenticated
+from resolver.config import Settings, load_settings
+from resolver.errors import ConfigError, Unauthenticated
+from resolver.redact import redact as redact_text
+
+log = logging.getLogger("resolver.events.signatures")
 
 MAX_ID_LENGTH = 255
 SIGNATURE_HEADERS = ("webhook-signature",)
@@ -60,6 +67,44 @@ def verify(headers: Mapping[str, str], body: bytes, secrets: Sequence[bytes], no
 
 
 def redact(headers: Mapping[str, str]) -> dict[str, str]:
-    """Headers to keep with a dead letter: signatures and credentials replaced by "[redacted]"."""
+    """Headers to keep with a dead letter: signatures and credentials replaced by "[redacted]", every other value
+    through the masking choke point (resolver.redact: a token or an address in any header)."""
     secret_like = {*SIGNATURE_HEADERS, "authorization", "cookie", "x-api-key"}
-    return {k: ("[redacted]" if k in secret_like else v) for k, v in headers.items()}
+    return {k: ("[redacted]" if k in secret_like else redact_text(v)) for k, v in headers.items()}
+
+
+class SourceSecrets:
+    """The webhook secrets of each `[sources.*]`, as the signature check reads them (a Reloadable).
+
+    `reload()` reads the blueprint again (`settings.blueprint_path`, with resolver.config.load_settings: the same
+    validation as at start-up) and swaps in the secrets of every source it declares, all at once. A blueprint that
+    no longer loads, or a secret that cannot be read (unless `[server] insecure = true`), fails the reload and
+    the previous secrets stay. Only secrets change: a source added or removed needs a restart (logged). A secret
+    given by environment variable keeps the value the server started with (its environment does not change); to
+    rotate one without a restart, reference a file, or list the new variable beside the old one.
+    """
+
+    what = "the webhook secrets of [sources.*]"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._by_source: Mapping[str, tuple[bytes, ...]] = {n: s.secrets for n, s in settings.sources.items()}
+
+    def of(self, source: str) -> tuple[bytes, ...]:
+        """The secrets a request from `source` may be signed with (empty: none usable, every request refused)."""
+        return self._by_source.get(source, ())
+
+    def reload(self) -> None:
+        if self.settings.blueprint_path is None:
+            return  # the built-in defaults declare no source
+        fresh = load_settings(self.settings.blueprint_path).sources
+        unresolved = [f"sources.{n}: {', '.join(s.unresolved)}" for n, s in fresh.items()
+                      if s.unresolved and n in self._by_source]
+        if unresolved and not self.settings.server.insecure:
+            raise ConfigError([f"{u} cannot be read" for u in unresolved])
+        changed = sorted(set(fresh) ^ set(self._by_source))
+        if changed:
+            log.warning("sources added or removed in the blueprint (%s) take effect at the next restart; only "
+                        "secrets were reloaded", ", ".join(changed))
+        self._by_source = {name: fresh[name].secrets if name in fresh else current
+                           for name, current in self._by_source.items()}

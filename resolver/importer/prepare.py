@@ -21,6 +21,7 @@ from resolver.api.status import to_status
 from resolver.attributes import AttributeSchema
 from resolver.bulk import command_blob, plan
 from resolver.config import Settings
+from resolver.crypto import Sealer
 from resolver.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -103,6 +104,7 @@ class Preparer:
         self.schema = AttributeSchema(settings)
         self.policy = policy_from(settings)
         self.hasher = KeyHasher(settings.index.hash, settings.index.secret)
+        self.sealer = Sealer.from_settings(settings)
         self.new_uuid: Callable[[], str] = new_uuids().__next__
 
     def reseed(self) -> None:
@@ -121,7 +123,7 @@ class Preparer:
             except ResolverError as exc:
                 out.append(reasons_for(exc))
             else:
-                out.append(Prepared(command_blob(cmd), plan(cmd, hasher)))
+                out.append(Prepared(command_blob(cmd), plan(cmd, hasher, self.sealer)))
         return out
 
     def rows(self, rows: list[Row]) -> list[Row]:

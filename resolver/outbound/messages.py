@@ -19,9 +19,9 @@ carries `customer_uuid`, `sequence` (the change's: increasing per customer), `ve
 | INTERACTION_RECORDED | interaction.recorded | external_id, interaction_id, activity, interaction, attributes |
 
 (*) only for a destination that lists no `fields`. Attributes are the destination's `fields` (none listed: every
-attribute but the sensitive ones); a customer.updated that changes none of them is not sent. A change whose
-source_system is the destination's own (`[outbound.NAME] source_system`, default NAME: the CRM's webhooks, its
-middleware's Upserts) is not echoed back.
+attribute), never a sensitive one (stored encrypted, it never leaves in a message); a customer.updated that changes
+none of them is not sent. A change whose source_system is the destination's own (`[outbound.NAME] source_system`,
+default NAME: the CRM's webhooks, its middleware's Upserts) is not echoed back.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import orjson
 from resolver.config import OutboundSpec, Settings
 from resolver.events.dlq import mask_value
 from resolver.normalize import Kind, mask
+from resolver.redact import redact
 
 EVENT_OF_ACTION = {"CREATED": "customer.created", "UPDATED": "customer.updated", "MERGED": "customer.merged",
                    "UNMERGED": "customer.unmerged", "DELETED": "customer.deleted",
@@ -90,11 +91,12 @@ class Route:
         return event
 
     def attributes(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The attributes of `values` this destination is sent."""
+        """The attributes of `values` this destination is sent: never a sensitive one, even when listed (the change
+        log holds it encrypted, and a message body at rest in the outbox must not hold it in clear)."""
         if not values:
             return {}
         if self.fields is not None:
-            return {k: v for k, v in values.items() if k in self.fields}
+            return {k: v for k, v in values.items() if k in self.fields and k not in self.hidden}
         return {k: v for k, v in values.items() if k not in self.hidden}
 
     def message(self, change: Mapping[str, Any], external_id: str | None) -> Message | None:
@@ -167,7 +169,9 @@ def masked_payload(body: bytes) -> str:
         return f"(not JSON: {len(body)} bytes)"
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
         return f"(not a message: {len(body)} bytes)"
-    data = {k: (v if k in _PLAIN_KEYS else _masked(k, v)) for k, v in doc["data"].items()}
+    # plain keys: uuids and numbers of ours, and source_system, which a caller names (so: through resolver.redact)
+    data = {k: ((redact(v) if isinstance(v, str) else v) if k in _PLAIN_KEYS else _masked(k, v))
+            for k, v in doc["data"].items()}
     return orjson.dumps({"type": doc.get("type"), "timestamp": doc.get("timestamp"), "data": data}).decode()
 
 

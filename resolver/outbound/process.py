@@ -8,6 +8,8 @@ process it runs at a lowered CPU priority (`[events] process_nice` and `process_
 server's background work), so Resolve is preferred; it is supervised the same way (resolver.events.process:
 restarted if it dies, stopped in steps), and it paces itself by the serving processes' CPU as the applier does
 (resolver.events.pace). Everything it does is durable in the outbox, so a restart loses nothing.
+It takes the SIGHUP the server forwards (resolver.reload) without stopping: it keeps no file that SIGHUP reloads
+(its signing secrets are read at start-up).
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ import os
 import signal
 import threading
 from multiprocessing.connection import Connection
+from urllib.parse import urlsplit
 
 from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import pace
 from resolver.events.process import EventsProcess, lower_priority, send_quietly, set_process_name
 from resolver.logs import setup_logging
+from resolver.reload import ReloadRequests
 
 log = logging.getLogger("resolver.outbound.process")
 PROCESS_NAME = pace.OUTBOUND_PROCESS  # its /proc/PID/comm (15 characters at most)
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a destination: its path or query may be a credential (a hook URL's secret part)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def child_main(settings: Settings, conn: Connection) -> None:
@@ -39,6 +49,8 @@ def child_main(settings: Settings, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reloads = ReloadRequests()
+    reloads.install()  # SIGHUP's default action would end the process
     try:
         store = open_store(settings)
         deliverer = Deliverer(store, settings)
@@ -50,7 +62,7 @@ def child_main(settings: Settings, conn: Connection) -> None:
     ev = settings.events
     log.info("outbound process %d: delivering to %s; paced %g-%g/s (the ceiling while the serving processes use at "
              "most %g%% of the CPU, the floor from %g%%)", os.getpid(),
-             ", ".join(f"{d.name} ({d.url})" for d in settings.outbound.values()), pace.floor(ev), ev.rate_per_s,
+             ", ".join(f"{d.name} ({_origin(d.url)})" for d in settings.outbound.values()), pace.floor(ev), ev.rate_per_s,
              100 * ev.idle_cpu, 100 * ev.busy_cpu)
     conn.send(("ready", 0))
     failed = False
@@ -58,6 +70,8 @@ def child_main(settings: Settings, conn: Connection) -> None:
         if not deliverer.alive:  # it logged why; exit, and the server starts a new process
             failed = True
             break
+        if reloads.taken():
+            log.info("outbound process: SIGHUP: nothing to reload here (signing secrets are read at start-up)")
         try:
             if not conn.poll(0.2):
                 continue

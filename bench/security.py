@@ -212,9 +212,13 @@ def window(ctx: Any, server: Server, client: Client, rate: float, seconds: float
         if proc.is_alive():
             proc.kill()
     ok = got["codes"].get("OK", 0)
-    if ok != got["sent"]:
+    # A stall of this VM can fill the server's max_concurrent_rpcs: those calls are refused (RESOURCE_EXHAUSTED),
+    # counted and reported; any other failure means the configuration is wrong, and the figure would be too.
+    wrong = {code: n for code, n in got["codes"].items() if code not in ("OK", "RESOURCE_EXHAUSTED")}
+    if wrong or ok < got["sent"] * 0.9:
         raise SystemExit(f"{server.name}: {got['sent'] - ok} of {got['sent']} calls failed: {got['codes']}")
-    return {**got, "server_cpu_s": cpu, "cpu_us_per_resolve": cpu / ok * 1e6, "achieved_rate": ok / got["span_s"]}
+    return {**got, "refused": got["sent"] - ok, "server_cpu_s": cpu,
+            "cpu_us_per_resolve": cpu / ok * 1e6, "achieved_rate": ok / got["span_s"]}
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
@@ -273,13 +277,13 @@ def report(res: dict[str, Any]) -> str:
         f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
         f"{res['workers']} worker(s), {res['customers']} customers; one connection per window (handshake before it).",
         "",
-        "| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median |",
-        "| --- | ---: | ---: | ---: |",
+        "| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median | refused |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, label in (("plain", "plaintext, no token"), ("secure", secure)):
         rates = [r[name]["achieved_rate"] for r in res["rounds"]]
         rows.append(f"| {label} | {statistics.median(per[name]):.0f} | {min(per[name]):.0f}..{max(per[name]):.0f} | "
-                    f"{statistics.median(rates):,.0f} |")
+                    f"{statistics.median(rates):,.0f} | {sum(r[name].get('refused', 0) for r in res['rounds'])} |")
     rows += ["", f"**Cost of {secure}: {cost:+.0f} µs CPU per Resolve, ratio {ratio:.3f}** (medians of per-round "
              "differences and ratios).", "",
              f"Machine: {m['cores']} cores ({m['cpu_model']}), busy {m['busy']:.0%}, other processes "

@@ -136,3 +136,9 @@ bench-feed: bench-deps
 .PHONY: bench-security
 bench-security: build
 	$(PY) -m bench.security --out bench/out/security $(BENCH_ARGS)
+
+# Issue 17: server CPU per Resolve at 1,000/s with [metrics] off vs on (/metrics scraped every 5 s), alternating,
+# 5 rounds of 15 s each (about 3 minutes); report in bench/out/metrics/.
+.PHONY: bench-metrics
+bench-metrics: build
+	$(PY) -m bench.metrics --out bench/out/metrics $(BENCH_ARGS)

@@ -31,9 +31,10 @@ from bench.conftest import BLUEPRINT, ROOT
 from resolver.api.servicer import upsert_input
 from resolver.config import load_settings
 from resolver.importer.jsonl import JsonParser, simple_input
-from resolver.importer.prepare import KeyMaker, Preparer
+from resolver.importer.prepare import Defaults, Preparer
 from resolver.importer.rows import Prepared
 from resolver.upsert import UpsertInput
+from resolver.uuids import LoadUuids
 from resolver.v1 import resolver_pb2 as pb
 
 CUSTOMERS = 1000
@@ -95,12 +96,11 @@ def test_parse_json_line(benchmark, lines: list[str], parser: str) -> None:  # n
 @pytest.mark.benchmark(group="prepare")
 @pytest.mark.parametrize("parser", list(PARSERS))
 def test_prepare_json_row(benchmark, lines: list[str], parser: str) -> None:  # noqa: ANN001
-    keys = KeyMaker(b"", "", "")
     if parser == "fast-path":
-        parse: Callable[[int, str], UpsertInput] = JsonParser(keys)  # the importer's own
+        parse: Callable[[int, str], UpsertInput] = JsonParser()  # the importer's own
     else:
-        parse = lambda n, line, p=PARSERS[parser]: keys.complete(p(line), n)  # noqa: E731
-    preparer = Preparer(load_settings(str(BLUEPRINT)), parse)
+        parse = lambda n, line, p=PARSERS[parser]: p(line)  # noqa: E731
+    preparer = Preparer(load_settings(str(BLUEPRINT)), parse, Defaults("", ""), LoadUuids.start())
     rows = lines[:PREPARE_ROWS]
     numbers = list(range(1, len(rows) + 1))
     benchmark.extra_info["rows"] = len(rows)

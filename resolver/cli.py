@@ -1,5 +1,5 @@
-"""Command line: argv -> Settings -> run. `resolver serve | import | check | compact | dlq | outbound | forget |
-audit | rekey | key new | blueprint check`."""
+"""Command line: argv -> Settings -> run. `resolver serve | import | export | backup | restore | check | compact |
+dlq | outbound | forget | audit | rekey | key new | lookup | stats | blueprint check`."""
 
 from __future__ import annotations
 
@@ -31,15 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="bulk-load customers from JSON lines or CSV")
     _store_args(imp)
     imp.add_argument("file", help="input file (JSON lines of UpsertRequest, or CSV)")
-    imp.add_argument("--format", choices=("jsonl", "csv"), help="input format (default: from the file name)")
+    imp.add_argument("--format", choices=("jsonl", "csv", "export"),
+                     help="input format (default: a `resolver export` file by its first line, else from the name)")
     imp.add_argument("--batch-size", type=int, default=2000, metavar="N", help="rows per write transaction")
     imp.add_argument("--rejects", metavar="FILE", help="where rejected rows go (default: FILE.rejected.jsonl)")
     imp.add_argument("--default-region", metavar="CC", default="", help="region for national phone numbers")
     imp.add_argument("--source-system", default="", help="source_system for rows that do not name one")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.add_argument("--commit-every-batch", action="store_true",
+                     help="into an empty store too, commit each batch (default there: one transaction, all or nothing)")
 
     check = sub.add_parser("check", help="verify that indexes and records agree (exit 1 if not)")
     _store_args(check)
+
+    backup = sub.add_parser("backup", help="copy the store, compacted and checked, into DIR with a manifest "
+                                           "(while servers serve and write)")
+    _store_args(backup)
+    backup.add_argument("dir", metavar="DIR", help="a new or empty directory")
+    restore = sub.add_parser("restore", help="restore a backup into an empty data directory (verified, checked)")
+    _store_args(restore)
+    restore.add_argument("dir", metavar="DIR", help="the backup's directory (data.mdb and manifest.json)")
+    export = sub.add_parser("export", help="write every customer as JSON lines (`resolver import` loads the file "
+                                           "into an empty store)")
+    _store_args(export)
+    export.add_argument("file", metavar="FILE", help="the file to write (must not exist)")
 
     compact = sub.add_parser("compact", help="rewrite the store with its live data only, dropping the bytes of "
                                              "deleted data (stop every server on the directory first)")
@@ -80,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     from resolver.rekey import add_parsers as add_rekey
 
     add_rekey(sub, _store_args)
+
+    from resolver.lookup import add_parser as add_lookup
+    from resolver.stats import add_parser as add_stats
+
+    add_lookup(sub)
+    add_stats(sub, _store_args)
 
     bp = sub.add_parser("blueprint", help="blueprint tools")
     bp_sub = bp.add_subparsers(dest="blueprint_command", required=True)
@@ -125,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.rekey import run_key
 
             return run_key(args)
+        if args.command == "lookup":  # a client of a running server: no blueprint, no store
+            from os import environ
+
+            from resolver.lookup import run_lookup
+
+            return run_lookup(args, environ)
         if args.command == "blueprint":
             settings = load_settings(args.file)
             print(describe(settings))
@@ -147,6 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             from resolver.check import run_check
 
             return run_check(settings)
+        if args.command == "stats":
+            from resolver.stats import run_stats
+
+            return run_stats(settings, as_json=args.json)
+        if args.command in ("backup", "restore"):
+            from pathlib import Path
+
+            from resolver.backup import run_backup, run_restore
+
+            return (run_backup if args.command == "backup" else run_restore)(settings, Path(args.dir))
+        if args.command == "export":
+            from pathlib import Path
+
+            from resolver.export import run_export
+
+            return run_export(settings, Path(args.file))
         if args.command == "compact":
             from resolver.compact import run_compact
 

@@ -108,7 +108,8 @@ class ResolverClient:
     GetCustomer. With `spread` (the default) the one channel reaches every worker process of the server on its
     own port and round-robins calls over them (`workers_target`); `target` then only serves to find them.
     `root_certificates` (and `client_cert` + `client_key` for mTLS) connect over TLS (`tls_credentials`);
-    `credentials` gives ready channel credentials instead. Use as a context manager or call close().
+    `credentials` gives ready channel credentials instead. `metadata`: more call metadata sent on every call,
+    after the token (`x-request-id`). Use as a context manager or call close().
     """
 
     def __init__(
@@ -125,11 +126,13 @@ class ResolverClient:
         root_certificates: bytes | None = None,
         client_cert: bytes | None = None,
         client_key: bytes | None = None,
+        metadata: Iterable[tuple[str, str]] = (),
     ) -> None:
         if credentials is None and (root_certificates is not None or client_cert is not None):
             credentials = tls_credentials(root_certificates, client_cert, client_key)
         self.address, self.credentials, self.spread = target, credentials, spread
-        self.token, self.metadata = token, bearer(token)  # `token`: sent on every call ([auth] on the server)
+        self.token = token  # sent on every call ([auth] on the server)
+        self.metadata = (*(bearer(token) or ()), *metadata) or None
         self.resolve_timeout = resolve_timeout
         self.write_timeout = write_timeout
         self.max_attempts = max_attempts

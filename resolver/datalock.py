@@ -45,16 +45,16 @@ _FLOCK_PAD = b"\0" * (-_FLOCK.size % 8)
 
 
 @contextmanager
-def serving(data_dir: Path) -> Iterator[None]:
-    """Held by `resolver serve` while it runs (shared: servers do not exclude each other). StoreError if
-    `resolver compact` is rewriting the store."""
+def serving(data_dir: Path, *, then: str = "start the server") -> Iterator[None]:
+    """Held by `resolver serve` while it runs, and by `resolver backup` while it copies (shared: they do not
+    exclude each other). StoreError if `resolver compact` is rewriting the store (`then` says what to do after)."""
     fd = _open(Path(data_dir) / LOCK_FILE, os.O_RDONLY, mkdir=True)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(f"{data_dir} is being rewritten by `resolver compact`: "
-                             "start the server once it has finished") from None
+                             f"{then} once it has finished") from None
         yield
     finally:
         os.close(fd)

@@ -55,6 +55,7 @@ from resolver.normalize import ASCII_CONTROL, Kind, Policy, check_region
 from resolver.records import Record, encode_json
 from resolver.resolve import fanned_skipped
 from resolver.store import Txn, uuid_bytes
+from resolver.uuids import new_customer_uuid
 
 # The ledger key of an interaction: NUL first, a character no caller's idempotency key may hold
 # (ledger.check_key refuses control characters), so no Upsert, Merge or Unmerge key can ever collide with it.
@@ -187,7 +188,7 @@ def prepare(inp: InteractionInput, settings: Settings, schema: AttributeSchema, 
     return InteractionCommand(
         interaction_id=inp.interaction_id, fingerprint=fingerprint, customer_uuid=customer_uuid, identifiers=ids,
         skipped=tuple(skipped), occurred_us=occurred_us, details=details, last_value=last_value, last_us=last_us,
-        new_uuid=new_uuid or str(uuidlib.uuid4()), now_us=now_us,
+        new_uuid=new_uuid or new_customer_uuid(), now_us=now_us,
         expires_us=now_us + int(settings.reliability.idempotency_retention_s * 1_000_000), **texts,
     )
 

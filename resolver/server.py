@@ -6,6 +6,8 @@ With events enabled, the webhook endpoint and the applier run in one more child,
 (resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
 workers keep `IngestEvents` and the DLQ admin RPCs. With `[outbound]` destinations, the deliverer runs in one more
 child, the outbound process (resolver.outbound.process), supervised the same way.
+With `[metrics] listen`, every one of these processes records metrics into a directory made for the run, and the
+supervisor answers `GET /metrics` with their sum (resolver.metrics, resolver.metrics_endpoint).
 On SIGTERM/SIGINT (one sequence, `_shutdown`): webhook intake stops, each worker's health goes NOT_SERVING and
 its in-flight calls get `grace_period_s`, storage closes, then the events process finishes its applier batch and
 the outbound process its attempts in flight.
@@ -32,12 +34,13 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
 
-from resolver import datalock
+from resolver import datalock, metrics
 from resolver.address import parse_address
 from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
 from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
+from resolver.metrics_endpoint import MetricsEndpoint
 from resolver.outbound.process import OutboundProcess
 from resolver.reload import accept_sighup, sighup_blocked
 from resolver.tls import read_material
@@ -108,6 +111,7 @@ class _Signals:
 def _worker(settings: Settings, ready: Any, index: int, ports: tuple[int, ...]) -> None:
     """A spawned worker: serve gRPC on the shared port and on its own (`ports[index]`; no webhook endpoint, no
     applier), stop gracefully on SIGTERM."""
+    metrics.inherit(settings)  # before anything that counts is built
     setup_logging(settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM for us
     signals = _Signals(signal.SIGTERM, signal.SIGHUP)
@@ -258,6 +262,8 @@ def _exposure(settings: Settings) -> str | None:
     listening = [settings.server.listen]
     if settings.events.enabled and settings.events.http_listen:
         listening.append(settings.events.http_listen)
+    if settings.metrics.listen:
+        listening.append(settings.metrics.listen)
     exposed = [a for a in listening if not _loopback(parse_address(a).host)]
     missing = [what for what, on in (("TLS", settings.tls.enabled), ("tokens", settings.auth.enabled)) if not on]
     if not exposed or not missing:
@@ -313,6 +319,12 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
         stack.enter_context(datalock.serving(settings.server.data_dir))  # `resolver compact` refuses while held
         signals = _Signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         stack.callback(signals.close)
+        # Metrics: the run's directory, exported before any child is spawned (each one inherits it), and the
+        # endpoint, here in the supervisor (resolver.metrics says why), bound now: a port in use stops the start-up.
+        directory = stack.enter_context(metrics.exported(settings))
+        endpoint = MetricsEndpoint(settings, directory) if directory else None
+        if endpoint is not None:
+            stack.callback(endpoint.stop)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))
         outbound = OutboundProcess(pinned, ctx) if settings.outbound else None
         children = [child for child in (events, outbound) if child is not None]
@@ -344,11 +356,16 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
             for child in children:
                 child.stop()
             return _start_failed(failed)
+        scrape = ""
+        if endpoint is not None:
+            local = workers.running if isinstance(workers, _InProcess) else None  # its store, or one of its own
+            endpoint.serve(local.service.store if local is not None else None)
+            scrape = f", metrics on {endpoint.url}"
         count = settings.server.workers
         own_ports = f" on ports {', '.join(map(str, workers.worker_ports))}" if isinstance(workers, _Spawned) else ""
         tls = (", mTLS" if settings.tls.client_ca_file else ", TLS") if settings.tls.enabled else ""
         announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}"
-                 f"{own_ports}, data {settings.server.data_dir}{tls}){hooks}")
+                 f"{own_ports}, data {settings.server.data_dir}{tls}){hooks}{scrape}")
 
         def check_children() -> None:  # restart a child that died
             for child in children:
@@ -360,6 +377,10 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
             workers.reload()
             for child in children:
                 child.reload()
+            if endpoint is not None:
+                endpoint.reload()
         log.info("signal %d: shutting down %d worker(s) (grace %.1fs)", signum, count, settings.server.grace_period_s)
+        if endpoint is not None:
+            endpoint.stop()  # first: no scrape reads a store that is being closed
         return _shutdown(workers, children)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions

@@ -54,10 +54,12 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import lmdb
 
+from resolver import metrics
 from resolver._hotpath import KeyHasher, Prober
 from resolver._probe_types import Probed
 from resolver.config import Settings
@@ -209,8 +211,8 @@ class Store:
 
     def write(self) -> Txn:
         """One write transaction (`with store.write() as txn`): committed, and synced, when the block ends
-        normally; aborted on any error."""
-        return Txn(self, self.env.begin(write=True))
+        normally; aborted on any error. The commit's duration goes to resolver.metrics."""
+        return _WriteTxn(self, self.env.begin(write=True))
 
     def close(self) -> None:
         self.env.close()
@@ -459,8 +461,26 @@ class Txn:
 
     def put_many(self, name: str, items: list[tuple[bytes, bytes]], *, append: bool = False) -> None:
         """Put pre-encoded (key, value) pairs into the named database in key order (one C loop; neighbouring
-        keys share B-tree pages). `append`: the keys are already sorted and all above the last one stored."""
+        keys share B-tree pages). `append`: the keys are already sorted and all above the last one stored
+        (StoreError if one is not: LMDB would skip it silently)."""
         if not append:
             items.sort()
         with self.txn.cursor(db=self.store.db[name]) as cur:
-            cur.putmulti(items, dupdata=True, overwrite=True, append=append)
+            _, added = cur.putmulti(items, dupdata=True, overwrite=True, append=append)
+        if append and added != len(items):
+            raise StoreError(f"{name}: {len(items) - added} of {len(items)} appended keys were not above the last "
+                             "one stored")
+
+
+class _WriteTxn(Txn):
+    """`Store.write`'s transaction: as Txn, with the commit (and its sync) timed for resolver.metrics."""
+
+    __slots__ = ()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:
+            started = perf_counter()
+            self.txn.commit()
+            metrics.committed(perf_counter() - started)
+        else:
+            self.txn.abort()

@@ -31,6 +31,7 @@ from resolver.identifiers import Identifiers, RawIdentifiers, Skipped, normalize
 from resolver.normalize import Kind, Policy, check_region
 from resolver.records import Record, upsert_holder
 from resolver.store import Txn, uuid_bytes, uuid_text
+from resolver.uuids import new_customer_uuid
 
 MAX_DUPLICATES_REPORTED = 10
 
@@ -172,7 +173,7 @@ def prepare(inp: UpsertInput, settings: Settings, schema: AttributeSchema, polic
         source_system=inp.source_system,
         expected_version=inp.expected_version,
         skipped=tuple(skipped),
-        new_uuid=new_uuid or str(uuidlib.uuid4()),
+        new_uuid=new_uuid or new_customer_uuid(),
         now_us=now_us,
         expires_us=now_us + int(settings.reliability.idempotency_retention_s * 1_000_000),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-SCOPES = ("resolve", "write", "events", "admin", "sensitive")
+SCOPES = ("resolve", "write", "events", "admin", "sensitive", "metrics")  # metrics: GET /metrics, no method
 
 
 @dataclass(frozen=True, slots=True)

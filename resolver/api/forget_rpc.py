@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from resolver import forget
+from resolver import forget, metrics
 from resolver.api import caller
 from resolver.v1 import resolver_pb2 as pb
 
@@ -38,6 +38,8 @@ class ForgetRpcs:
         def run() -> pb.ForgetResponse:
             r = forget.forget(self.service, request.idempotency_key, request.customer_uuid, request.reason, who,
                               deadline)
+            if r.replayed:
+                metrics.ledger_replayed("Forget")
             return pb.ForgetResponse(customer_uuid=r.customer_uuid, replayed=r.replayed,
                                      audit_sequence=r.audit_sequence, removed=r.removed)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf import struct_pb2
 
-from resolver import interactions
+from resolver import interactions, metrics
 from resolver._rwire_py import raw_identifiers, skipped_pb
 from resolver.api.wire import plain_struct
 from resolver.errors import DeadlineExceeded
@@ -84,7 +84,10 @@ class InteractionRpcs:
             def apply(txn: Txn, command: interactions.InteractionCommand) -> InteractionResult:
                 return interactions.apply(txn, command, service.settings)
 
-            return record_response(service.writer.submit(apply, cmd))
+            result = service.writer.submit(apply, cmd)
+            if result.replayed:
+                metrics.ledger_replayed("RecordInteraction")
+            return record_response(result)
 
         return self._call(context, "RecordInteraction", run)
 

@@ -16,6 +16,7 @@ its own (grpcio's), which is why resolver.api.caller can hold the caller in a Co
   error (context.abort_with_status replaces the trailing metadata, so it is added again after the handler).
 - Access log: one line per call on the logger "resolver.access" at INFO, with the `extra` fields of ACCESS_FIELDS
   and nothing else: never a payload, never the token.
+- Metrics: the same duration, by method and code, into resolver.metrics' latency histogram (with `[metrics]` on).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from resolver import errors
+from resolver import errors, metrics
 from resolver.api import caller
 from resolver.api.status import to_status
 from resolver.auth import TokenSet
@@ -238,9 +239,12 @@ def _code(context: grpc.ServicerContext, otherwise: str) -> str:
 
 
 def _log(rpc: str, code: str, started: float, context: grpc.ServicerContext, request_id: str, name: str) -> None:
+    """The call's end: its server time counted (resolver.metrics, with [metrics] on), and its access line."""
+    elapsed = perf_counter() - started
+    metrics.rpc_done(rpc, code, elapsed)
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    duration_ms = round((perf_counter() - started) * 1000, 3)
+    duration_ms = round(elapsed * 1000, 3)
     ACCESS.info("%s %s %.3f ms", rpc, code, duration_ms,
                 extra={"rpc": rpc, "code": code, "duration_ms": duration_ms, "peer": context.peer(),
                        "request_id": request_id, "caller": name})

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import struct_pb2
 
+from resolver import metrics
 from resolver._rwire import encode_resolve
 from resolver._rwire_py import raw_identifiers, resolve_input, resolve_response, skipped_pb
 from resolver.api.feed_rpc import FeedRpcs
@@ -188,9 +189,13 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
 
     def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertResponse:
         deadline = _deadline(context)
-        return self._call(
-            context, "Upsert", lambda: upsert_response(self.service.upsert(upsert_input(request), deadline))
-        )
+
+        def run() -> pb.UpsertResponse:
+            result = self.service.upsert(upsert_input(request), deadline)
+            metrics.upserted(result.action, result.replayed)
+            return upsert_response(result)
+
+        return self._call(context, "Upsert", run)
 
     def GetCustomer(self, request: pb.GetCustomerRequest, context: grpc.ServicerContext) -> pb.Customer:
         def run() -> pb.Customer:
@@ -213,6 +218,8 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
         def run() -> pb.MergeResponse:
             r = self.service.merge(request.idempotency_key, request.survivor_uuid, list(request.merged_uuids),
                                    request.source_system, deadline)
+            if r.replayed:
+                metrics.ledger_replayed("Merge")
             return pb.MergeResponse(customer_uuid=r.customer_uuid, version=r.version, replayed=r.replayed,
                                     merged_uuids=r.merged_uuids, identifiers=_ids_pb(r.identifiers))
 
@@ -223,6 +230,8 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
 
         def run() -> pb.UnmergeResponse:
             r = self.service.unmerge(request.idempotency_key, request.survivor_uuid, request.merged_uuid, deadline)
+            if r.replayed:
+                metrics.ledger_replayed("Unmerge")
             return pb.UnmergeResponse(survivor_uuid=r.survivor_uuid, survivor_version=r.survivor_version,
                                       merged_uuid=r.merged_uuid, merged_version=r.merged_version, replayed=r.replayed)
 

@@ -21,6 +21,7 @@ from resolver.config.tables import (
     LimitSettings,
     LoggingSettings,
     MatchingSettings,
+    MetricsSettings,
     OutboundSpec,
     ReliabilitySettings,
     ServerSettings,
@@ -33,7 +34,7 @@ __all__ = [
     "ATTRIBUTE_TYPES", "BLUEPRINT_SCHEMA", "DEFAULT_VIEW", "PRECEDENCE",
     "ActivitySettings", "AttributeSpec", "AuthSettings", "EncryptionKey", "EncryptionSettings",
     "EventSettings", "IndexSettings", "InteractionSettings", "LimitSettings",
-    "LoggingSettings", "MatchingSettings",
+    "LoggingSettings", "MatchingSettings", "MetricsSettings",
     "OutboundSpec", "ReliabilitySettings", "ServerSettings", "Settings", "SourceSpec", "StorageSettings", "TlsSettings",
     "describe", "load_settings", "settings_from_document",
 ]

@@ -79,6 +79,7 @@ def describe(s: Settings) -> str:
         ([f"{ch.retention_count} entries"] if ch.retention_count else [])
     lines.append(f"changes: log kept {' or '.join(kept) + ' (whichever removes more)' if kept else 'whole'}; "
                  f"{ch.max_watchers} watcher(s) per worker, cut off after {ch.stall_timeout_s:g}s without reading")
+    lines.append(f"metrics: GET /metrics on {s.metrics.listen}" if s.metrics.listen else "metrics: off")
     return "\n".join(lines)
 
 

@@ -188,5 +188,8 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
             "process_sched_idle": {"type": "boolean"},
         }),
+        "metrics": _table({
+            "listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},
+        }),
     },
 }

@@ -37,6 +37,7 @@ class Settings:
     limits: tables.LimitSettings = field(default_factory=tables.LimitSettings)
     sources: Mapping[str, tables.SourceSpec] = field(default_factory=dict)
     events: tables.EventSettings = field(default_factory=tables.EventSettings)
+    metrics: tables.MetricsSettings = field(default_factory=tables.MetricsSettings)
     changes: tables.ChangeSettings = field(default_factory=tables.ChangeSettings)
     interactions: tables.InteractionSettings = field(default_factory=tables.InteractionSettings)
     activity: tables.ActivitySettings | None = None  # None: no [activity] table (interactions carry no CRM activity)
@@ -71,8 +72,12 @@ TABLES: dict[str, type[Any]] = {
     name: t for name, t in get_type_hints(Settings).items() if isinstance(t, type) and is_dataclass(t)
 }
 # Each key's table, for flat overrides; a key in two tables (or named like a table) would make them ambiguous.
-TABLE_OF: dict[str, str] = {f.name: table for table, cls in TABLES.items() for f in fields(cls)}
-assert len(TABLE_OF) == sum(len(fields(cls)) for cls in TABLES.values()), "a key is declared in two tables"
+# A table of WHOLE_ONLY is overridden whole only (`metrics=MetricsSettings(...)`): [metrics] listen is not [server]'s.
+WHOLE_ONLY = frozenset({"metrics"})
+TABLE_OF: dict[str, str] = {f.name: table for table, cls in TABLES.items() if table not in WHOLE_ONLY
+                            for f in fields(cls)}
+assert len(TABLE_OF) == sum(len(fields(cls)) for t, cls in TABLES.items() if t not in WHOLE_ONLY), \
+    "a key is declared in two tables"
 assert not TABLE_OF.keys() & {f.name for f in fields(Settings)}, "a key is named like a top-level field"
 
 # Keys whose TOML or command-line value is not yet the field's type; every other value is used as given.
@@ -157,6 +162,8 @@ def check_settings(s: Settings) -> list[str]:
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)
+    if s.metrics.listen:  # "": no metrics endpoint
+        problems += _check_address("metrics.listen", s.metrics.listen)
     return problems
 
 

@@ -245,6 +245,15 @@ class EventSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """`[metrics]`: Prometheus metrics (resolver.metrics). `listen`: where `resolver serve` answers `GET /metrics`
+    ("" : no endpoint, and nothing is recorded). Like the gRPC port: HTTPS with [tls]'s certificate, a bearer token
+    with the `metrics` scope when [auth] is on, and off loopback only with both (or `[server] insecure = true`)."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeSettings:
     """`[changes]`: the change log's retention and the change feed (WatchChanges; resolver.feed, resolver.retention).
 

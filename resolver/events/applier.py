@@ -13,7 +13,6 @@ import logging
 import math
 import threading
 import time
-import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from resolver.events.inbox import dedupe_key, remember, sweep_ids
 from resolver.events.pace import SAMPLE_S, CpuSource, Pacer, ProcessButThread
 from resolver.redact import redact
 from resolver.store import Store, Txn
+from resolver.uuids import new_customer_uuid
 from resolver.writer import apply_nested
 
 log = logging.getLogger("resolver.events")
@@ -53,7 +53,7 @@ def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settin
             schema: AttributeSchema, now_us: int) -> Applied:
     """Interpret and apply one stored event in a transaction nested in `parent`; EventRejected if it cannot be."""
     ev = interpret(meta["source"], meta["webhook_id"], body, settings, schema)
-    new_uuid = str(uuidlib.uuid4())
+    new_uuid = new_customer_uuid()  # fixed before the apply step (contract §10)
     limits, matching = settings.limits, settings.matching
     return apply_nested(store, Txn(store, parent), lambda view, e: apply_event(
         view, e, schema, now_us=now_us, new_uuid=new_uuid, identifiers_per_customer=limits.identifiers_per_customer,

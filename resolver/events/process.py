@@ -28,6 +28,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from resolver import metrics
 from resolver.bootstrap import build_events, build_service
 from resolver.config import Settings
 from resolver.events import pace
@@ -86,6 +87,7 @@ def watch_serving(events: Events, parent: int) -> None:
 def child_main(settings: Settings, conn: Connection) -> None:
     """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
     parent = os.getppid()  # read first: once the parent is gone this is someone else
+    metrics.inherit(settings)  # before anything that counts is built
     lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
     set_process_name(PROCESS_NAME)
     setup_logging(settings)

@@ -1,10 +1,24 @@
-"""Applying prepared rows: one durable write transaction per batch, and the rejects file.
+"""Applying prepared rows, and the rejects file. Two ways, by what the store holds when the import starts:
+
+- **Initial load** (the store holds no customer record): ONE write transaction for the whole file, committed and
+  synced once, after the last row: all or nothing. A load that stops early (a storage error, an unreadable
+  part of the file, Ctrl-C, kill -9, a power cut) leaves the store as it was: empty; run it again. Batches
+  still pace the work (the bulk queue below, the progress bar), not durability. The transaction holds LMDB's
+  write lock until it commits: a server's writes wait for the load (its reads go on, and see an empty store).
+- **Incremental** (the store holds customers): one durable write transaction per batch, so a row that cannot
+  be applied is refused alone and the rest of its batch commits, and a stopped import keeps every batch
+  committed before it.
 
 Within a batch, a row that is a plain create (nothing in the store or earlier in its batch holds its key or
-identifiers) is written from the bytes its worker encoded, without a nested transaction; every other row goes
-through `resolver.upsert.apply` in its own nested transaction, so a row that cannot be applied (NOT_FOUND,
-ALREADY_EXISTS, ...) is rolled back alone and the rest of its batch commits (resolver.bulk says why both
-write the same bytes). Refused rows go to the rejects file with their reasons and their original text.
+identifiers) is written from the bytes its worker encoded; every other row goes through `resolver.upsert.apply`
+(resolver.bulk says why both write the same bytes). Incrementally, `apply` runs in a nested transaction, so a
+refused row is rolled back alone. In an initial load it runs in the load's transaction itself: committing a
+nested transaction merges its dirty pages into its parent's list, a cost that grows with the parent, and the
+load's transaction holds gigabytes. `apply` raises before it writes anything (its contract), so a refused row
+still leaves nothing behind; a tripwire (every database's entry count before and after) aborts the load if
+that contract is ever broken. Either way the store ends byte for byte the same.
+
+Refused rows go to the rejects file with their reasons and their original text, as they are met.
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO, cast
 
@@ -21,121 +35,189 @@ from tqdm import tqdm
 
 from resolver.bulk import BulkWriter, command_from
 from resolver.config import Settings
-from resolver.errors import ResolverError
-from resolver.importer.prepare import reasons_for
+from resolver.errors import ResolverError, StoreError
+from resolver.importer.prepare import Repeats, reasons_for
 from resolver.importer.report import Tally, fail, progress, summary
 from resolver.importer.rows import FileProblem, Prepared, Row
 from resolver.service import Service
-from resolver.store import Txn
+from resolver.store import Store, Txn
 from resolver.upsert import UpsertCommand, UpsertResult, apply
 from resolver.writer import apply_nested
+
+# the databases a row's writes add entries to (the tripwire of an unnested apply)
+_WRITTEN = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp", "changes", "pii_refs")
+Apply = Callable[[Store, Txn, Callable[[Txn, UpsertCommand], UpsertResult], UpsertCommand], UpsertResult]
 
 
 class Importer:
     """Applies prepared rows in batches of `batch_size` rows, writes the refused ones to `rejects`."""
 
-    def __init__(self, service: Service, rejects: Path, *, batch_size: int = 2000, progress: bool = True) -> None:
+    def __init__(self, service: Service, rejects: Path, *, batch_size: int = 2000, progress: bool = True,
+                 every_batch: bool = False) -> None:
         self.store = service.store
         self.settings = service.settings
         self.rejects_path = rejects
         self.batch_size = batch_size
         self.progress = progress
+        self.every_batch = every_batch  # commit each batch even into an empty store (no initial load)
         self.tally = Tally()
+        self.repeats = Repeats()
+        self.initial = False  # an initial load (decided when `run` opens the store's write transaction)
         self._rejects: TextIO | None = None
-        self._done_line = 0  # every row up to this line is committed or in the rejects file
+        self._done_line = 0  # incremental: every row up to this line is committed or in the rejects file
 
-    def run(self, prepared: Iterator[list[Row]], *, total: int, skip: int, name: Path, started: float) -> int:
+    def run(self, prepared: Iterator[list[Row]], *, total: int, skip: int, name: Path, started: float,
+            size: int = 0) -> int:
         """Apply every row; print the summary; 0 (all applied), 1 (some refused) or 2 (stopped early).
 
-        `total` rows are expected (the progress bar's end); `skip` lines precede the first (a CSV header).
+        `total` rows are expected (the progress bar's end); `skip` lines precede the first (a CSV header);
+        `size`: the file's bytes (an initial load first checks that the map has room for them).
         """
         bar = progress(total, name, enabled=self.progress)
         code = 0
         try:
-            self._consume(prepared, bar, total, skip)
+            view = self.store.write()
+            if self.every_batch or view.count("records"):
+                view.txn.abort()
+                self._consume(prepared, bar, total, skip, self._commit_batch)
+            else:
+                self.initial = True
+                with view:  # committed (and synced) when the block ends normally; aborted on any error
+                    room_problem = _map_room(self.store, size)
+                    if room_problem:
+                        raise StoreError(room_problem)
+                    counts = self._load(view, prepared, bar, total, skip)
+                self._count(counts)  # committed: the counts are now true
         except FileProblem as exc:
-            code = fail(f"{name}: {exc}; every row before it is committed or rejected")
+            code = fail(f"{name}: {exc}; " + (_NOTHING if self.initial else "every row before it is committed or rejected"))
         except KeyboardInterrupt:
-            code = fail(f"interrupted; rows up to line {self._done_line} are committed or rejected "
-                        "(run the same import again to finish: committed rows replay)")
-        except lmdb.Error as exc:
-            code = fail(f"storage error: {exc}; rows up to line {self._done_line} are committed or rejected")
+            code = fail(f"interrupted; {self._what_stays()}")
+        except lmdb.MapFullError:
+            code = fail("storage error: the LMDB map is full: raise [storage] map_size_mb (the file is sparse: a large "
+                        f"map costs no disk); {self._what_stays()}")
+        except (lmdb.Error, StoreError) as exc:
+            code = fail(f"storage error: {exc}; {self._what_stays()}")
         finally:
             bar.close()
             if self._rejects is not None:
                 self._rejects.close()
         summary(self.tally, time.monotonic() - started, self.rejects_path)
+        if self.initial and code == 0:
+            print("import: an initial load into an empty store, committed in one transaction", flush=True)
         return code or (1 if self.tally.rejected else 0)
 
-    def _consume(self, prepared: Iterator[list[Row]], bar: tqdm, total: int, skip: int) -> None:
+    def _what_stays(self) -> str:
+        """What an import that stopped early has committed, and what to do."""
+        if self.initial:
+            return _NOTHING
+        return (f"rows up to line {self._done_line} are committed or rejected (run the same import again to finish: "
+                "committed rows replay)")
+
+    def _consume(self, prepared: Iterator[list[Row]], bar: tqdm, total: int, skip: int,
+                 step: Callable[[list[Row], list[Row], int], None]) -> None:
+        """Hand the rows to `step` a batch at a time (batch: the prepared rows; refused: the others), in file
+        order. Incrementally the rows read before an unreadable part of the file are applied before it is
+        reported; an initial load stops without them (it commits nothing)."""
         batch: list[Row] = []  # outcome: Prepared
         refused: list[Row] = []  # outcome: the reasons
         shown = 0
         line = 0
+        repeats = self.repeats
         try:
             for rows in prepared:
                 for row in rows:
                     line = row.line
                     self.tally.rows += 1
-                    (batch if type(row.outcome) is Prepared else refused).append(row)
+                    outcome = row.outcome
+                    if type(outcome) is Prepared:
+                        if outcome.derived:
+                            row = Row(row.line, row.original, None, repeats.settle(outcome))
+                        batch.append(row)
+                    else:
+                        refused.append(row)
                     if len(batch) + len(refused) >= self.batch_size:
-                        self._commit(batch, refused, line)
+                        step(batch, refused, line)
                         batch, refused = [], []
                         bar.update(line - skip - shown)
                         shown = line - skip
         except FileProblem:
-            self._commit(batch, refused, line)  # every row read before the unreadable part is applied
+            if not self.initial:
+                step(batch, refused, line)  # every row read before the unreadable part is applied
             raise
-        self._commit(batch, refused, line)
+        step(batch, refused, line)
         bar.update(max(total - shown, 0))
 
-    def _commit(self, batch: list[Row], refused: list[Row], line: int) -> None:
-        """Apply one batch in one durable write transaction: plain creates from their pre-encoded writes,
-        every other row through `apply` in its own nested transaction (resolver.bulk)."""
+    def _commit_batch(self, batch: list[Row], refused: list[Row], line: int) -> None:
+        """Incremental: one batch in one durable write transaction."""
         counts = Tally()
         if batch:
-            store, settings = self.store, self.settings
-            run = functools.partial(_apply_row, settings)
-            with store.write() as view:
-                bulk = BulkWriter(view)
-                for row in batch:
-                    prepared = cast(Prepared, row.outcome)
-                    if prepared.planned is not None and bulk.try_create(prepared.planned):
-                        counts.created += 1
-                        continue
-                    bulk.flush()  # apply must see every earlier row
-                    cmd = command_from(prepared.blob)
-                    try:
-                        result = bulk.replay(cmd) or apply_nested(store, view, run, cmd)
-                    except ResolverError as exc:
-                        refused.append(Row(row.line, row.original, None, reasons_for(exc)))
-                        continue
-                    finally:
-                        bulk.touched()
-                    if result.replayed:
-                        counts.replayed += 1
-                    elif result.action == "CREATED":
-                        counts.created += 1
-                    elif result.action == "UPDATED":
-                        counts.updated += 1
-                    else:
-                        counts.unchanged += 1
-                bulk.flush()
-        # committed: the counts and the refusals are now true
+            with self.store.write() as view:
+                self._apply(view, batch, refused, counts, apply_nested)
+        counts.rejected = len(refused)
+        self._count(counts)  # committed: the counts are now true
+        self._write_rejects(refused)
+        self._done_line = line
+
+    def _load(self, view: Txn, prepared: Iterator[list[Row]], bar: tqdm, total: int, skip: int) -> Tally:
+        """Initial load: every batch into the one transaction `view` (the caller commits it); what became of
+        the rows."""
+        counts = Tally()
+
+        def step(batch: list[Row], refused: list[Row], line: int) -> None:
+            if batch:
+                self._apply(view, batch, refused, counts, _apply_in_place)
+            counts.rejected += len(refused)
+            self._write_rejects(refused)
+
+        self._consume(prepared, bar, total, skip, step)
+        return counts
+
+    def _apply(self, view: Txn, batch: list[Row], refused: list[Row], counts: Tally, run_apply: Apply) -> None:
+        """Apply one batch in `view`: plain creates from their pre-encoded writes, every other row through
+        `apply` (by `run_apply`: nested, or in place); the rows `apply` refuses are added to `refused`."""
+        store = self.store
+        run = functools.partial(_apply_row, self.settings)
+        bulk = BulkWriter(view, self.settings.matching.max_fanout)
+        for row in batch:
+            prepared = cast(Prepared, row.outcome)
+            if prepared.planned is not None and bulk.try_create(prepared.planned):
+                counts.created += 1
+                continue
+            bulk.flush()  # apply must see every earlier row
+            cmd = command_from(prepared.blob)
+            try:
+                result = bulk.replay(cmd) or run_apply(store, view, run, cmd)
+            except ResolverError as exc:
+                refused.append(Row(row.line, row.original, None, reasons_for(exc)))
+                continue
+            finally:
+                bulk.touched()
+            if result.replayed:
+                counts.replayed += 1
+            elif result.action == "CREATED":
+                counts.created += 1
+            elif result.action == "UPDATED":
+                counts.updated += 1
+            else:
+                counts.unchanged += 1
+        bulk.flush()
+
+    def _count(self, counts: Tally) -> None:
         t = self.tally
         t.created += counts.created
         t.updated += counts.updated
         t.unchanged += counts.unchanged
         t.replayed += counts.replayed
-        t.rejected += len(refused)
-        if refused:
-            out = self._rejects_file()
-            for row in sorted(refused, key=lambda r: r.line):
-                out.write(json.dumps({"line": row.line, "reasons": row.outcome, "input": row.original},
-                                     ensure_ascii=False))
-                out.write("\n")
-            out.flush()
-        self._done_line = line
+        t.rejected += counts.rejected
+
+    def _write_rejects(self, refused: list[Row]) -> None:
+        if not refused:
+            return
+        out = self._rejects_file()
+        for row in sorted(refused, key=lambda r: r.line):
+            out.write(json.dumps({"line": row.line, "reasons": row.outcome, "input": row.original}, ensure_ascii=False))
+            out.write("\n")
+        out.flush()
 
     def _rejects_file(self) -> TextIO:
         if self._rejects is None:
@@ -143,5 +225,43 @@ class Importer:
         return self._rejects
 
 
+_NOTHING = "nothing was committed: the store is as empty as before (run the same import again)"
+# An initial load of bench/dataset.py's rows needs about 7 bytes of map per byte of input (a record with its
+# provenance, index, ledger and change-log entries); the check before a load asks for less, so that it only
+# refuses what cannot fit: a file of few bytes per row can need more, and then meets a full map (MapFullError,
+# nothing committed) instead.
+MAP_BYTES_PER_INPUT_BYTE = 3
+
+
+def _map_room(store: Store, size: int) -> str:
+    """Why the map is too small for an initial load of `size` input bytes ("" when it is not)."""
+    info, stat = store.env.info(), store.env.stat()
+    free = info["map_size"] - (info["last_pgno"] + 1) * stat["psize"]
+    need = size * MAP_BYTES_PER_INPUT_BYTE
+    if need <= free:
+        return ""
+    return (f"an initial load of {size / 2**20:.0f} MB of input needs about {need / 2**20:.0f} MB of LMDB map, "
+            f"{free / 2**20:.0f} MB are free: raise [storage] map_size_mb (the file is sparse: a large map costs "
+            "no disk)")
+
+
 def _apply_row(settings: Settings, view: Txn, cmd: UpsertCommand) -> UpsertResult:
     return apply(view, cmd, settings)
+
+
+def _apply_in_place(store: Store, view: Txn, fn: Callable[[Txn, UpsertCommand], UpsertResult],
+                    cmd: UpsertCommand) -> UpsertResult:
+    """`fn(txn, cmd)` straight in the transaction of `view`, with a Txn of its own (no record cached by an earlier
+    row). A refusal must have written nothing: StoreError (the load aborts) if any database grew."""
+    before = _footprint(view)
+    try:
+        return fn(Txn(store, view.txn), cmd)
+    except ResolverError:
+        if _footprint(view) != before:
+            raise StoreError("a refused row left writes behind (resolver.upsert.apply must raise before it "
+                             "writes)") from None
+        raise
+
+
+def _footprint(view: Txn) -> tuple[int, ...]:
+    return tuple(view.count(name) for name in _WRITTEN)

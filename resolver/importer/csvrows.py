@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.identifiers import RawIdentifiers
-from resolver.importer.prepare import KeyMaker
 from resolver.importer.rows import FileProblem, Row, reason
 from resolver.upsert import UpsertInput
 
@@ -82,9 +81,8 @@ class Column(NamedTuple):
 class CsvReader:
     """A CSV file with a header; raises FileProblem when the header is unusable (every problem named)."""
 
-    def __init__(self, text: Iterable[str], settings: Settings, keys: KeyMaker) -> None:
+    def __init__(self, text: Iterable[str], settings: Settings) -> None:
         self.reader = csv.reader(text)
-        self.keys = keys
         try:
             header = next(self.reader)
         except StopIteration:
@@ -140,7 +138,7 @@ class CsvReader:
             raise FileProblem(f"line {reader.line_num}: cannot read the CSV: {exc}") from None
 
     def parse(self, line: int, cells: list[str]) -> UpsertInput:
-        """A row's cells -> UpsertInput (an empty cell is absent), with the command-line defaults and a key."""
+        """A row's cells -> UpsertInput (an empty cell is absent; no idempotency key: the Preparer derives one)."""
         external_id = ""
         emails: list[str] = []
         phones: list[str] = []
@@ -157,7 +155,7 @@ class CsvReader:
             else:
                 attributes[name] = coerce(cell)
         ids = RawIdentifiers(external_id, tuple(emails), tuple(phones))
-        return self.keys.complete(UpsertInput(idempotency_key="", identifiers=ids, attributes=attributes), line)
+        return UpsertInput(idempotency_key="", identifiers=ids, attributes=attributes)
 
 
 def _is_utf8(cells: list[str]) -> bool:

@@ -1,9 +1,8 @@
-"""What an input file is: its format (from --format or its name), its size in lines and its digest, and the
-reader and parser for its format."""
+"""What an input file is: its format (from --format or its name), its size in lines and bytes, and the reader
+and parser for its format."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any, NamedTuple
 from resolver.config import Settings
 from resolver.importer.csvrows import CsvReader
 from resolver.importer.jsonl import Block, JsonParser, read_blocks
-from resolver.importer.prepare import KeyMaker
 from resolver.importer.rows import Row
 from resolver.upsert import UpsertInput
 
@@ -26,20 +24,19 @@ def format_of(path: Path, given: str | None) -> str | None:
 
 class Scan(NamedTuple):
     lines: int  # the progress bar's total
-    digest: bytes  # SHA-256 of the file: the salt of the keys made for rows without one
+    size: int  # bytes: what an initial load's map size is checked against
 
 
 def scan(path: Path) -> Scan:
-    """The file's lines and SHA-256, in one sequential read."""
-    lines = 0
+    """The file's lines and size, in one sequential read."""
+    lines = size = 0
     last = b"\n"
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             lines += chunk.count(b"\n")
-            digest.update(chunk)
+            size += len(chunk)
             last = chunk[-1:]
-    return Scan(lines + (last != b"\n"), digest.digest())
+    return Scan(lines + (last != b"\n"), size)
 
 
 class Source(NamedTuple):
@@ -48,12 +45,12 @@ class Source(NamedTuple):
     header_lines: int  # lines before the first row
 
 
-def open_source(path: Path, fmt: str, settings: Settings, keys: KeyMaker, stack: ExitStack) -> Source:
+def open_source(path: Path, fmt: str, settings: Settings, stack: ExitStack) -> Source:
     """The rows of `path` read as `fmt`; the file stays open until `stack` closes. Raises FileProblem for an
     unusable CSV header."""
     if fmt == "csv":
         # surrogateescape: a row with bytes that are not UTF-8 is refused alone, not the whole file
         text = stack.enter_context(open(path, encoding="utf-8-sig", errors="surrogateescape", newline=""))
-        reader = CsvReader(text, settings, keys)
+        reader = CsvReader(text, settings)
         return Source(reader.rows(), reader.parse, 1)
-    return Source(read_blocks(stack.enter_context(open(path, "rb"))), JsonParser(keys), 0)
+    return Source(read_blocks(stack.enter_context(open(path, "rb"))), JsonParser(), 0)

@@ -18,7 +18,6 @@ from google.protobuf import json_format
 
 from resolver.api.servicer import upsert_input
 from resolver.identifiers import RawIdentifiers
-from resolver.importer.prepare import KeyMaker
 from resolver.importer.rows import Row, RowProblem, reason
 from resolver.upsert import UpsertInput
 from resolver.v1 import resolver_pb2 as pb
@@ -68,12 +67,9 @@ def read_jsonl(raw: Iterable[bytes], first: int = 1) -> Iterator[Row]:
 
 
 class JsonParser:
-    """A JSON line -> UpsertInput, as json_format.Parse + resolver.api.servicer.upsert_input build it, with
-    the command-line defaults and an idempotency key filled in; raises RowProblem for a line that is no
-    UpsertRequest (with json_format's wording)."""
-
-    def __init__(self, keys: KeyMaker) -> None:
-        self.keys = keys
+    """A JSON line -> UpsertInput, as json_format.Parse + resolver.api.servicer.upsert_input build it (the
+    command-line defaults and a missing key are the Preparer's: resolver.importer.prepare); raises RowProblem
+    for a line that is no UpsertRequest (with json_format's wording)."""
 
     def __call__(self, line_number: int, line: str) -> UpsertInput:
         inp = simple_input(line)
@@ -82,7 +78,7 @@ class JsonParser:
                 inp = upsert_input(json_format.Parse(line, pb.UpsertRequest()))
             except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
                 raise RowProblem([reason("", f"not an UpsertRequest in proto3 JSON: {exc}", "INVALID_JSON")]) from None
-        return self.keys.complete(inp, line_number)
+        return inp
 
 
 # The fast path: orjson and a direct mapping for the plain shapes rows nearly always have. It builds the
@@ -110,30 +106,32 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
-def _once(line: str, obj: dict[str, Any]) -> bool:
-    """Whether each key of `obj` is written exactly once in `line` (a line without backslashes): then no key
-    is repeated in that object. orjson keeps the last of repeated keys; json_format refuses them."""
-    return not line or all(line.count(f'"{k}"') == 1 for k in obj)
-
-
 def simple_input(line: str) -> UpsertInput | None:
-    """The UpsertInput of a plain JSON line, exactly as the official parser would build it; None: not plain."""
+    """The UpsertInput of a plain JSON line, exactly as the official parser would build it; None: not plain.
+
+    A key written twice in one object is refused by json_format, while orjson keeps the last one. In a line
+    without backslashes every '"' opens or closes a string, so the line holds twice as many quotes as strings;
+    the strings of the objects decoded here (keys, text values, list items) are counted, and one fewer than the
+    quotes say means a repeated key was dropped: the official parser then decides.
+    """
     if "\\" in line:
-        # escapes: a key could be spelled two ways, which _once cannot see; the standard parser counts keys
+        # escapes: a key could be spelled two ways, which counting quotes cannot see; the standard parser counts keys
         if "\\u" in line:
             return None
         try:
             obj = json.loads(line, object_pairs_hook=_no_repeats)
         except (_Unusual, ValueError, RecursionError):
             return None
-        line = ""  # repeats already refused: _once(line, ...) below is always true
+        quotes = -1  # repeats already refused
     else:
         try:
             obj = orjson.loads(line)
         except (orjson.JSONDecodeError, RecursionError):
             return None
-    if type(obj) is not dict or not _once(line, obj):
+        quotes = line.count('"')
+    if type(obj) is not dict:
         return None
+    strings = len(obj)
     fields: dict[str, Any] = {}
     for name, value in obj.items():
         field = _REQUEST_FIELDS.get(name)
@@ -142,18 +140,27 @@ def simple_input(line: str) -> UpsertInput | None:
         if field in _TEXT_FIELDS:
             if type(value) is not str:
                 return None
+            strings += 1
         elif field == "expected_version":
             if type(value) is not int or not 0 <= value <= _MAX_UINT64:
                 return None
         elif field == "attributes":
-            value = _simple_attributes(value, line)
+            counted = _simple_attributes(value)
+            if counted is None:
+                return None
+            value, n = counted
+            strings += n
         elif field in ("identifiers", "remove_identifiers"):
-            value = _simple_identifiers(value, line)
+            found = _simple_identifiers(value)
+            if found is None:
+                return None
+            value, n = found
+            strings += n
         else:
             return None  # a field this fast path does not know
-        if value is None:
-            return None
         fields[field] = value
+    if quotes >= 0 and quotes != 2 * strings:
+        return None  # a repeated key: orjson kept its last value, json_format refuses it
     return UpsertInput(
         idempotency_key=fields.get("idempotency_key", ""),
         identifiers=fields.get("identifiers", _NO_IDS),
@@ -166,10 +173,12 @@ def simple_input(line: str) -> UpsertInput | None:
     )
 
 
-def _simple_identifiers(value: Any, line: str) -> RawIdentifiers | None:
-    if type(value) is not dict or not _once(line, value):
+def _simple_identifiers(value: Any) -> tuple[RawIdentifiers, int] | None:
+    """The identifiers of a plain object, and the strings it holds (keys and values)."""
+    if type(value) is not dict:
         return None
     external_id = ""
+    strings = len(value)
     lists: dict[str, tuple[str, ...]] = {}
     for name, item in value.items():
         field = _IDENTIFIER_FIELDS.get(name)
@@ -180,21 +189,28 @@ def _simple_identifiers(value: Any, line: str) -> RawIdentifiers | None:
                 return None
             external_id = item
             lists[field] = ()
+            strings += 1
         elif type(item) is list and all(type(v) is str for v in item):
             lists[field] = tuple(item)
+            strings += len(item)
         else:
             return None
-    return RawIdentifiers(external_id, lists.get("emails", ()), lists.get("phones", ()))
+    return RawIdentifiers(external_id, lists.get("emails", ()), lists.get("phones", ())), strings
 
 
-def _simple_attributes(value: Any, line: str) -> dict[str, Any] | None:
-    """A Struct's values as MessageToDict gives them back: every number a float (Struct holds doubles)."""
-    if type(value) is not dict or not _once(line, value):
+def _simple_attributes(value: Any) -> tuple[dict[str, Any], int] | None:
+    """A Struct's values as MessageToDict gives them back (every number a float: Struct holds doubles), and the
+    strings the object holds (keys and text values)."""
+    if type(value) is not dict:
         return None
     out: dict[str, Any] = {}
+    strings = len(value)
     for name, item in value.items():
         kind = type(item)
-        if kind is str or kind is bool or item is None:
+        if kind is str:
+            out[name] = item
+            strings += 1
+        elif kind is bool or item is None:
             out[name] = item
         elif kind is int and -_MAX_EXACT_INT <= item <= _MAX_EXACT_INT:
             out[name] = float(item)
@@ -202,4 +218,4 @@ def _simple_attributes(value: Any, line: str) -> dict[str, Any] | None:
             out[name] = item
         else:
             return None  # lists, objects, huge or non-finite numbers
-    return out
+    return out, strings

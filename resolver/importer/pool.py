@@ -2,8 +2,10 @@
 
 The workers are forked before the store is opened (an LMDB environment must never cross a fork). A JSON-lines
 file travels to them as raw blocks of lines (resolver.importer.jsonl), a CSV file as chunks of parsed cells;
-what comes back is compact (resolver.bulk). A few chunks are in flight at a time: enough to keep every worker
-busy, never the whole file in memory.
+what comes back is compact (resolver.bulk) and travels as plain tuples (resolver.importer.rows.to_wire). A few
+chunks are in flight at a time: enough to keep every worker busy, never the whole file in memory. A worker moves
+what it inherited (the preparer, the phone tables) out of the garbage collector's sight once (gc.freeze): its
+full collections then walk only the rows in hand.
 
 Each worker keeps its Preparer in a module global, `_preparer`, set by the pool's initializer. A Pool runs
 module-level functions by name with pickled arguments; the Preparer (compiled schema, key hasher) is neither
@@ -14,6 +16,7 @@ only worker processes set it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -24,7 +27,17 @@ from typing import Any, NamedTuple
 
 from resolver.importer.jsonl import Block, block_rows
 from resolver.importer.prepare import Preparer
-from resolver.importer.rows import FileProblem, Outcome, Payload, Row, decided
+from resolver.importer.rows import (
+    FileProblem,
+    Payload,
+    Row,
+    WireRow,
+    decided,
+    from_wire,
+    outcome_from_wire,
+    outcome_to_wire,
+    to_wire,
+)
 
 CHUNK_ROWS = 500  # CSV rows handed to a worker at a time
 POOL_MIN_ROWS = 5000  # below this, forking workers costs more than it saves
@@ -36,19 +49,19 @@ _preparer: Preparer | None = None  # a worker process's own (the module docstrin
 
 def _init_worker(preparer: Preparer) -> None:
     global _preparer
-    _preparer = preparer
-    preparer.reseed()  # never share a random stream across a fork
+    _preparer = preparer  # (its uuids follow from line numbers; resolver.uuids reseeds its random bits per fork)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
+    gc.freeze()
 
 
-def _prepare_payloads(lines: list[int], payloads: list[Payload]) -> list[Outcome]:
+def _prepare_payloads(lines: list[int], payloads: list[Payload]) -> list[Any]:
     assert _preparer is not None
-    return _preparer.outcomes(lines, payloads)
+    return [outcome_to_wire(o) for o in _preparer.outcomes(lines, payloads)]
 
 
-def _prepare_block(block: Block) -> list[Row]:
+def _prepare_block(block: Block) -> list[WireRow]:
     assert _preparer is not None
-    return _preparer.rows(block_rows(block))
+    return to_wire(_preparer.rows(block_rows(block)))
 
 
 class Workers:
@@ -79,7 +92,7 @@ class _Pending(NamedTuple):
 
     def rows(self) -> list[Row]:
         got = self.result.get()
-        return got if self.chunk is None else decided(self.chunk, got)
+        return from_wire(got) if self.chunk is None else decided(self.chunk, map(outcome_from_wire, got))
 
 
 def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer, workers: Workers | None) -> Iterator[list[Row]]:

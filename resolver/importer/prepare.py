@@ -1,25 +1,32 @@
 """Preparing a row: payload -> UpsertInput -> validated UpsertCommand, encoded for the bulk path, or the
 reasons it is refused. Nothing here reads the store (contract §10), so it runs the same in this process or
-in a worker process.
+in a worker process: the clock, the new uuid and the idempotency key are fixed in the command here.
 
-A row without an idempotency_key gets one derived from the file's digest, the row's line number and the
-row's content (with the command-line defaults applied). So re-running the same file, after a crash or by
-mistake, replays every committed row and creates nothing twice; and two rows that happen to be equal (a
-value set, changed, then set back) are still two writes, never a replay of the first.
+A row without an idempotency_key gets one derived from its NORMALIZED content: the request's fingerprint
+(resolver.ledger.fingerprint: identifiers normalized, attributes canonical, source_system, customer_uuid,
+expected_version), not the file or the line it sits on. So importing a file again, or an edited copy of it,
+replays every row that did not change, and a phone-only row already imported never creates a second
+customer (a phone never selects one). A row equal to an earlier row of the same import (a value set,
+changed, then set back) is still a write of its own: `Repeats` (in the parent, which sees the rows in file
+order) gives the n-th occurrence of the same content its own key, the same one every import of that file
+gives it.
+
+The new customer's uuid is the import's (resolver.uuids.LoadUuids): fixed by the row's line, increasing in
+file order, so an import appends its records.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from resolver._hotpath import KeyHasher
 from resolver.api.status import to_status
 from resolver.attributes import AttributeSchema
-from resolver.bulk import command_blob, plan
+from resolver.bulk import command_blob, command_from, plan
 from resolver.config import Settings
 from resolver.crypto import Sealer
 from resolver.errors import (
@@ -35,42 +42,42 @@ from resolver.errors import (
 from resolver.identifiers import policy_from
 from resolver.importer.rows import Outcome, Payload, Prepared, Reason, Row, RowProblem, decided, reason
 from resolver.service import now_us
-from resolver.store import uuid_text
 from resolver.upsert import UpsertInput, prepare
+from resolver.uuids import LoadUuids
 
 KEY_PREFIX = "import:"
+# What a keyless row carries through validation until its key is derived from the validated command: a valid
+# key of a derived key's length (31 characters; `ledger.check_key` reads every one of them).
+_PENDING_KEY = KEY_PREFIX + "-" * 24
+_KEY_SALT = b"resolver-import-row\0"
 
 
-class KeyMaker:
-    """Fills in what a row leaves empty: the command-line region and source system, and an idempotency key.
+def derived_key(fingerprint: str, occurrence: int = 1) -> str:
+    """The idempotency key of a keyless row: its content's fingerprint and which occurrence of that content in
+    the file it is (1: the first)."""
+    h = hashlib.sha256(_KEY_SALT + fingerprint.encode("ascii"))
+    if occurrence > 1:
+        h.update(b"\0%d" % occurrence)
+    return KEY_PREFIX + base64.urlsafe_b64encode(h.digest()[:18]).decode("ascii")
 
-    The key hashes the file's digest, the row's line number and the row's content with those defaults;
-    31 characters (`ledger.check_key` reads every one of them).
-    """
 
-    def __init__(self, digest: bytes, region: str, source: str) -> None:
-        self._salt = hashlib.sha256(b"resolver-import\0" + digest)
+class Defaults:
+    """Fills in what a row leaves empty: the command-line region and source system."""
+
+    def __init__(self, region: str, source: str) -> None:
         self.region = region
         self.source = source
 
-    def complete(self, inp: UpsertInput, line: int) -> UpsertInput:
-        """`inp` with the defaults and a key where it has none (`inp` itself when it lacks nothing)."""
+    def complete(self, inp: UpsertInput) -> UpsertInput:
+        """`inp` with the defaults, and a placeholder key where it has none (`inp` itself when it lacks nothing)."""
         region = inp.default_region or self.region
         source = inp.source_system or self.source
-        key = inp.idempotency_key
-        if key and region == inp.default_region and source == inp.source_system:
+        if inp.idempotency_key and region == inp.default_region and source == inp.source_system:
             return inp
-        ids, rm = inp.identifiers, inp.remove_identifiers
-        if not key:
-            h = self._salt.copy()
-            h.update(b"%d\0" % line)
-            # repr, a few times cheaper than canonical JSON; attributes sorted (a Struct's order is not defined)
-            attributes = sorted(inp.attributes.items())
-            h.update(repr((inp.customer_uuid, ids, attributes, source, inp.expected_version, rm, region)).encode())
-            key = KEY_PREFIX + base64.urlsafe_b64encode(h.digest()[:18]).decode("ascii")
-        return UpsertInput(idempotency_key=key, identifiers=ids, attributes=inp.attributes,
-                           customer_uuid=inp.customer_uuid, source_system=source,
-                           expected_version=inp.expected_version, remove_identifiers=rm, default_region=region)
+        return UpsertInput(idempotency_key=inp.idempotency_key or _PENDING_KEY, identifiers=inp.identifiers,
+                           attributes=inp.attributes, customer_uuid=inp.customer_uuid, source_system=source,
+                           expected_version=inp.expected_version, remove_identifiers=inp.remove_identifiers,
+                           default_region=region)
 
 
 def reasons_for(exc: ResolverError) -> list[Reason]:
@@ -95,35 +102,43 @@ def reasons_for(exc: ResolverError) -> list[Reason]:
 
 
 class Preparer:
-    """Payload -> UpsertInput (`parse`) -> validated UpsertCommand -> `Prepared` (or the reasons it is
-    refused)."""
+    """Payload -> UpsertInput (`parse`, then the command-line `defaults`) -> validated UpsertCommand ->
+    `Prepared` (or the reasons it is refused).
 
-    def __init__(self, settings: Settings, parse: Callable[[int, Any], UpsertInput]) -> None:
+    `uuids`: the import's (the same in every worker process); `clock`: microseconds since the epoch, read once
+    per row (default: this module's `now_us`).
+    """
+
+    def __init__(self, settings: Settings, parse: Callable[[int, Any], UpsertInput], defaults: Defaults,
+                 uuids: LoadUuids, clock: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.parse = parse
+        self.defaults = defaults
+        self.uuids = uuids
+        self.clock = clock or now_us
         self.schema = AttributeSchema(settings)
         self.policy = policy_from(settings)
         self.hasher = KeyHasher(settings.index.hash, settings.index.secret)
         self.sealer = Sealer.from_settings(settings)
-        self.new_uuid: Callable[[], str] = new_uuids().__next__
-
-    def reseed(self) -> None:
-        """A random stream of its own, for a forked process (two processes must never draw the same uuids)."""
-        self.new_uuid = new_uuids().__next__
 
     def outcomes(self, lines: Sequence[int], payloads: Sequence[Payload]) -> list[Outcome]:
         """The outcome of each payload (`lines[i]` is the line number of `payloads[i]`)."""
         settings, schema, policy, parse, hasher = self.settings, self.schema, self.policy, self.parse, self.hasher
+        complete, for_line, clock, sealer = self.defaults.complete, self.uuids.for_line, self.clock, self.sealer
         out: list[Outcome] = []
         for line, payload in zip(lines, payloads, strict=True):
             try:
-                cmd = prepare(parse(line, payload), settings, schema, policy, now_us=now_us(), new_uuid=self.new_uuid())
+                parsed = parse(line, payload)
+                cmd = prepare(complete(parsed), settings, schema, policy, now_us=clock(), new_uuid=for_line(line))
             except RowProblem as exc:
                 out.append(exc.reasons)
             except ResolverError as exc:
                 out.append(reasons_for(exc))
             else:
-                out.append(Prepared(command_blob(cmd), plan(cmd, hasher, self.sealer)))
+                derived = not parsed.idempotency_key
+                if derived:
+                    cmd = replace(cmd, idempotency_key=derived_key(cmd.fingerprint))
+                out.append(Prepared(command_blob(cmd), plan(cmd, hasher, sealer), derived))
         return out
 
     def rows(self, rows: list[Row]) -> list[Row]:
@@ -132,12 +147,29 @@ class Preparer:
         return decided(rows, self.outcomes(lines, [r.payload for r in rows if r.payload is not None]))
 
 
-def new_uuids(batch: int = 1024) -> Iterator[str]:
-    """Random (version 4) uuids in canonical text, as str(uuid.uuid4()) makes them, at a fraction of its cost
-    (one urandom call per `batch`, no UUID objects)."""
-    while True:
-        pool = bytearray(os.urandom(16 * batch))
-        for i in range(0, 16 * batch, 16):
-            pool[i + 6] = (pool[i + 6] & 0x0F) | 0x40  # version 4
-            pool[i + 8] = (pool[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
-            yield uuid_text(pool[i:i + 16])
+class Repeats:
+    """The parent's side of derived keys: the n-th row of one import with the same content as an earlier one
+    gets the key of occurrence n, so it is a write of its own and not a replay of the first (and a second
+    import of the same file gives it the same key again).
+
+    Remembers 8 bytes per keyless row seen, as an int (about 60 bytes of memory each).
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self._counts: dict[int, int] = {}  # contents seen more than once -> occurrences so far
+
+    def settle(self, prepared: Prepared) -> Prepared:
+        """`prepared` (a keyless row's) as it is to be applied: itself the first time its content is seen, else
+        re-keyed for its occurrence, and left to `apply` (no plain create: it repeats an earlier row)."""
+        planned = prepared.planned
+        key = planned.ledger_key.decode("ascii") if planned is not None else command_from(prepared.blob).idempotency_key
+        digest = int.from_bytes(base64.urlsafe_b64decode(key[len(KEY_PREFIX):])[:8], "big")
+        if digest not in self._seen:
+            self._seen.add(digest)
+            return prepared
+        occurrence = self._counts.get(digest, 1) + 1
+        self._counts[digest] = occurrence
+        cmd = command_from(prepared.blob)
+        cmd = replace(cmd, idempotency_key=derived_key(cmd.fingerprint, occurrence))
+        return Prepared(command_blob(cmd), None, True)

@@ -21,6 +21,7 @@ import threading
 from multiprocessing.connection import Connection
 from urllib.parse import urlsplit
 
+from resolver import metrics
 from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import pace
@@ -43,6 +44,7 @@ def child_main(settings: Settings, conn: Connection) -> None:
     from resolver.outbound.deliverer import Deliverer
 
     parent = os.getppid()  # read first: once the parent is gone this is someone else
+    metrics.inherit(settings)  # before anything that counts is built
     lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
     set_process_name(PROCESS_NAME)
     setup_logging(settings)

@@ -5,9 +5,8 @@ identifiers, tokens, secrets and sensitive values. Then:
 - not one canary appears raw in any log line of any process (supervisor, workers, events process);
 - not one appears in an error message or its details, nor in anything a `resolve`-only token was answered, except
   the identifiers GetCustomer returns by design (the customer's own record; sensitive values stay omitted);
-- the data directory holds no sensitive value, token or secret in clear, and no identifier in clear in an index key.
-
-There is no metrics endpoint yet (issue 17); when there is, its output joins the scan here.
+- the data directory holds no sensitive value, token or secret in clear, and no identifier in clear in an index key;
+- not one appears in what `GET /metrics` answers (issue 17: `[metrics]`, over HTTPS with a `metrics` token).
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import signal
-import subprocess
-import sys
+import ssl
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +34,7 @@ from resolver.v1 import resolver_pb2_grpc
 from tests.certs import make_pki
 from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.serve import serving
 
 PHONES = (phone(8801), phone(8802))
 EMAILS = ("canary.one@example.net", "canary.two@example.net")
@@ -46,12 +43,14 @@ SENSITIVE = ("Canary-SSN-551-88-0001", "Canary-SSN-551-88-0002", "Canary-SSN-fro
 ADMIN_TOKEN = "rsv_CanaryAdminTokenNeverShown0123456789"
 READER_TOKEN = "rsv_CanaryReaderTokenNeverShown987654321"
 UNKNOWN_TOKEN = "rsv_CanaryUnknownTokenNeverShown55555555"
+METRICS_TOKEN = "rsv_CanaryMetricsTokenNeverShown24681357"
 WEBHOOK_KEY = b"canary-webhook-key-0123456789abcdef"
 INDEX_KEY = b"canary-index-key-0123456789abcdefghij"
 ENCRYPTION_KEY = base64.b64encode(b"canary-encryption-key-32-bytes!!").decode()
 
 IDENTIFIERS = (*PHONES, *(p[1:] for p in PHONES), *EMAILS, *EXTERNAL_IDS)
-SECRETS = (ADMIN_TOKEN, READER_TOKEN, UNKNOWN_TOKEN, WEBHOOK_KEY.decode(), INDEX_KEY.decode(), ENCRYPTION_KEY)
+SECRETS = (ADMIN_TOKEN, READER_TOKEN, UNKNOWN_TOKEN, METRICS_TOKEN, WEBHOOK_KEY.decode(), INDEX_KEY.decode(),
+           ENCRYPTION_KEY)
 EVERY_CANARY = (*IDENTIFIERS, *SENSITIVE, *SECRETS)
 
 
@@ -62,7 +61,7 @@ def _blueprint(tmp: Path, cas: Any) -> str:
     (tmp / "tokens").write_text("".join(
         f"{name} {scopes} sha256:{hashlib.sha256(token.encode()).hexdigest()}\n"
         for name, scopes, token in (("ops", "resolve,write,events,admin,sensitive", ADMIN_TOKEN),
-                                    ("screenpop", "resolve", READER_TOKEN))))
+                                    ("screenpop", "resolve", READER_TOKEN), ("prometheus", "metrics", METRICS_TOKEN))))
     body = SERVER_TOML.replace('key = { env = "RESOLVER_ENCRYPTION_KEY" }', f'key = {{ file = "{tmp}/encryption.key" }}')
     assert f"{tmp}/encryption.key" in body
     return body + textwrap.dedent(
@@ -88,6 +87,8 @@ def _blueprint(tmp: Path, cas: Any) -> str:
         secrets = [{{ file = "{tmp}/webhook.key" }}]
         [events]
         http_listen = ""
+        [metrics]
+        listen = "127.0.0.1:0"
         """
     )
 
@@ -193,17 +194,8 @@ def test_no_canary_in_logs_errors_answers_or_data_files(tmp_path: Path) -> None:
     data = tmp_path / "data"
     err_path = tmp_path / "serve.stderr"
     told = Told()
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
-             "--listen", "127.0.0.1:0", "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "serving on 127.0.0.1:" in line, line + err_path.read_text()
-        port = int(line.split("serving on 127.0.0.1:")[1].split()[0])
-        with grpc.secure_channel(f"127.0.0.1:{port}", tls_credentials(pki.ca_cert.pem)) as channel:
+    with serving(config, data, err_path, workers=2) as line:
+        with grpc.secure_channel(f"127.0.0.1:{line.port}", tls_credentials(pki.ca_cert.pem)) as channel:
             stub = resolver_pb2_grpc.IdentityResolverStub(channel)
             uuids = _admin_calls(stub, told)
             meta = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -214,14 +206,12 @@ def test_no_canary_in_logs_errors_answers_or_data_files(tmp_path: Path) -> None:
             full = stub.GetCustomer(pb.GetCustomerRequest(customer_uuid=uuids[0]), metadata=meta, timeout=10)
             assert full.attributes["ssn"] == SENSITIVE[2]  # the sensitive scope reads it, decrypted
             _reader_calls(stub, told, uuids)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        scrape = urllib.request.Request(line.after(", metrics on "), headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scrape.full_url.startswith("https://127.0.0.1:"), line
+        with urllib.request.urlopen(scrape, timeout=10, context=ssl.create_default_context(
+                cadata=pki.ca_cert.pem.decode())) as resp:
+            metrics_text = resp.read().decode()
+        assert 'resolver_resolve_outcomes_total{matched_on="PHONE",outcome="MATCHED"}' in metrics_text
 
     log = err_path.read_text()
     lines = [json.loads(raw) for raw in log.splitlines() if raw.strip()]
@@ -229,6 +219,7 @@ def test_no_canary_in_logs_errors_answers_or_data_files(tmp_path: Path) -> None:
     assert sum(entry["logger"] == "resolver.access" for entry in lines) >= 20
     for canary in EVERY_CANARY:
         assert canary not in log, f"{canary!r} is in the server's log"
+        assert canary not in metrics_text, f"{canary!r} is in the metrics"
         for text in told.errors:
             assert canary not in text, f"{canary!r} is in an error or an operator's view"
         for text in told.reader:

@@ -35,7 +35,6 @@ from resolver.identifiers import RawIdentifiers
 from resolver.importer import run_import
 from resolver.importer.csvrows import split_phones
 from resolver.importer.jsonl import JsonParser, simple_input
-from resolver.importer.prepare import KeyMaker
 from resolver.importer.rows import RowProblem
 from resolver.normalize import Kind, mask
 from resolver.records import Record, encode_json, held_key
@@ -386,16 +385,16 @@ def test_the_json_fast_path_builds_what_the_official_parser_builds(line: str) ->
 @pytest.mark.parametrize("line", SLOW_LINES)
 def test_unusual_json_takes_the_official_parser(line: str) -> None:
     assert simple_input(line) is None
-    parse = JsonParser(KeyMaker(b"", "", ""))
+    parse = JsonParser()
     official = upsert_input(json_format.Parse(line, pb.UpsertRequest()))
-    assert canonical(parse(1, line)) == canonical(KeyMaker(b"", "", "").complete(official, 1))
+    assert canonical(parse(1, line)) == canonical(official)
 
 
 @pytest.mark.parametrize("line", BAD_LINES)
 def test_invalid_json_rows_are_refused_with_the_parsers_reason(line: str) -> None:
     assert simple_input(line) is None
     with pytest.raises(RowProblem) as e:
-        JsonParser(KeyMaker(b"", "", ""))(1, line)
+        JsonParser()(1, line)
     assert e.value.reasons[0]["reason"] == "INVALID_JSON" and "proto3 JSON" in e.value.reasons[0]["description"]
 
 
@@ -490,7 +489,13 @@ def test_an_unreadable_csv_stops_with_exit_2_after_applying_the_rows_before(tmp_
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "huge.csv"
     source.write_text(f"external_id,name\nH-1,Ann\nH-2,Bob\nH-3,{'x' * 200_000}\nH-4,Di\n", encoding="utf-8")
+    # into an empty store: an initial load, all or nothing
     assert run_import_in_process(settings, source) == 2
+    out, err = capsys.readouterr()
+    assert "line 4: cannot read the CSV: field larger than field limit" in err and "nothing was committed" in err
+    assert summary(out)["created"] == 0 and records_by_external_id(settings) == {}
+    # batch by batch: the rows before the unreadable part are applied
+    assert run_import_in_process(settings, source, "--commit-every-batch") == 2
     out, err = capsys.readouterr()
     assert "line 4: cannot read the CSV: field larger than field limit" in err
     assert summary(out)["created"] == 2

@@ -5,9 +5,6 @@ raw (contract §8; resolver.logs is the choke point every process installs)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,8 +16,7 @@ from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.serve import serving
 
 PHONE = phone(7731)
 EMAIL = "canary.person@example.org"
@@ -69,27 +65,10 @@ def test_no_canary_reaches_the_log_of_a_real_server(tmp_path: Path) -> None:
     config = tmp_path / "blueprint.toml"
     config.write_text(BLUEPRINT)
     err_path = tmp_path / "serve.stderr"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"),
-             "--listen", "127.0.0.1:0", "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-        )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "serving on 127.0.0.1:" in line, line + err_path.read_text()
-        port = int(line.split("serving on 127.0.0.1:")[1].split()[0])
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with serving(config, tmp_path / "data", err_path, workers=2) as line:
+        with grpc.insecure_channel(f"127.0.0.1:{line.port}") as channel:
             errors = _calls(resolver_pb2_grpc.IdentityResolverStub(channel))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0  # the workers have stopped, and written all they log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        # leaving the block stops the server (SIGTERM, exit 0): the workers have stopped, and written all they log
 
     text = err_path.read_text()
     for canary in CANARIES:

@@ -1,0 +1,191 @@
+"""What metrics cost the server (issue 17): server CPU per Resolve with `[metrics]` on vs off, in the same run.
+
+    python -m bench.metrics [--rate 1000] [--seconds 15] [--rounds 5] [--workers 1] [--customers 2000]
+                            [--scrape-every 5] [--out bench/out/metrics]
+
+bench/security.py's method, with its client and servers: one data directory with N customers, two `resolver serve`
+on it side by side with the same blueprint (`[logging] level = "WARNING"`, so no access line blurs the figure) but
+for metrics:
+
+- **off**: no `[metrics]`: nothing is recorded (each counting function returns after one test of a global);
+- **on**: `[metrics] listen = "127.0.0.1:0"`: every Resolve observes the latency histogram and counts its
+  outcome (resolver.metrics), and a scraper in this process reads `GET /metrics` every --scrape-every seconds for
+  the whole run, as Prometheus would (its rendering is server CPU, and counted; a scrape between the windows is
+  not). Before the run, the bench checks that the on server counts: its Resolve count grows by the calls it answered.
+
+A window: one client process, one connection, Resolve of a known phone at --rate, open loop, for --seconds; the
+server's CPU is utime+stime of its process tree (bench/procstat.py) over the window, divided by the calls answered.
+One unmeasured warm-up window each, then each round runs both back to back, the order alternating. A figure is
+the median over rounds; the cost (on minus off, µs per Resolve) and the ratio are medians of per-round differences
+and ratios. Writes OUT/results.json and OUT/report.md; prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench import procstat
+from bench.hostile import load_customers, phone
+from bench.security import BLUEPRINT, Client, Server, log, window
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("off", "on")
+RESOLVE_OK = 'resolver_rpc_duration_seconds_count{code="OK",method="Resolve"}'
+
+
+def metrics_url(server: Server) -> str:
+    text = server.log_path.read_text()
+    if ", metrics on " not in text:
+        raise SystemExit(f"the {server.name} server announced no metrics endpoint:\n{text[-2000:]}")
+    return text.split(", metrics on ")[1].split()[0]
+
+
+def resolves_counted(url: str) -> float:
+    """The Resolve OK count /metrics reports (0 before the first)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(RESOLVE_OK + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+class Scraper:
+    """GET /metrics every `every` seconds in a thread of this process, as Prometheus would; times each scrape."""
+
+    def __init__(self, url: str, every: float) -> None:
+        self.url, self.every = url, every
+        self.seconds: list[float] = []
+        self.sizes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(self.url, timeout=10) as resp:
+                body = resp.read()
+            self.seconds.append(time.perf_counter() - t0)
+            self.sizes.append(len(body))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    rng = random.Random(17)
+    phones = [phone(i) for i in rng.sample(range(a.customers), min(a.customers, 1000))]
+    plain = Client(None, "")
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        log(f"{a.customers} customers -> {data}")
+        load_customers(data, a.customers)
+        servers: dict[str, Server] = {}
+        scraper: Scraper | None = None
+        try:
+            for name, extra in (("off", ""), ("on", '[metrics]\nlisten = "127.0.0.1:0"\n')):
+                config = work / f"{name}.toml"
+                config.write_text(BLUEPRINT + extra)
+                servers[name] = Server(name, config, data, a.workers, work)
+            url = metrics_url(servers["on"])
+            log(f"servers: off :{servers['off'].port}, on :{servers['on'].port} (metrics {url}); warm-up")
+            before = resolves_counted(url)
+            warm = {name: window(ctx, servers[name], plain, a.rate, min(a.seconds, 3.0), phones) for name in CONFIGS}
+            counted = resolves_counted(url) - before
+            answered = warm["on"]["codes"].get("OK", 0)
+            if counted != answered + 1:  # and the client's one call before its window (it connects)
+                raise SystemExit(f"the on server counted {counted:g} Resolves, answered {answered}: metrics are not on")
+            scraper = Scraper(url, a.scrape_every)
+            load0, jiffies, foreign0, t0 = os.getloadavg()[0], procstat.cpu_jiffies(), procstat.foreign_cpu(), \
+                time.monotonic()
+            rounds: list[dict[str, Any]] = []
+            for r in range(a.rounds):
+                order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
+                got = {name: window(ctx, servers[name], plain, a.rate, a.seconds, phones) for name in order}
+                rounds.append(got)
+                log(f"round {r + 1}/{a.rounds}: " + ", ".join(
+                    f"{n} {got[n]['cpu_us_per_resolve']:.0f} µs CPU per Resolve" for n in CONFIGS))
+            elapsed = time.monotonic() - t0
+            scraper.stop()
+            machine = {"loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
+                       "busy": procstat.busy_since(jiffies), "foreign_cores": procstat.foreign_cores(foreign0, elapsed),
+                       "cpu_model": procstat.cpu_model()}
+        finally:
+            if scraper is not None:
+                scraper.stop()
+            for server in servers.values():
+                server.stop()
+    return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
+            "scrape_every_s": a.scrape_every, "scrapes": len(scraper.seconds) if scraper else 0,
+            "scrape_ms_median": statistics.median(scraper.seconds) * 1000 if scraper and scraper.seconds else None,
+            "scrape_bytes": max(scraper.sizes) if scraper and scraper.sizes else None,
+            "rounds": rounds, "machine": machine}
+
+
+def report(res: dict[str, Any]) -> str:
+    per = {n: [r[n]["cpu_us_per_resolve"] for r in res["rounds"]] for n in CONFIGS}
+    ratio = statistics.median(r["on"]["cpu_us_per_resolve"] / r["off"]["cpu_us_per_resolve"] for r in res["rounds"])
+    cost = statistics.median(r["on"]["cpu_us_per_resolve"] - r["off"]["cpu_us_per_resolve"] for r in res["rounds"])
+    m = res["machine"]
+    rows = [
+        "# Server CPU per Resolve: metrics off vs on", "",
+        f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
+        f"{res['workers']} worker(s), {res['customers']} customers; /metrics scraped every {res['scrape_every_s']:g} s "
+        f"({res['scrapes']} scrapes, median {res['scrape_ms_median'] or 0:.1f} ms wall, {res['scrape_bytes'] or 0:,} "
+        "bytes).", "",
+        "| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median | refused |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label in (("off", "metrics off"), ("on", "metrics on (histogram + outcome counter, scraped)")):
+        rates = [r[name]["achieved_rate"] for r in res["rounds"]]
+        rows.append(f"| {label} | {statistics.median(per[name]):.0f} | {min(per[name]):.0f}..{max(per[name]):.0f} | "
+                    f"{statistics.median(rates):,.0f} | {sum(r[name].get('refused', 0) for r in res['rounds'])} |")
+    rows += ["", f"**Cost of metrics: {cost:+.0f} µs CPU per Resolve, ratio {ratio:.3f}** (medians of per-round "
+             "differences and ratios).", "",
+             f"Machine: {m['cores']} cores ({m['cpu_model']}), busy {m['busy']:.0%}, other processes "
+             f"{m['foreign_cores']} cores, load average {m['loadavg_before']:.2f} → {m['loadavg_after']:.2f}."]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.metrics", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=1000.0, help="Resolve calls per second in a window (default 1000)")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per window (default 15)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, both configurations once per round (default 5)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of each server (default 1)")
+    p.add_argument("--customers", type=int, default=2000, help="customers in the data directory (default 2000)")
+    p.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes of /metrics (default 5)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "metrics"), help="where the report goes")
+    a = p.parse_args(argv)
+    if a.rate <= 0 or a.seconds <= 0 or a.rounds < 1 or a.workers < 1 or a.customers < 1 or a.scrape_every <= 0:
+        p.error("--rate, --seconds and --scrape-every above 0; --rounds, --workers and --customers at least 1")
+    res = measure(a)
+    res["command"] = "python -m bench.metrics " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["date"] = time.strftime("%Y-%m-%d %H:%M")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    text = report(res)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,6 @@ and ratios. Writes OUT/results.json and OUT/report.md; prints the report.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import random
@@ -38,7 +37,7 @@ from typing import Any
 
 from bench import procstat
 from bench.hostile import load_customers, phone
-from bench.security import BLUEPRINT, Client, Server, log, window
+from bench.security import BLUEPRINT, Client, Server, ab_args_problem, ab_parser, ab_table, log, window, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("off", "on")
@@ -138,52 +137,26 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(res: dict[str, Any]) -> str:
-    per = {n: [r[n]["cpu_us_per_resolve"] for r in res["rounds"]] for n in CONFIGS}
-    ratio = statistics.median(r["on"]["cpu_us_per_resolve"] / r["off"]["cpu_us_per_resolve"] for r in res["rounds"])
-    cost = statistics.median(r["on"]["cpu_us_per_resolve"] - r["off"]["cpu_us_per_resolve"] for r in res["rounds"])
-    m = res["machine"]
-    rows = [
+    return "\n".join([
         "# Server CPU per Resolve: metrics off vs on", "",
         f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
         f"{res['workers']} worker(s), {res['customers']} customers; /metrics scraped every {res['scrape_every_s']:g} s "
         f"({res['scrapes']} scrapes, median {res['scrape_ms_median'] or 0:.1f} ms wall, {res['scrape_bytes'] or 0:,} "
         "bytes).", "",
-        "| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median | refused |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, label in (("off", "metrics off"), ("on", "metrics on (histogram + outcome counter, scraped)")):
-        rates = [r[name]["achieved_rate"] for r in res["rounds"]]
-        rows.append(f"| {label} | {statistics.median(per[name]):.0f} | {min(per[name]):.0f}..{max(per[name]):.0f} | "
-                    f"{statistics.median(rates):,.0f} | {sum(r[name].get('refused', 0) for r in res['rounds'])} |")
-    rows += ["", f"**Cost of metrics: {cost:+.0f} µs CPU per Resolve, ratio {ratio:.3f}** (medians of per-round "
-             "differences and ratios).", "",
-             f"Machine: {m['cores']} cores ({m['cpu_model']}), busy {m['busy']:.0%}, other processes "
-             f"{m['foreign_cores']} cores, load average {m['loadavg_before']:.2f} → {m['loadavg_after']:.2f}."]
-    return "\n".join(rows)
+        *ab_table(res, {"off": "metrics off", "on": "metrics on (histogram + outcome counter, scraped)"}, "metrics")])
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.metrics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", type=float, default=1000.0, help="Resolve calls per second in a window (default 1000)")
-    p.add_argument("--seconds", type=float, default=15.0, help="seconds per window (default 15)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds, both configurations once per round (default 5)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes of each server (default 1)")
-    p.add_argument("--customers", type=int, default=2000, help="customers in the data directory (default 2000)")
+    p = ab_parser("python -m bench.metrics", __doc__, "metrics")
     p.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes of /metrics (default 5)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "metrics"), help="where the report goes")
     a = p.parse_args(argv)
-    if a.rate <= 0 or a.seconds <= 0 or a.rounds < 1 or a.workers < 1 or a.customers < 1 or a.scrape_every <= 0:
-        p.error("--rate, --seconds and --scrape-every above 0; --rounds, --workers and --customers at least 1")
+    problem = ab_args_problem(a) or ("--scrape-every above 0" if a.scrape_every <= 0 else None)
+    if problem:
+        p.error(problem)
     res = measure(a)
     res["command"] = "python -m bench.metrics " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    text = report(res)
-    (out / "report.md").write_text(text + "\n")
-    print(text)
+    write_report(res, Path(a.out), report(res))
     return 0
 
 

@@ -264,54 +264,71 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             "token_checked": bool(secure_client.token), "rounds": rounds, "machine": machine}
 
 
-def report(res: dict[str, Any]) -> str:
-    per = {n: [r[n]["cpu_us_per_resolve"] for r in res["rounds"]] for n in CONFIGS}
-    ratio = statistics.median(r["secure"]["cpu_us_per_resolve"] / r["plain"]["cpu_us_per_resolve"]
-                              for r in res["rounds"])
-    cost = statistics.median(r["secure"]["cpu_us_per_resolve"] - r["plain"]["cpu_us_per_resolve"]
-                             for r in res["rounds"])
-    secure = "TLS + bearer token" if res["token_checked"] else "TLS (no token check in this tree)"
+def ab_table(res: dict[str, Any], labels: dict[str, str], what: str) -> list[str]:
+    """The report rows two alternating configurations share (`labels`: baseline first, then the one costed):
+    per-configuration medians, the cost and ratio as medians of per-round differences and ratios, the machine."""
+    (base, base_label), (other, other_label) = labels.items()
+    per = {n: [r[n]["cpu_us_per_resolve"] for r in res["rounds"]] for n in labels}
+    ratio = statistics.median(r[other]["cpu_us_per_resolve"] / r[base]["cpu_us_per_resolve"] for r in res["rounds"])
+    cost = statistics.median(r[other]["cpu_us_per_resolve"] - r[base]["cpu_us_per_resolve"] for r in res["rounds"])
     m = res["machine"]
-    rows = [
-        "# Server CPU per Resolve: plaintext without a token vs TLS with a token", "",
-        f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
-        f"{res['workers']} worker(s), {res['customers']} customers; one connection per window (handshake before it).",
-        "",
-        "| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median | refused |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, label in (("plain", "plaintext, no token"), ("secure", secure)):
+    rows = ["| configuration | server µs CPU per Resolve, median | min..max | achieved Resolve/s, median | refused |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name, label in ((base, base_label), (other, other_label)):
         rates = [r[name]["achieved_rate"] for r in res["rounds"]]
         rows.append(f"| {label} | {statistics.median(per[name]):.0f} | {min(per[name]):.0f}..{max(per[name]):.0f} | "
                     f"{statistics.median(rates):,.0f} | {sum(r[name].get('refused', 0) for r in res['rounds'])} |")
-    rows += ["", f"**Cost of {secure}: {cost:+.0f} µs CPU per Resolve, ratio {ratio:.3f}** (medians of per-round "
-             "differences and ratios).", "",
-             f"Machine: {m['cores']} cores ({m['cpu_model']}), busy {m['busy']:.0%}, other processes "
-             f"{m['foreign_cores']} cores, load average {m['loadavg_before']:.2f} → {m['loadavg_after']:.2f}."]
-    return "\n".join(rows)
+    return rows + ["", f"**Cost of {what}: {cost:+.0f} µs CPU per Resolve, ratio {ratio:.3f}** (medians of per-round "
+                   "differences and ratios).", "",
+                   f"Machine: {m['cores']} cores ({m['cpu_model']}), busy {m['busy']:.0%}, other processes "
+                   f"{m['foreign_cores']} cores, load average {m['loadavg_before']:.2f} → {m['loadavg_after']:.2f}."]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.security", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def report(res: dict[str, Any]) -> str:
+    secure = "TLS + bearer token" if res["token_checked"] else "TLS (no token check in this tree)"
+    return "\n".join([
+        "# Server CPU per Resolve: plaintext without a token vs TLS with a token", "",
+        f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
+        f"{res['workers']} worker(s), {res['customers']} customers; one connection per window (handshake before it).",
+        "", *ab_table(res, {"plain": "plaintext, no token", "secure": secure}, secure)])
+
+
+def ab_parser(prog: str, doc: str | None, out: str) -> argparse.ArgumentParser:
+    """The options of a bench that alternates two server configurations (this one, bench.metrics)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=1000.0, help="Resolve calls per second in a window (default 1000)")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per window (default 15)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, both configurations once per round (default 5)")
     p.add_argument("--workers", type=int, default=1, help="worker processes of each server (default 1)")
     p.add_argument("--customers", type=int, default=2000, help="customers in the data directory (default 2000)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "security"), help="where the report goes")
-    a = p.parse_args(argv)
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / out), help="where the report goes")
+    return p
+
+
+def ab_args_problem(a: argparse.Namespace) -> str | None:
     if a.rate <= 0 or a.seconds <= 0 or a.rounds < 1 or a.workers < 1 or a.customers < 1:
-        p.error("--rate and --seconds above 0; --rounds, --workers and --customers at least 1")
+        return "--rate and --seconds above 0; --rounds, --workers and --customers at least 1"
+    return None
+
+
+def write_report(res: dict[str, Any], out: Path, text: str) -> None:
+    """OUT/results.json and OUT/report.md; the report printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ab_parser("python -m bench.security", __doc__, "security")
+    a = p.parse_args(argv)
+    problem = ab_args_problem(a)
+    if problem:
+        p.error(problem)
     res = measure(a)
     res["command"] = "python -m bench.security " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    text = report(res)
-    (out / "report.md").write_text(text + "\n")
-    print(text)
+    write_report(res, Path(a.out), report(res))
     return 0
 
 

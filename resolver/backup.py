@@ -130,7 +130,7 @@ def run_backup(settings: Settings, target: Path) -> int:
             finally:
                 source.close()
         copy = target / DATA_FILE
-        _fsync(copy)
+        datalock.sync_file(copy)
         datalock.sync_dir(target)
         verify_copy(target, copied)
         facts = read_facts(target)
@@ -294,11 +294,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _iso(us: int) -> str:
     """ISO 8601 in UTC, to the microsecond, of a time in µs since the epoch (integer arithmetic: exact)."""
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000).isoformat(timespec="microseconds")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

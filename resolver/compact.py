@@ -82,7 +82,7 @@ def run_compact(settings: Settings) -> int:
             finally:
                 source.close()
             _like(work / DATA_FILE, original)
-            _fsync(work / DATA_FILE)
+            datalock.sync_file(work / DATA_FILE)
             datalock.sync_dir(work)
             verify_copy(work, copied)
             with datalock.replacing(data_dir):
@@ -185,11 +185,3 @@ def _like(path: Path, original: os.stat_result) -> None:
     st = path.stat()
     if (st.st_uid, st.st_gid) != (original.st_uid, original.st_gid):
         os.chown(path, original.st_uid, original.st_gid)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

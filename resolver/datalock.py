@@ -122,7 +122,16 @@ def replacing(data_dir: Path, *, doing: str = "compacting") -> Iterator[None]:
 
 def sync_dir(path: Path) -> None:
     """fsync a directory, so that a rename or unlink in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _sync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file written by another handle (an LMDB copy), before it is renamed into place."""
+    _sync(path, os.O_RDONLY)
+
+
+def _sync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

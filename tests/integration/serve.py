@@ -27,25 +27,64 @@ class Announced(str):
         return int(self.after("serving on 127.0.0.1:"))
 
 
+class Launched:
+    """A started `resolver serve` process: its announce line and the process, for tests that kill it themselves."""
+
+    def __init__(self, proc: subprocess.Popen[str], announced: Announced) -> None:
+        self.proc = proc
+        self.announced = announced
+
+    @property
+    def port(self) -> int:
+        return self.announced.port
+
+    def kill(self) -> None:
+        """kill -9 the supervisor and every process of its group (workers, events, outbound): a power cut."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit code (kill -9 after `timeout`)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+            elif self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+def launch(config: Path, data: Path, stderr: Path, *, workers: int | None = None,
+           env: Mapping[str, str] | None = None, extra: tuple[str, ...] = ()) -> Launched:
+    """Start `resolver serve` on 127.0.0.1:0 in its own process group and wait for its announce line."""
+    command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
+               "--listen", "127.0.0.1:0", *extra] + (["--workers", str(workers)] if workers else [])
+    with stderr.open("a") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving on 127.0.0.1:" not in line:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        raise AssertionError(line + stderr.read_text())
+    return Launched(proc, Announced(line))
+
+
 @contextmanager
 def serving(config: Path, data: Path, stderr: Path, *, workers: int | None = None,
             env: Mapping[str, str] | None = None) -> Iterator[Announced]:
     """Serve `data` under the blueprint `config` on 127.0.0.1:0 until the block ends; its stderr goes to `stderr`."""
-    command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
-               "--listen", "127.0.0.1:0"] + (["--workers", str(workers)] if workers else [])
-    with stderr.open("w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+    server = launch(config, data, stderr, workers=workers, env=env)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "serving on 127.0.0.1:" in line, line + stderr.read_text()
-        yield Announced(line)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, stderr.read_text()
+        yield server.announced
+        assert server.terminate() == 0, stderr.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        if server.proc.poll() is None:
+            server.kill()

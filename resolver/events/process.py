@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from resolver import metrics
 from resolver.bootstrap import build_events, build_service
@@ -74,6 +74,33 @@ def set_process_name(name: str) -> None:
         pass
 
 
+class ChildStart(NamedTuple):
+    """What a background child (events, outbound) has once started: its parent's pid (read before the parent
+    could be gone), the event SIGTERM sets, and the SIGHUP requests it answers between two commands."""
+
+    parent: int
+    stop: threading.Event
+    reloads: ReloadRequests
+
+
+def child_startup(settings: Settings, name: str) -> ChildStart:
+    """The start-up every background child shares: metrics inherited (before anything that counts is built), CPU
+    priority lowered, the process named `name`, logging, Ctrl-C left to the parent (it turns it into an orderly
+    stop), SIGTERM as the stop event, and SIGHUP taken (its default action would end the process; the child is
+    spawned with SIGHUP blocked, so one sent while it starts is answered later)."""
+    parent = os.getppid()  # read first: once the parent is gone this is someone else
+    metrics.inherit(settings)
+    lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
+    set_process_name(name)
+    setup_logging(settings)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reloads = ReloadRequests()
+    reloads.install()
+    return ChildStart(parent, stop, reloads)
+
+
 def watch_serving(events: Events, parent: int) -> None:
     """Pace the applier by the serving processes' CPU (the parent, `resolver serve`, and its other children: the
     gRPC workers), and answer a full inbox with the delay of the applier's current pace."""
@@ -86,17 +113,7 @@ def watch_serving(events: Events, parent: int) -> None:
 
 def child_main(settings: Settings, conn: Connection) -> None:
     """The events process: lower its priority, open the store, serve webhooks and apply until told to stop."""
-    parent = os.getppid()  # read first: once the parent is gone this is someone else
-    metrics.inherit(settings)  # before anything that counts is built
-    lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
-    set_process_name(PROCESS_NAME)
-    setup_logging(settings)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    reloads = ReloadRequests()
-    reloads.install()  # spawned with SIGHUP blocked: one sent while we start is answered below
-
+    parent, stop, reloads = child_startup(settings, PROCESS_NAME)
     try:
         service = build_service(settings)
     except Exception as exc:

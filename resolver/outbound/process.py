@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from multiprocessing.connection import Connection
 from urllib.parse import urlsplit
 
-from resolver import metrics
 from resolver.bootstrap import open_store
 from resolver.config import Settings
 from resolver.events import pace
-from resolver.events.process import EventsProcess, lower_priority, send_quietly, set_process_name
-from resolver.logs import setup_logging
-from resolver.reload import ReloadRequests
+from resolver.events.process import EventsProcess, child_startup, send_quietly
 
 log = logging.getLogger("resolver.outbound.process")
 PROCESS_NAME = pace.OUTBOUND_PROCESS  # its /proc/PID/comm (15 characters at most)
@@ -43,16 +38,7 @@ def child_main(settings: Settings, conn: Connection) -> None:
     """The outbound process: lower its priority, open the store, deliver until told to stop."""
     from resolver.outbound.deliverer import Deliverer
 
-    parent = os.getppid()  # read first: once the parent is gone this is someone else
-    metrics.inherit(settings)  # before anything that counts is built
-    lower_priority(settings.events.process_nice, settings.events.process_sched_idle)
-    set_process_name(PROCESS_NAME)
-    setup_logging(settings)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into an orderly stop
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    reloads = ReloadRequests()
-    reloads.install()  # SIGHUP's default action would end the process
+    parent, stop, reloads = child_startup(settings, PROCESS_NAME)
     try:
         store = open_store(settings)
         deliverer = Deliverer(store, settings)

@@ -202,6 +202,8 @@ def _check_outbound(dest: tables.OutboundSpec, s: Settings) -> list[str]:
         problems.append(f"{where}.url: {exc}")
     problems += [f"{where}.fields: {name!r} is not a declared attribute" for name in dest.fields
                  if s.attributes and name not in s.attributes]
+    problems += [f"{where}.fields: {name!r} is sensitive: it is stored encrypted and never leaves in a message "
+                 "(drop it from fields)" for name in dest.fields if name in s.attributes and s.attributes[name].sensitive]
     if dest.backoff_max_s < dest.backoff_initial_s:
         problems.append(f"{where}.backoff_max_s: below backoff_initial_s")
     return problems
@@ -247,6 +249,10 @@ def _check_interactions(s: Settings) -> list[str]:
                         "\"\" to track none)")
     elif spec is not None and spec.type not in ("date-time", "date"):
         problems.append(f"{where}: attributes.{name} is a {spec.type}; it must be a date-time or a date")
+    elif spec is not None and spec.sensitive:
+        problems.append(f"{where}: attributes.{name} is sensitive; the interaction's answer would keep its value "
+                        "in clear in the idempotency ledger (track a date attribute that is not sensitive, or set "
+                        "\"\" to track none)")
     elif spec is not None and spec.owner:
         problems.append(f"{where}: attributes.{name} is owned by {spec.owner}; interactions would write it behind its "
                         "owner's back (drop the owner, or set \"\" to track none)")

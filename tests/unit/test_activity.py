@@ -98,6 +98,8 @@ def test_the_last_interaction_attribute_is_checked() -> None:
     assert "must be a date-time or a date" in problems({"attributes": {"last_interaction_date": {"type": "string"}}})[0]
     owned = {"last_interaction_date": {"type": "date-time", "owner": "SALESFORCE"}}
     assert "owned by SALESFORCE" in problems({"attributes": owned})[0]
+    sealed = {"last_interaction_date": {"type": "date-time", "sensitive": True}}  # its value would sit in the ledger
+    assert "is sensitive" in problems({"attributes": sealed, "server": {"insecure": True}})[0]
     assert settings_from_document({"attributes": owned, "interactions": {"last_interaction_attribute": ""}}, {}) \
         .interactions.last_interaction_attribute == ""
     # the open schema (no attributes declared) tracks the default

@@ -139,6 +139,10 @@ def test_the_blueprint_table_is_checked_and_described() -> None:
         settings(fields=["nope"], backoff_initial_s=5, backoff_max_s=1)
     assert "outbound.CRM.fields: 'nope' is not a declared attribute" in str(err.value)
     assert "outbound.CRM.backoff_max_s: below backoff_initial_s" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a sensitive attribute never leaves: listing it is refused, not ignored
+        settings(fields=["tier", "ssn"])
+    assert err.value.problems == ["outbound.CRM.fields: 'ssn' is sensitive: it is stored encrypted and never leaves "
+                                  "in a message (drop it from fields)"]
     with pytest.raises(ConfigError, match=r"outbound.CRM.url: no credentials in the URL"):
         settings(url="https://user:pw@crm.example/hooks")
     unset = settings_from_document({"version": 1, "outbound": {"X": {"url": "http://h", "secrets": [{"env": "NOPE"}],

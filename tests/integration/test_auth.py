@@ -21,7 +21,7 @@ from resolver.auth import NewToken, TokenSet, new_token
 from resolver.client import ResolverClient
 from resolver.v1 import resolver_pb2 as pb
 from tests.conftest import TEST_BLUEPRINT
-from tests.integration.helpers import resolve_req, upsert_req
+from tests.integration.helpers import resolve_req, upsert_req, with_tokens, write_tokens
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityResolver"]
 # The issue's table, written out here rather than read from the code under test; a method not named needs admin.
@@ -34,15 +34,12 @@ AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
 @pytest.fixture
 def tokens(tmp_path: Path) -> dict[str, NewToken]:
     """One token per scope (named t-SCOPE) and one with two (t-both: resolve, write), in tmp_path/tokens."""
-    made = {scope: new_token(f"t-{scope}", scope) for scope in SCOPES}
-    made["both"] = new_token("t-both", "resolve,write")
-    (tmp_path / "tokens").write_text("".join(t.line + "\n" for t in made.values()))
-    return made
+    return write_tokens(tmp_path / "tokens", {**{scope: scope for scope in SCOPES}, "both": "resolve,write"})
 
 
 @pytest.fixture
 def blueprint_text(tmp_path: Path, tokens: dict[str, NewToken]) -> str:
-    return TEST_BLUEPRINT + f'\n[auth]\ntokens_file = "{tmp_path / "tokens"}"\n'
+    return with_tokens(TEST_BLUEPRINT, tmp_path / "tokens")
 
 
 @pytest.fixture

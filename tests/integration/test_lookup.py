@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from resolver.auth import NewToken, new_token
+from resolver.auth import NewToken
 from resolver.cli import main as cli_main
 from resolver.client import ResolverClient
 from resolver.normalize import Kind, mask, mask_value
 from tests.certs import make_pki
 from tests.conftest import TEST_BLUEPRINT
+from tests.integration.helpers import with_tokens, write_tokens
 
 EXTERNAL_ID = "CRM-0042-XYZ"
 EMAIL = "ann.lee@example.com"
@@ -27,15 +28,12 @@ RAW = (EXTERNAL_ID, EMAIL, "ann.lee", PHONE, "6502530042", "650 253 0042", NAME,
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> dict[str, NewToken]:
-    made = {"admin": new_token("t-admin", "resolve,admin"), "reader": new_token("t-reader", "resolve"),
-            "writer": new_token("t-writer", "resolve,write")}
-    (tmp_path / "tokens").write_text("".join(t.line + "\n" for t in made.values()))
-    return made
+    return write_tokens(tmp_path / "tokens", {"admin": "resolve,admin", "reader": "resolve", "writer": "resolve,write"})
 
 
 @pytest.fixture
 def blueprint_text(tmp_path: Path, tokens: dict[str, NewToken]) -> str:
-    return TEST_BLUEPRINT + f'\n[auth]\ntokens_file = "{tmp_path / "tokens"}"\n'
+    return with_tokens(TEST_BLUEPRINT, tmp_path / "tokens")
 
 
 @pytest.fixture

@@ -39,9 +39,12 @@ class Launched:
         return self.announced.port
 
     def kill(self) -> None:
-        """kill -9 the supervisor and every process of its group (workers, events, outbound): a power cut."""
-        if self.proc.poll() is None:
+        """kill -9 the supervisor and every process of its group (workers, events, outbound): a power cut. Also
+        what ends a served process that already exited: its group's children may still run."""
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(timeout=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -58,11 +61,12 @@ class Launched:
                 self.proc.stdout.close()
 
 
-def launch(config: Path, data: Path, stderr: Path, *, workers: int | None = None,
+def launch(config: Path | None, data: Path, stderr: Path, *, workers: int | None = None,
            env: Mapping[str, str] | None = None, extra: tuple[str, ...] = ()) -> Launched:
-    """Start `resolver serve` on 127.0.0.1:0 in its own process group and wait for its announce line."""
-    command = [sys.executable, "-m", "resolver", "serve", "--config", str(config), "--data-dir", str(data),
-               "--listen", "127.0.0.1:0", *extra] + (["--workers", str(workers)] if workers else [])
+    """Start `resolver serve` on 127.0.0.1:0 (`config` None: without a blueprint, the defaults) in its own process
+    group and wait for its announce line; its stderr is appended to the file `stderr`."""
+    command = [sys.executable, "-m", "resolver", "serve", *(["--config", str(config)] if config else []),
+               "--data-dir", str(data), "--listen", "127.0.0.1:0", *extra] + (["--workers", str(workers)] if workers else [])
     with stderr.open("a") as err:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
@@ -78,13 +82,21 @@ def launch(config: Path, data: Path, stderr: Path, *, workers: int | None = None
 
 
 @contextmanager
+def launched(config: Path | None, data: Path, stderr: Path, *, workers: int | None = None,
+             env: Mapping[str, str] | None = None, extra: tuple[str, ...] = ()) -> Iterator[Launched]:
+    """`launch`, and kill -9 of the whole group at the end of the block if the test left it running."""
+    server = launch(config, data, stderr, workers=workers, env=env, extra=extra)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextmanager
 def serving(config: Path, data: Path, stderr: Path, *, workers: int | None = None,
             env: Mapping[str, str] | None = None) -> Iterator[Announced]:
-    """Serve `data` under the blueprint `config` on 127.0.0.1:0 until the block ends; its stderr goes to `stderr`."""
-    server = launch(config, data, stderr, workers=workers, env=env)
-    try:
+    """Serve `data` under the blueprint `config` on 127.0.0.1:0 until the block ends, which must stop it with
+    SIGTERM and exit 0; its stderr goes to `stderr`."""
+    with launched(config, data, stderr, workers=workers, env=env) as server:
         yield server.announced
         assert server.terminate() == 0, stderr.read_text()
-    finally:
-        if server.proc.poll() is None:
-            server.kill()

@@ -9,8 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from resolver.store import INDEX_NAMES, Store, Txn, uuid_bytes, uuid_text
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.integration.helpers import phone, resolve_req, upsert_req
+from tests.integration.serve import launched
 
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"^compact: .+: (?P<before>\d+) -> (?P<after>\d+) bytes, (?P<entries>\d+) entries in "
@@ -245,25 +245,9 @@ def test_many_deletions_in_shared_pages_leave_nothing(tmp_path: Path) -> None:
 # -- never under a process that has the store open -----------------------------------------------------------
 
 
-@contextmanager
-def serve_process(data_dir: Path, blueprint: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "resolver", "serve", "--config", str(blueprint), "--data-dir",
-                             str(data_dir), "--listen", "127.0.0.1:0", "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        line = proc.stdout.readline()
-        assert "serving on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-
-
 def test_compact_refuses_while_a_server_process_serves_the_directory(tmp_path: Path, blueprint_file: Path) -> None:
     data = tmp_path / "data"
-    with serve_process(data, blueprint_file):
+    with launched(blueprint_file, data, tmp_path / "serve.log", workers=1):
         before = fingerprint(data / "data.mdb")
         result = resolver_cli("compact", "--config", blueprint_file, "--data-dir", data)
         assert result.returncode == 2

@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 
 from resolver.v1 import resolver_pb2 as pb
 from tests.integration.helpers import phone, resolve_req, upsert_req
+from tests.integration.serve import launched
 from tests.integration.test_hostile import (
     BAD,
     NEVER,
@@ -40,24 +40,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -- 11, 12. the real `resolver serve` ------------------------------------------------------------------
 @contextmanager
-def _serve(tmp_path: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, int, Path]]:
+def _serve(tmp_path: Path, config: Path | None = None, workers: int = 1) -> Iterator[tuple[subprocess.Popen, int, Path]]:
     """`python -m resolver serve` on 127.0.0.1:0: (process, port, its stderr file). Killed if still running."""
     err_path = tmp_path / "serve.stderr"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0",
-             *extra],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-        )
-    try:
-        line = proc.stdout.readline()
-        assert "serving on 127.0.0.1:" in line, line + err_path.read_text()
-        yield proc, int(line.split("serving on 127.0.0.1:")[1].split()[0]), err_path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+    with launched(config, tmp_path / "data", err_path, workers=workers) as server:
+        yield server.proc, server.port, err_path
 
 
 def _serving_pid(root: int, port: int) -> int:
@@ -168,7 +155,7 @@ def _flood(port: int, count: int, seed: int, threads: int = 4) -> collections.Co
 
 @pytest.mark.slow
 def test_server_memory_stays_flat_under_bad_requests(tmp_path):  # noqa: ANN001
-    with _serve(tmp_path, "--workers", "1") as (proc, port, err_path):
+    with _serve(tmp_path) as (proc, port, err_path):
         pid = _serving_pid(proc.pid, port)
         warm = _flood(port, 2000, seed=1)
         before = _rss_kib(pid)
@@ -192,7 +179,7 @@ def test_sigterm_while_busy_with_large_resolves_exits_cleanly(tmp_path, workers)
     blueprint.write_text("version = 1\n[limits]\nidentifiers_per_request = 10000\n")
     grace = 5.0  # the default [server] grace_period_s
     big = resolve_req(phones=tuple(f"+1415555{i:04d}" for i in range(5000))).SerializeToString()
-    with _serve(tmp_path, "--config", str(blueprint), "--workers", str(workers)) as (proc, port, err_path):
+    with _serve(tmp_path, config=blueprint, workers=workers) as (proc, port, err_path):
         done = collections.Counter()
         errors: list[grpc.StatusCode] = []
         stop = threading.Event()

@@ -35,6 +35,7 @@ from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
+from tests.integration.serve import launched
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX_DBS = [name.encode() for name in INDEX_NAMES.values()]
@@ -272,24 +273,6 @@ def test_xxh3_to_keyed_blake2b_then_to_a_new_key(tmp_path: Path, start: Callable
 # -- never under a process that has the store open ----------------------------------------------------------------
 
 
-@contextmanager
-def serve_process(bp: Blueprint) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "resolver", "serve", "--config", str(bp.path), "--data-dir",
-                             bp.settings.server.data_dir, "--listen", "127.0.0.1:0", "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        line = proc.stdout.readline()
-        assert "serving on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def test_reindex_refuses_while_the_directory_is_served(tmp_path: Path, start: Callable[..., Any]) -> None:
     old = blueprint(tmp_path, "old")
     key_a = blueprint(tmp_path, "a", key_id="a1")
@@ -308,7 +291,7 @@ def test_reindex_refuses_while_the_directory_is_served(tmp_path: Path, start: Ca
         assert {ident: resolved(stub, ident) for ident in expected} == expected  # still serving
     running.stop(grace=0)
 
-    with serve_process(old):  # `resolver serve` holds serve.lock
+    with launched(old.path, Path(old.settings.server.data_dir), tmp_path / "serve.log", workers=1):  # holds serve.lock
         r = reindex(key_a)
         assert r.returncode == 2
         assert r.stderr.strip() == f"resolver: {data} is in use by a running server (`resolver serve`): {BUSY}"

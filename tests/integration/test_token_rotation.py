@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -22,6 +18,7 @@ from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML
 from tests.integration.helpers import resolve_req
+from tests.integration.serve import launched
 
 ROOT = Path(__file__).resolve().parents[2]
 LOAD_THREADS = 4  # two per worker
@@ -32,28 +29,6 @@ def write_atomically(path: Path, text: str) -> None:
     part = path.with_suffix(".part")
     part.write_text(text)
     os.replace(part, path)
-
-
-@contextmanager
-def serve(blueprint: Path, data_dir: Path, log: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`resolver serve` with two workers, its log (one access line per call) to the file `log`, not a pipe that
-    nobody reads and that would fill up; the process and its shared port. Killed at the end if still running."""
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", "--config", str(blueprint), "--data-dir", str(data_dir),
-             "--listen", "127.0.0.1:0", "--workers", "2"],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-        )
-    assert proc.stdout is not None
-    try:
-        line = proc.stdout.readline()
-        assert "serving on 127.0.0.1:" in line, line + log.read_text()
-        yield proc, int(line.split("serving on 127.0.0.1:")[1].split()[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 def code_of(stub: resolver_pb2_grpc.IdentityResolverStub, token: str) -> grpc.StatusCode:
@@ -74,7 +49,8 @@ def test_sighup_rotates_tokens_in_every_worker_without_failing_a_call(tmp_path: 
     blueprint.write_text(SERVER_TOML + f'\n[auth]\ntokens_file = "{tokens}"\n')
 
     log = tmp_path / "serve.log"
-    with serve(blueprint, tmp_path / "data", log) as (proc, port):
+    with launched(blueprint, tmp_path / "data", log, workers=2) as server:
+        proc, port = server.proc, server.port
         with grpc.insecure_channel(f"127.0.0.1:{port}") as shared:
             info = resolver_pb2_grpc.IdentityResolverStub(shared).GetServerInfo(
                 pb.GetServerInfoRequest(), metadata=(("authorization", f"Bearer {steady.token}"),), timeout=10)

@@ -68,6 +68,23 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(stats[p].cpu_s for p in tree(pid, stats) if p in stats)
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of one process (/proc/PID/statm), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and every live descendant, summed (pages two of them share count twice)."""
+    return sum(r for p in tree(pid, snapshot()) if (r := rss_bytes(p)) is not None)
+
+
 def foreign_cpu() -> dict[int, float]:
     """CPU seconds so far of every live process that is not this run's (not this process or a descendant)."""
     stats = snapshot()

@@ -10,9 +10,10 @@ wired in here once, not in each of them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from resolver.address import parse_address
 from resolver.attributes import AttributeSchema
@@ -54,10 +55,20 @@ def build_service(settings: Settings, *, writer: bool = True, readonly: bool = F
         store.change_listeners.append(Outbox(settings))
     try:
         return Service(settings, store, AttributeSchema(settings), policy_from(settings),
-                       Writer(store) if writer and not readonly else None)
+                       _writer(store, settings) if writer and not readonly else None)
     except BaseException:
         store.close()
         raise
+
+
+def _writer(store: Store, settings: Settings) -> Writer:
+    """The store's writer: commands applied here directly, or, with `[cluster] nats`, through the replicated log
+    (resolver.cluster: same interface; this node's applier starts with it)."""
+    if not settings.cluster.nats:
+        return Writer(store)
+    from resolver.cluster.writer import ReplicatedWriter
+
+    return cast(Writer, ReplicatedWriter(store, settings))  # Writer's interface: submit, submit_nowait, close
 
 
 def build_events(service: Service) -> Events:
@@ -100,14 +111,22 @@ class Running:
         return reload_all(self.reloadables)
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING and webhook intake closed, in-flight calls finish within `grace` (default: the
-        blueprint's grace period), then the events parts after their current batch, then storage."""
+        """Health NOT_SERVING and webhook intake closed; calls still taken for the notice (`[server]
+        shutdown_notice_s`, at most half of `grace`), then in-flight calls finish within the rest of `grace`
+        (default: the blueprint's grace period), then the events parts after their current batch, then storage."""
+        server = self.service.settings.server
+        grace = server.grace_period_s if grace is None else grace
         self.health.enter_graceful_shutdown()
         if self.end_streams is not None:  # else a change-feed watcher holds the drain for the whole grace period
             self.end_streams()
         if self.events is not None:
             self.events.stop_intake()
-        self.server.stop(self.service.settings.server.grace_period_s if grace is None else grace).wait()
+        # Health says NOT_SERVING while calls are still answered, so the clients and load balancers that watch or
+        # poll it move their calls away before the port closes, instead of learning it from refused calls.
+        notice = min(server.shutdown_notice_s, grace / 2)
+        if notice > 0:
+            time.sleep(notice)
+        self.server.stop(grace - notice).wait()
         if self.events is not None:
             self.events.stop()
         if self.deliverer is not None:
@@ -128,14 +147,14 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     `deliverer`: run outbound delivery here, as a thread (one per data directory; default: with
     `events_in_process` where the sweeper runs; `resolver serve` runs it in a process of its own).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
     from resolver.api import handlers
+    from resolver.api.admission import Admission, HandlerPool
     from resolver.api.interceptors import CallInterceptor
+    from resolver.api.self_decoding import SelfDecoding
     from resolver.api.servicer import IdentityResolverServicer
     from resolver.auth import TokenSet
     from resolver.v1 import resolver_pb2
@@ -155,10 +174,14 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     service = build_service(settings)
     events = build_events(service) if settings.events.enabled else None
     limits = settings.limits
+    pool = HandlerPool(settings.server.threads)  # knows its queue's wait: past the admission limit, refused at once
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.server.threads, thread_name_prefix="rpc"),
+        pool,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-        interceptors=[CallInterceptor(service_name, tokens)],  # auth, request ids, access log; not health
+        # admission, auth, request ids, access log; not health
+        # (health and reflection decode their requests in the call: SelfDecoding)
+        interceptors=[CallInterceptor(service_name, tokens, Admission(pool, settings.server.max_queue_wait_ms)),
+                      SelfDecoding()],
         # gRPC refuses larger messages and metadata itself (RESOURCE_EXHAUSTED) before reading them; the soft
         # and hard metadata limits are one, so the answer does not depend on chance between the two.
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limits.message_bytes),
@@ -200,6 +223,14 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.cluster.nats:  # a node the stream left behind serves stale data: out of rotation (resolver.cluster)
+        from resolver.cluster.writer import on_behind
+
+        def not_serving(_: str) -> None:
+            for name in ("", service_name):
+                health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        on_behind(service.writer, not_serving)
     if sweeper:
         service.start_sweeper()
     if events is not None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from resolver.config import describe, load_settings
-from resolver.errors import ConfigError, StoreError
+from resolver.errors import ClusterError, ConfigError, StoreError
 from resolver.logs import setup_logging
 
 DEFAULT_CONFIG_HELP = "blueprint TOML file (default: none, built-in defaults)"
@@ -19,6 +19,16 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="LMDB data directory (default: ./data)")
 
 
+# With [cluster] every change goes through the replicated log (resolver.cluster): commands that would change one
+# node's customers behind it are refused, with the way that keeps every node equal.
+CLUSTER_REFUSED = {
+    "import": "a cluster node's store changes only through the replicated log: import into a store without [cluster], "
+              "then start every node from a `resolver backup` of it (README \"Past one machine\")",
+    "forget": "a cluster node's store changes only through the replicated log: erase through the Forget RPC of any "
+              "node",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resolver", description="Real-time customer identity resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: 127.0.0.1:50051)")
     serve.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (default: CPUs)")
+    serve.add_argument("--cluster", metavar="URLS", help="NATS servers (nats://HOST:PORT,...): writes go through "
+                       "their replicated log, this node applies it to its own store ([cluster] nats; one worker)")
 
     imp = sub.add_parser("import", help="bulk-load customers from JSON lines or CSV")
     _store_args(imp)
@@ -160,8 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = {"data_dir": args.data_dir}
         if args.command == "serve":
             overrides |= {"listen": args.listen, "workers": args.workers}
+            if args.cluster:  # a cluster node serves with one worker unless told otherwise (and then refuses)
+                overrides |= {"nats": tuple(args.cluster.split(",")), "workers": args.workers or 1}
         settings = load_settings(args.config, **overrides)
         setup_logging(settings)
+        if settings.cluster.nats and args.command in CLUSTER_REFUSED:
+            print(f"resolver: {args.command}: {CLUSTER_REFUSED[args.command]}", file=sys.stderr)
+            return 2
         if args.command == "serve":
             from resolver.server import serve
 
@@ -221,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2
-    except (StoreError, OSError) as exc:
+    except (StoreError, ClusterError, OSError) as exc:  # ClusterError: NATS unreachable, another stream's store
         print(f"resolver: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")

@@ -134,9 +134,15 @@ class PermissionDenied(ResolverError):
 
 
 class DeadlineExceeded(ResolverError):
-    """The caller's deadline passed before the work started; nothing was done."""
+    """The caller's deadline passed before the work was done; nothing was written. `stage`: where it was seen,
+    "prepare" (validating, normalizing or reading, before any write was queued) or "queued" (the write waited in the
+    writer's queue past it, and was skipped: resolver.writer). Counted by stage (resolver.metrics)."""
 
     reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, *, stage: str = "prepare") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class Unauthenticated(ResolverError):
@@ -201,6 +207,21 @@ class ResourceExhausted(ResolverError):
         self.limit = limit
 
 
+class Overloaded(ResourceExhausted):
+    """A worker at its admission limit refused the call before doing any of its work (resolver.api.admission):
+    retry after `retry_after_s` seconds, preferably on another worker (reason OVERLOADED)."""
+
+    def __init__(self, message: str, *, retry_after_s: float, limit: str) -> None:
+        super().__init__(message, reason="OVERLOADED", limit=limit)
+        self.retry_after_s = retry_after_s
+
+
+class StorageFull(ResourceExhausted):
+    """The data directory has no room for a write: the LMDB map is full (reason MAP_FULL, `limit` names
+    `[storage] map_size_mb`) or the filesystem holding it is (DISK_FULL). Nothing of the write was stored and reads
+    go on; the message says what the operator does (resolver.store makes it, README "Reliability")."""
+
+
 class EventRejected(ResolverError):
     """A signed change event that cannot be applied: schema, mapping, value or apply failure.
 
@@ -245,3 +266,8 @@ class ConfigError(Exception):
 
 class StoreError(Exception):
     """The data directory cannot be used as asked (hash algorithm changed, newer format, ...)."""
+
+
+class ClusterError(Exception):
+    """The replicated log (resolver.cluster) cannot be used: NATS unreachable, the stream refused, or this store
+    applied another stream or has fallen behind what the stream still holds."""

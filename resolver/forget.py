@@ -82,7 +82,7 @@ def forget(service: Service, key: str, customer_uuid: str, reason: str, who: str
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the deadline passed before the erasure started; nothing was written")
     settings = service.settings
-    return service.writer.submit(lambda view, c: apply(view, c, settings), cmd)
+    return service.writer.submit(lambda view, c: apply(view, c, settings), cmd, deadline=deadline)
 
 
 def prepare(key: str, customer_uuid: str, reason: str, who: str, settings: Settings, *, now_us: int) -> ForgetCommand:

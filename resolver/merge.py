@@ -54,6 +54,22 @@ class MergeResult:
                    replayed=replayed)
 
 
+def take_attributes(result: Record, rec: Record, survivor_updated_us: int) -> dict[str, Any]:
+    """Merge's rule per attribute, `rec` into `result`: the most recently set value wins, ties the survivor's (a field
+    the survivor cleared later than `rec` set it stays cleared). The attributes taken, with what `result` held before
+    (None: absent). `survivor_updated_us`: when the survivor was last written (for fields set before field times
+    were kept)."""
+    old: dict[str, Any] = {}
+    for name, value in rec.attributes.items():
+        theirs = rec.field_us.get(name, rec.updated_us)
+        ours = result.field_us.get(name, survivor_updated_us if name in result.attributes else -1)
+        if theirs > ours:
+            old.setdefault(name, result.attributes.get(name))
+            result.attributes[name] = value
+            result.field_us[name] = theirs
+    return old
+
+
 def prepare(key: str, survivor: str, merged: list[str], source_system: str, settings: Settings, *,
             now_us: int) -> MergeCommand:
     """Validate the request (every bad field listed) and fix its clock."""
@@ -120,15 +136,9 @@ def apply(txn: Txn, cmd: MergeCommand) -> MergeResult:
                 mine.setdefault(holder, since)
         for slot, at in rec.slot_us.items():
             result.slot_us[slot] = max(at, result.slot_us.get(slot, at))
-        for name, value in rec.attributes.items():
-            # most recent per field; a field the survivor cleared later than this value was set stays cleared
-            theirs = rec.field_us.get(name, rec.updated_us)
-            ours = result.field_us.get(name, survivor.updated_us if name in result.attributes else -1)
-            if theirs > ours:
-                taken_old.setdefault(name, result.attributes.get(name))
-                result.attributes[name] = value
-                result.field_us[name] = theirs
-                taken[name] = value
+        for name, was in take_attributes(result, rec, survivor.updated_us).items():
+            taken_old.setdefault(name, was)
+            taken[name] = result.attributes[name]
         txn.delete_record(uuid_bytes(rec.uuid))
         txn.put_alias(uuid_bytes(rec.uuid), survivor_id)
     uid = uuid_bytes(result.uuid)

@@ -50,6 +50,7 @@ COMMIT_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.
 OUTCOMES = {NOT_FOUND: "NOT_FOUND", MATCHED: "MATCHED", AMBIGUOUS: "AMBIGUOUS"}  # the probe loop's numbers
 KINDS = {0: "NONE", EXTERNAL_ID: "EXTERNAL_ID", EMAIL: "EMAIL", PHONE: "PHONE"}  # matched_on; 0: NOT_FOUND's
 ACTIONS = ("CREATED", "UPDATED", "UNCHANGED")
+STAGES = ("prepare", "queued")  # where an expired call was stopped (resolver.errors.DeadlineExceeded)
 LEDGER_METHODS = ("Upsert", "Merge", "Unmerge", "Forget", "RecordInteraction")  # what a ledger replay answers
 
 
@@ -96,6 +97,10 @@ class _Recorder:
         replays = Counter("resolver_ledger_replays_total", "Calls answered from the idempotency ledger (same key, "
                           "same request: nothing written), by method", ("method",), registry=None)
         self.replays = {m: replays.labels(m) for m in LEDGER_METHODS}
+        self.expired = Counter("resolver_deadline_expired_total", "Calls answered DEADLINE_EXCEEDED by the service, "
+                               "none of which wrote anything, by method and stage: prepare (validating, normalizing "
+                               "or reading), queued (a write skipped by the writer: it waited past its deadline)",
+                               ("method", "stage"), registry=None)
         self.commits = Histogram("resolver_lmdb_commit_seconds", "Duration of one LMDB write transaction's commit "
                                  "(synced to disk), in any serving process", buckets=COMMIT_BUCKETS, registry=None)
         self.last_commit = Gauge("resolver_lmdb_last_commit_seconds", "Duration of the most recent LMDB commit",
@@ -133,6 +138,13 @@ def upserted(action: str, replayed: bool) -> None:
     on = _on
     if on is not None:
         (on.replays["Upsert"] if replayed else on.actions[action]).inc()
+
+
+def deadline_expired(method: str, stage: str) -> None:
+    """A call of `method` was answered DEADLINE_EXCEEDED with nothing written, seen at `stage` (one of STAGES)."""
+    on = _on
+    if on is not None:
+        on.expired.labels(method, stage).inc()
 
 
 def ledger_replayed(method: str) -> None:

@@ -35,7 +35,7 @@ import lmdb
 from resolver import datalock
 from resolver.compact import DATA_FILE
 from resolver.config import Settings
-from resolver.errors import StoreError
+from resolver.errors import StorageFull, StoreError
 from resolver.normalize import Kind
 from resolver.records import Record
 from resolver.store import INDEX_NAMES, Store, Txn, index_meta
@@ -86,9 +86,9 @@ def run_reindex(settings: Settings, *, drop_record_tombstones: bool = False) -> 
                     done = rebuild(view, settings, drop_record_tombstones=drop_record_tombstones)
             finally:
                 store.close()
-        except lmdb.MapFullError:
-            raise StoreError(f"{data_dir}: not reindexed, the store is unchanged: the map is full (the old and the "
-                             "new index share it until the commit): raise [storage] map_size_mb") from None
+        except StorageFull as exc:
+            raise StoreError(f"{data_dir}: not reindexed, the store is unchanged: {exc.message} (the old and the new "
+                             "index share the map until the commit)") from None
         except (lmdb.Error, StoreError) as exc:
             raise StoreError(f"{data_dir}: not reindexed, the store is unchanged: {exc}") from exc
     print(f"reindex: {data_dir}: {done.before} -> {done.after}: {done.records} records; index entries: "

@@ -1,7 +1,8 @@
 """`resolver serve`: run the application built by resolver.bootstrap in one process or N workers sharing the port.
 
 Each worker opens the LMDB environment itself after it has started (spawned, never forked with an open
-environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API.
+environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API. A worker that
+dies is restarted on the same ports (bounded, with a backoff); its replacement frees the dead one's LMDB reader slots.
 With events enabled, the webhook endpoint and the applier run in one more child, the events process
 (resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
 workers keep `IngestEvents` and the DLQ admin RPCs. With `[outbound]` destinations, the deliverer runs in one more
@@ -26,10 +27,12 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import queue
 import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -38,7 +41,7 @@ from resolver import datalock, metrics
 from resolver.address import parse_address
 from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
-from resolver.events.process import EventsProcess, EventsProcessError
+from resolver.events.process import BACKOFF_S, HEALTHY_AFTER_S, MAX_RESTARTS, EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
 from resolver.metrics_endpoint import MetricsEndpoint
 from resolver.outbound.process import OutboundProcess
@@ -153,6 +156,9 @@ class _Workers(Protocol):
     def reload(self) -> None:
         """SIGHUP: re-read certificates, tokens and webhook secrets where the gRPC side serves."""
 
+    def check(self) -> None:
+        """Called from the supervisor's loop: restart a worker process that died (none to restart in process)."""
+
 
 class _InProcess:
     """One worker: the gRPC server runs in the supervisor's own process."""
@@ -177,6 +183,9 @@ class _InProcess:
         if self.running is not None:
             self.running.reload()
 
+    def check(self) -> None:
+        pass  # the worker is this process
+
 
 class _Spawned:
     """N worker processes binding the port the supervisor holds with SO_REUSEPORT, each also on its own port."""
@@ -187,19 +196,69 @@ class _Spawned:
         self.worker_ports = worker_ports
         self.ctx = ctx
         self.procs: list[Any] = []
+        self._ready: Any = None  # the workers' "started" queue: (index, None or why it failed)
+        self._started_at: list[float] = []
+        self._failures: list[int] = []  # consecutive unexpected exits, per worker
+        self._restart_at: dict[int, float] = {}  # worker -> when its replacement starts
+        self._stopping = False
+
+    def _process(self, index: int) -> Any:
+        return self.ctx.Process(target=_worker, args=(self.settings, self._ready, index, self.worker_ports),
+                                name=f"resolver-worker-{index}")
 
     def start(self) -> str | None:
-        ready = self.ctx.Queue()
-        self.procs = [self.ctx.Process(target=_worker, args=(self.settings, ready, i, self.worker_ports),
-                                       name=f"resolver-worker-{i}")
-                      for i in range(self.settings.server.workers)]
+        self._ready = self.ctx.Queue()
+        count = self.settings.server.workers
+        self.procs = [self._process(i) for i in range(count)]
+        self._started_at, self._failures = [time.monotonic()] * count, [0] * count
         with sighup_blocked():  # each worker takes SIGHUP once its handler is in place
             for p in self.procs:
                 p.start()
-        failures = [err for _, err in (ready.get(timeout=60) for _ in self.procs) if err]
+        failures = [err for _, err in (self._ready.get(timeout=60) for _ in self.procs) if err]
         return f"a worker failed to start: {failures[0]}" if failures else None
 
+    def check(self) -> None:
+        """Restart a worker that died (kill -9, the OOM killer), on its own ports, after a growing backoff, at most
+        MAX_RESTARTS times in a row. Its replacement opens the store, which frees the LMDB reader slots the dead one
+        held (resolver.store: a stale slot pins old pages, so the file would grow); worker 0 also brings the
+        sweepers back. Never blocks: a replacement's start-up is logged when it reports."""
+        while True:
+            try:
+                index, error = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if error:
+                log.error("worker %d failed to restart: %s", index, error)
+            else:
+                log.info("worker %d restarted (pid %d)", index, self.procs[index].pid)
+        now = time.monotonic()
+        for index, p in enumerate(self.procs):
+            if self._stopping or p.is_alive():
+                if self._failures[index] and now - self._started_at[index] >= HEALTHY_AFTER_S:
+                    self._failures[index] = 0
+                continue
+            if index in self._restart_at:
+                if now >= self._restart_at[index]:
+                    del self._restart_at[index]
+                    self.procs[index] = self._process(index)
+                    self._started_at[index] = now
+                    with sighup_blocked():
+                        self.procs[index].start()
+                continue
+            if self._failures[index] > MAX_RESTARTS:
+                continue  # given up on: the other workers serve the port
+            self._failures[index] += 1
+            if self._failures[index] > MAX_RESTARTS:
+                log.error("worker %d (pid %s) died (exit code %s) %d times in a row: not restarting it; the other "
+                          "workers serve the port", index, p.pid, p.exitcode, MAX_RESTARTS + 1)
+                continue
+            delay = BACKOFF_S[min(self._failures[index], len(BACKOFF_S)) - 1]
+            log.error("worker %d (pid %s) died unexpectedly (exit code %s); restarting it in %gs (restart %d of at "
+                      "most %d in a row)", index, p.pid, p.exitcode, delay, self._failures[index], MAX_RESTARTS)
+            self._restart_at[index] = now + delay
+
     def stop(self, grace: float | None = None) -> bool:
+        self._stopping = True  # no restart from here on
         if grace == 0:
             for p in self.procs:
                 p.terminate()
@@ -367,11 +426,12 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
         announce(f"resolver: serving on {listen.host}:{workers.port} ({count} worker{'s' if count > 1 else ''}"
                  f"{own_ports}, data {settings.server.data_dir}{tls}){hooks}{scrape}")
 
-        def check_children() -> None:  # restart a child that died
+        def check_children() -> None:  # restart a worker or a child that died
+            workers.check()
             for child in children:
                 child.check()
 
-        while (signum := signals.wait(check_children if children else None)) == signal.SIGHUP:
+        while (signum := signals.wait(check_children)) == signal.SIGHUP:
             log.info("SIGHUP: reloading certificates, tokens and webhook secrets in %d worker(s)%s", count,
                      "".join(f", {child.what}" for child in children))
             workers.reload()

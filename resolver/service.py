@@ -54,7 +54,7 @@ class Service:
         cmd = prepare(inp, self.settings, self.schema, self.policy, now_us=now_us(), deadline=deadline)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the write started; nothing was written")
-        return self.writer.submit(self._apply_upsert, cmd)
+        return self.writer.submit(self._apply_upsert, cmd, deadline=deadline)
 
     @property
     def writer(self) -> Writer:
@@ -72,14 +72,14 @@ class Service:
         cmd = merging.prepare(key, survivor, merged, source_system, self.settings, now_us=now_us())
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the merge started; nothing was written")
-        return self.writer.submit(merging.apply, cmd)
+        return self.writer.submit(merging.apply, cmd, deadline=deadline)
 
     def unmerge(self, key: str, survivor: str, merged: str, deadline: float | None = None) -> unmerging.UnmergeResult:
         """Undo the merge of `merged` into `survivor` in one durable write transaction (contract §7)."""
         cmd = unmerging.prepare(key, survivor, merged, self.settings, now_us=now_us())
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the deadline passed before the unmerge started; nothing was written")
-        return self.writer.submit(unmerging.apply, cmd)
+        return self.writer.submit(unmerging.apply, cmd, deadline=deadline)
 
     def sweep_ledger(self, now: int | None = None, batch: int = 1000) -> int:
         """Delete expired idempotency entries in write transactions of up to `batch`; how many were deleted."""

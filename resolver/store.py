@@ -49,6 +49,7 @@ one write transaction per mutating request, synced to disk before it returns.
 
 from __future__ import annotations
 
+import os
 import struct
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -64,7 +65,7 @@ from resolver._hotpath import KeyHasher, Prober
 from resolver._probe_types import Probed
 from resolver.config import Settings
 from resolver.crypto import Sealer
-from resolver.errors import StoreError
+from resolver.errors import StorageFull, StoreError
 from resolver.normalize import Kind
 from resolver.records import Record, decode_json, encode_json
 
@@ -78,6 +79,8 @@ EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"e
              b"ev_counters", b"merges", b"pii_refs", b"interactions", b"ob_queue", b"ob_dlq", b"ob_state",
              b"audit")
 _CHANGE_REF = b"C"
+# A commit that fails with this little room left on the filesystem failed for want of room (Store.storage_full).
+DISK_FULL_MARGIN = 2**20
 _LEDGER_REF = b"L"
 
 
@@ -211,8 +214,42 @@ class Store:
 
     def write(self) -> Txn:
         """One write transaction (`with store.write() as txn`): committed, and synced, when the block ends
-        normally; aborted on any error. The commit's duration goes to resolver.metrics."""
+        normally; aborted on any error. The commit's duration goes to resolver.metrics. A full map or disk, at a
+        put or at the commit, raises StorageFull (`storage_full`): nothing of the transaction is stored."""
         return _WriteTxn(self, self.env.begin(write=True))
+
+    def nested(self, parent: Txn) -> Txn:
+        """A write transaction inside `parent` (`with store.nested(parent) as txn`): merged into the parent when
+        the block ends normally, rolled back alone on any error (the parent goes on); a full map raises
+        StorageFull, as in `write`."""
+        return _NestedTxn(self, self.env.begin(write=True, parent=parent.txn))
+
+    def storage_full(self, exc: lmdb.Error, *, committing: bool) -> StorageFull | None:
+        """The StorageFull that an LMDB error of a write transaction means, None when it means something else.
+
+        The one place that turns storage errors into what a caller is told. MDB_MAP_FULL (at a put or at the
+        commit): the map is full. ENOSPC at the commit: the disk is. LMDB reports a short write of the commit as
+        EIO, not ENOSPC (a filesystem that took part of the pages), so an error of the commit without a class of
+        its own, with the filesystem (nearly) full, is a full disk too.
+        """
+        if isinstance(exc, lmdb.MapFullError):
+            mb = self.env.info()["map_size"] // 2**20
+            return StorageFull(
+                f"the LMDB map is full ([storage] map_size_mb = {mb}): nothing of this write was stored; raise "
+                "[storage] map_size_mb in the blueprint (a server takes it when restarted; the data file is sparse: "
+                "a larger map costs no disk until it is used)", reason="MAP_FULL", limit="[storage] map_size_mb")
+        if not committing or not (isinstance(exc, lmdb.DiskError) or type(exc) is lmdb.Error):
+            return None
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        if not isinstance(exc, lmdb.DiskError) and free >= DISK_FULL_MARGIN:
+            return None
+        return StorageFull(
+            f"the disk holding the data directory is full ({free / 2**20:.1f} MiB free): nothing of this write was "
+            "stored; free space on that filesystem or grow it: writes resume without a restart", reason="DISK_FULL")
 
     def close(self) -> None:
         self.env.close()
@@ -473,14 +510,46 @@ class Txn:
 
 
 class _WriteTxn(Txn):
-    """`Store.write`'s transaction: as Txn, with the commit (and its sync) timed for resolver.metrics."""
+    """`Store.write`'s transaction: as Txn, with the commit (and its sync) timed for resolver.metrics, and a full
+    map or disk raised as StorageFull (Store.storage_full)."""
 
     __slots__ = ()
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
         if exc_type is None:
             started = perf_counter()
-            self.txn.commit()
+            try:
+                self.txn.commit()  # a failed commit has aborted the transaction
+            except lmdb.Error as error:
+                full = self.store.storage_full(error, committing=True)
+                if full is None:
+                    raise
+                raise full from error
             metrics.committed(perf_counter() - started)
         else:
             self.txn.abort()
+            exc = args[0] if args else None
+            if isinstance(exc, lmdb.Error) and (full := self.store.storage_full(exc, committing=False)) is not None:
+                raise full from exc
+
+
+class _NestedTxn(Txn):
+    """`Store.nested`'s transaction: merged into its parent on a normal exit (no disk write: the parent's commit
+    makes it durable), rolled back alone on an error, a full map raised as StorageFull."""
+
+    __slots__ = ()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
+        if exc_type is None:
+            try:
+                self.txn.commit()
+            except lmdb.Error as error:
+                full = self.store.storage_full(error, committing=False)
+                if full is None:
+                    raise
+                raise full from error
+        else:
+            self.txn.abort()
+            exc = args[0] if args else None
+            if isinstance(exc, lmdb.Error) and (full := self.store.storage_full(exc, committing=False)) is not None:
+                raise full from exc

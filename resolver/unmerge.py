@@ -4,11 +4,13 @@ The merged-away customer comes back as it was before the merge (identifiers, att
 moves forward), and its alias is removed. On the survivor:
 
 - an email or phone the merged customer brought leaves unless the survivor held it before the merge, or some
-  holder took it after the merge (provenance: `Record.held`, holder -> since when);
+  holder took it after the merge, or a customer still merged into the survivor holds it too (its identifiers keep
+  resolving to the survivor) (provenance: `Record.held`, holder -> since when);
 - an external_id it brought leaves (external_ids are unique: it goes back to its owner);
 - per attribute: a value written after the merge (the change log says so; for entries retention deleted, the
-  journal entry's `written_since`: resolver.retention) stays; any other goes back to what the survivor had before
-  the merge (set, or absent);
+  journal entry's `written_since`: resolver.retention) stays; any other goes back to what the survivor would hold
+  had the merge not brought the restored customer: what it had before the merge (set, or absent), with what the
+  customers merged in the same request brought (merge's own rule, `resolver.merge.take_attributes`);
 - the CRM slots it brought leave with it.
 
 Blocked (UnmergeBlocked, every blocker named) when something later depends on the merge: the survivor was
@@ -26,6 +28,7 @@ from resolver import ledger
 from resolver.config import Settings
 from resolver.erase import tombstone
 from resolver.errors import Blocker, FailedPrecondition, FieldViolation, InvalidInput, NotFound, UnmergeBlocked
+from resolver.merge import take_attributes
 from resolver.normalize import Kind, mask
 from resolver.records import Record, held_key
 from resolver.store import Txn, uuid_bytes, uuid_text
@@ -92,6 +95,12 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
     assert survivor is not None
     at_us = entry["at_us"]
     after = survivor.copy()
+    sealer = txn.store.sealer
+    # who else is still merged into the survivor: their identifiers keep resolving to it (contract §3), and the
+    # attributes the same merge took from them stay
+    others = [sealer.open_record(Record.from_json(m)) for m in entry["merged"] if m["uuid"] != cmd.merged_uuid]
+    still = {(key, holder) for e in txn.journal(sid) for m in e["merged"] if m["uuid"] != cmd.merged_uuid
+             for key, holders in Record.from_json(m).held.items() for holder in holders}
 
     for kind, value in snapshot.identifiers():
         if kind is Kind.EXTERNAL_ID:
@@ -105,7 +114,7 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
         mine = after.held.get(key, {})
         had = before.held.get(key, {})
         for holder in snapshot.held.get(key, {}):
-            if holder in mine and holder not in had and mine[holder] <= at_us:
+            if holder in mine and holder not in had and mine[holder] <= at_us and (key, holder) not in still:
                 if after.release(kind, value, holder):
                     txn.index_remove(kind, value, sid)
     for slot in snapshot.slot_us.keys() - before.slot_us.keys():
@@ -113,20 +122,24 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
             after.slot_us.pop(slot, None)
     # the change log after the merge, and what retention folded into the journal entry before deleting log entries
     written = _written_since(txn, sid, entry["seq"]) | set(entry.get("written_since", ()))
+    # what the survivor would hold had the merge not brought the restored customer (the others merged with it did)
+    without = before.copy()
+    for rec in others:
+        take_attributes(without, rec, before.updated_us)
     changed: dict[str, Any] = {}
     changed_old: dict[str, Any] = {}
-    for name in {*after.attributes, *after.field_us, *before.attributes}:
+    for name in {*after.attributes, *after.field_us, *without.attributes}:
         if name in written:
             continue  # written since the merge: it stays
         now = after.attributes.get(name)
-        if name in before.attributes:
-            after.attributes[name] = before.attributes[name]
+        if name in without.attributes:
+            after.attributes[name] = without.attributes[name]
         else:
             after.attributes.pop(name, None)
         if after.attributes.get(name) != now:
             changed[name], changed_old[name] = after.attributes.get(name), now
-        if name in before.field_us:
-            after.field_us[name] = before.field_us[name]
+        if name in without.field_us:
+            after.field_us[name] = without.field_us[name]
         else:
             after.field_us.pop(name, None)
     after.version += 1
@@ -145,6 +158,7 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
         txn.journal_put(sid, entry["seq"], {**entry, "merged": rest})
     else:
         txn.journal_delete(sid, entry["seq"])
+    _rebase_later_merges(txn, sid, entry["seq"], at_us, before, snapshot)
     txn.append_change({"at_us": cmd.now_us, "customer_uuid": after.uuid, "action": "UNMERGED", "version": after.version,
                        "restored_uuid": restored.uuid, "restored_version": restored.version,
                        "merge_seq": entry["seq"], "pii_of": [restored.uuid], "attributes": changed,
@@ -153,6 +167,27 @@ def apply(txn: Txn, cmd: UnmergeCommand) -> UnmergeResult:
     out = UnmergeResult(after.uuid, after.version, restored.uuid, restored.version)
     ledger.record(txn, cmd.idempotency_key, cmd.fingerprint, cmd.expires_us, out.to_json())
     return out
+
+
+def _rebase_later_merges(txn: Txn, sid: bytes, seq: int, at_us: int, before: Record, restored: Record) -> None:
+    """The merges into the survivor after merge `seq` recorded it holding what the restored customer had brought
+    (an email or phone, per holder); it no longer holds them in its own right, so undoing those merges later must
+    let them go too (unless a customer still merged holds them: `still` in `apply`)."""
+    brought = {(key, holder) for key, holders in restored.held.items() for holder in holders
+               if holder not in before.held.get(key, {})}
+    for later in txn.journal(sid) if brought else ():
+        if later["seq"] <= seq:
+            continue
+        was = Record.from_json(later["survivor_before"])
+        held = {key: {h: since for h, since in holders.items() if (key, h) not in brought or since > at_us}
+                for key, holders in was.held.items()}
+        if held == was.held:
+            continue
+        values = {key for key, holders in held.items() if holders}
+        txn.journal_put(sid, later["seq"], {**later, "survivor_before": {
+            **later["survivor_before"], "held": {key: holders for key, holders in held.items() if holders},
+            "emails": [e for e in was.emails if held_key(Kind.EMAIL, e) in values],
+            "phones": [p for p in was.phones if held_key(Kind.PHONE, p) in values]}})
 
 
 def _written_since(txn: Txn, sid: bytes, seq: int) -> set[str]:

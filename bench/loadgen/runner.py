@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
 from typing import Any
@@ -79,6 +80,9 @@ class PhaseResult:
     # the slowest call (µs) per SLICE_S of intended send time from the phase's start: where in the window a
     # p99 came from (a steady spread, or one stall). Merged phases: slice k of each, the worst.
     slices_us: list[int] = field(default_factory=list)
+    # the latency histogram of each status code's calls apart (code name -> encoded HdrHistogram, µs): how fast a
+    # refusal came back, beside how long an answer took
+    code_histograms: dict[str, str] = field(default_factory=dict)
 
     # -- derived figures ---------------------------------------------------------------------------------
 
@@ -87,6 +91,11 @@ class PhaseResult:
 
     def lag(self) -> HdrHistogram:
         return HdrHistogram.decode(self.lag_histogram) if self.lag_histogram else new_histogram()
+
+    def hist_of(self, code: str) -> HdrHistogram:
+        """The latency histogram of the calls that ended with status `code` ("OK", "RESOURCE_EXHAUSTED", ...)."""
+        encoded = self.code_histograms.get(code)
+        return HdrHistogram.decode(encoded) if encoded else new_histogram()
 
     @property
     def achieved_rate(self) -> float:
@@ -143,6 +152,10 @@ class PhaseResult:
         self.send_span_s += other.send_span_s
         self.codes = dict(Counter(self.codes) + Counter(other.codes))
         self.slices_us = [max(a, b) for a, b in zip_longest(self.slices_us, other.slices_us, fillvalue=0)]
+        for code in other.code_histograms:
+            per_code = self.hist_of(code)
+            per_code.add(other.hist_of(code))
+            self.code_histograms[code] = per_code.encode().decode()
         if self.server_cpu_s is not None and other.server_cpu_s is not None:
             self.server_cpu_s += other.server_cpu_s
         else:
@@ -283,12 +296,17 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
 
     out = []
     hists = [new_histogram() for _ in phases]
+    code_hists: list[dict[str, HdrHistogram]] = [{} for _ in phases]
     codes: list[Counter[str]] = [Counter() for _ in phases]
     slices: list[dict[int, int]] = [{} for _ in phases]
     for index, intended, finish, code in list(done):
         us = max((finish - intended) // 1000, LOWEST)
         hists[index].record_value(us)
         codes[index][code.name] += 1
+        per_code = code_hists[index].get(code.name)
+        if per_code is None:
+            per_code = code_hists[index][code.name] = new_histogram()
+        per_code.record_value(us)
         k = int((intended - phase_start[index]) // (SLICE_S * 1e9))
         slices[index][k] = max(slices[index].get(k, 0), us)
     for index, ph in enumerate(phases):
@@ -299,6 +317,7 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
             codes=dict(c), late_sends=late[index], send_span_s=spans[index], histogram=hists[index].encode().decode(),
             lag_histogram=lag[index].encode().decode(),
             slices_us=[slices[index].get(k, 0) for k in range(max(slices[index], default=-1) + 1)],
+            code_histograms={name: h.encode().decode() for name, h in code_hists[index].items()},
         ))
     results.put((part, out))
     for ch in channels.values():
@@ -309,9 +328,11 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
 
 
 def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = None, gap_s: float = GAP_S,
-               seed: int = 1, run_id: str | None = None, lead_s: float = LEAD_S) -> list[PhaseResult]:
+               seed: int = 1, run_id: str | None = None, lead_s: float = LEAD_S,
+               at_phase: Callable[[Phase], None] | None = None) -> list[PhaseResult]:
     """Run `phases` back to back (with `gap_s` between them for in-flight calls to drain) from `clients`
-    processes; return one merged result per recorded phase, with the server's CPU seconds read around it."""
+    processes; return one merged result per recorded phase, with the server's CPU seconds read around it.
+    `at_phase(phase)` is called in this process as each phase starts (to mark what a sampler sees)."""
     if not phases:
         return []
     ctx = multiprocessing.get_context("spawn")
@@ -335,6 +356,8 @@ def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = Non
         at = t0
         for ph in phases:
             _sleep_until(at)
+            if at_phase is not None:
+                at_phase(ph)
             before = tree_cpu_seconds(ph.server_pid) if ph.server_pid else None
             after_gap = gap if ph.gap_s is None else int(ph.gap_s * 1e9)
             at += int(ph.duration_s * 1e9) + after_gap

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from resolver import interactions, metrics
 from resolver._rwire_py import raw_identifiers, skipped_pb
 from resolver.api.wire import plain_struct
-from resolver.errors import DeadlineExceeded
+from resolver.errors import DeadlineExceeded, FieldViolation, InvalidInput
 from resolver.interactions import InteractionInput, InteractionResult
 from resolver.service import now_us
 from resolver.v1 import resolver_pb2 as pb
@@ -25,10 +25,22 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _occurred_us(req: pb.RecordInteractionRequest) -> int | None:
+    """occurred_at in microseconds (None: not given). A Timestamp that protobuf itself calls invalid (nanos outside
+    0-999,999,999, a second outside the years 1-9999) is the caller's bad field, never an internal error."""
+    if not req.HasField("occurred_at"):
+        return None
+    try:
+        return req.occurred_at.ToMicroseconds()
+    except ValueError:
+        raise InvalidInput([FieldViolation("occurred_at", "not a valid Timestamp (nanos 0-999999999, years 1-9999)",
+                                           "INVALID")]) from None
+
+
 def interaction_input(req: pb.RecordInteractionRequest) -> InteractionInput:
     return InteractionInput(
         interaction_id=req.interaction_id,
-        occurred_us=req.occurred_at.ToMicroseconds() if req.HasField("occurred_at") else None,
+        occurred_us=_occurred_us(req),
         customer_uuid=req.customer_uuid,
         identifiers=raw_identifiers(req.identifiers),
         channel=req.channel,
@@ -84,7 +96,7 @@ class InteractionRpcs:
             def apply(txn: Txn, command: interactions.InteractionCommand) -> InteractionResult:
                 return interactions.apply(txn, command, service.settings)
 
-            result = service.writer.submit(apply, cmd)
+            result = service.writer.submit(apply, cmd, deadline=deadline)
             if result.replayed:
                 metrics.ledger_replayed("RecordInteraction")
             return record_response(result)

@@ -17,6 +17,9 @@ its own (grpcio's), which is why resolver.api.caller can hold the caller in a Co
 - Access log: one line per call on the logger "resolver.access" at INFO, with the `extra` fields of ACCESS_FIELDS
   and nothing else: never a payload, never the token.
 - Metrics: the same duration, by method and code, into resolver.metrics' latency histogram (with `[metrics]` on).
+- Admission (resolver.api.admission), first of all: an overloaded worker answers a call RESOURCE_EXHAUSTED
+  (OVERLOADED) before any of the above, from a thread of its own: no request id, no access line (a WARNING line
+  counts refusals every few seconds), counted in the metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import grpc
 
 from resolver import errors, metrics
 from resolver.api import caller
+from resolver.api.admission import Admission
 from resolver.api.status import to_status
 from resolver.auth import TokenSet
 
@@ -85,10 +89,11 @@ class CallInterceptor(grpc.ServerInterceptor):
     """Auth (when `tokens` is given), request ids and the access log for every call of `service` (a full service
     name such as "resolver.v1.IdentityResolver"); calls of other services pass untouched."""
 
-    def __init__(self, service: str, tokens: TokenSet | None = None) -> None:
+    def __init__(self, service: str, tokens: TokenSet | None = None, admission: Admission | None = None) -> None:
         self._prefix = f"/{service}/"
         self._tokens = tokens
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._admission = admission  # None: every call is queued for the handler pool
         # request ids: a random prefix per server (each worker builds its own) and a counter, cheaper than a uuid
         self._id_prefix = secrets.token_hex(4) + "-"
         self._counter = itertools.count(1)
@@ -103,6 +108,10 @@ class CallInterceptor(grpc.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or not method.startswith(self._prefix):
             return handler
+        if self._admission is not None and not self._admission.admits():  # overloaded: refused at once
+            refusal = self._admission.refusal(method[len(self._prefix):], handler)
+            if refusal is not None:
+                return refusal
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]

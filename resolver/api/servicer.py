@@ -25,7 +25,7 @@ from resolver.api.interactions_rpc import InteractionRpcs
 from resolver.api.outbound_rpc import OutboundRpcs
 from resolver.api.status import internal_status, to_rpc_status, to_status
 from resolver.api.wire import plain_struct
-from resolver.errors import FailedPrecondition, ResolverError
+from resolver.errors import DeadlineExceeded, FailedPrecondition, ResolverError
 from resolver.events.runtime import Events
 from resolver.identifiers import Identifiers
 from resolver.resolve import ResolveInput, ResolveResult
@@ -115,6 +115,8 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
         try:
             return fn()
         except ResolverError as exc:
+            if isinstance(exc, DeadlineExceeded):  # counted here, once for every stage that can see it
+                metrics.deadline_expired(method, exc.stage)
             context.abort_with_status(to_status(exc))
         except Exception:
             # No payload in the log line: request fields may hold PII.

@@ -103,6 +103,11 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
     elif isinstance(exc, errors.SequenceOutOfRange):
         metadata["oldest_sequence"] = str(exc.oldest)
         metadata["next_sequence"] = str(exc.next_sequence)
+    elif isinstance(exc, errors.Overloaded):
+        metadata["limit"] = exc.limit
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(exc.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     elif isinstance(exc, errors.ResourceExhausted) and exc.limit:
         metadata["limit"] = exc.limit
     elif isinstance(exc, errors.EventRejected):

@@ -14,7 +14,9 @@ def describe(s: Settings) -> str:
         f"blueprint: {s.blueprint_path or '(none: built-in defaults)'}",
         f"server: listen {server.listen}, {server.workers} worker(s) x {server.threads} threads (own ports "
         f"{f'from {server.worker_port_base}' if server.worker_port_base else 'chosen at start'}), "
-        f"max {server.max_concurrent_rpcs} concurrent RPCs, grace {server.grace_period_s:g}s",
+        f"max {server.max_concurrent_rpcs} concurrent RPCs, calls refused once one waited "
+        f"{server.max_queue_wait_ms:g} ms for a thread, grace {server.grace_period_s:g}s (NOT_SERVING notice "
+        f"{min(server.shutdown_notice_s, server.grace_period_s / 2):g}s of it)",
         f"storage: {server.data_dir} (map size {storage.map_size_mb} MiB, {storage.max_readers} readers)",
         f"index keys: {index.hash}" + (f" (key id {index.key_id}, secret set)" if index.secret else ""),
         f"matching: {' > '.join(PRECEDENCE)}; writes select by {', '.join(matching.write_keys) or 'nothing'}; "
@@ -79,6 +81,9 @@ def describe(s: Settings) -> str:
         ([f"{ch.retention_count} entries"] if ch.retention_count else [])
     lines.append(f"changes: log kept {' or '.join(kept) + ' (whichever removes more)' if kept else 'whole'}; "
                  f"{ch.max_watchers} watcher(s) per worker, cut off after {ch.stall_timeout_s:g}s without reading")
+    cl = s.cluster
+    lines.append(f"cluster: writes through JetStream stream {cl.stream} (R{cl.replicas}, kept {cl.stream_max_age_s:g}s / "
+                 f"{cl.stream_max_mb} MB) on {', '.join(cl.nats)}" if cl.nats else "cluster: off (writes applied here)")
     lines.append(f"metrics: GET /metrics on {s.metrics.listen}" if s.metrics.listen else "metrics: off")
     return "\n".join(lines)
 

@@ -47,6 +47,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
         raise ConfigError([f"{p}: cannot read: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError([f"{p}: arrays or inline tables nested too deeply to read"]) from None
     return settings_from_document(doc, env, blueprint_path=p).with_overrides(**overrides)
 
 

@@ -39,8 +39,10 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "workers": {"type": "integer", "minimum": 1, "maximum": 64},
             "threads": {"type": "integer", "minimum": 1, "maximum": 256},
             "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
+            "max_queue_wait_ms": {"type": "number", "minimum": 1},
             "worker_port_base": {"type": "integer", "minimum": 0, "maximum": 65535},
             "grace_period_s": {"type": "number", "minimum": 0},
+            "shutdown_notice_s": {"type": "number", "minimum": 0},
             "insecure": {"type": "boolean"},
         }),
         "tls": _table({
@@ -187,6 +189,16 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "commit_window_ms": {"type": "number", "minimum": 0, "maximum": 1000},
             "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},
             "process_sched_idle": {"type": "boolean"},
+        }),
+        "cluster": _table({
+            "nats": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
+            "stream": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}$"},
+            "replicas": {"type": "integer", "minimum": 1, "maximum": 5},
+            "stream_max_age_s": {"type": "number", "exclusiveMinimum": 0},
+            "stream_max_mb": {"type": "integer", "minimum": 1},
+            "dedupe_window_s": {"type": "number", "exclusiveMinimum": 0},
+            "apply_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600},
+            "connect_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600},
         }),
         "metrics": _table({
             "listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},

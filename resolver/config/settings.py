@@ -39,6 +39,7 @@ class Settings:
     events: tables.EventSettings = field(default_factory=tables.EventSettings)
     metrics: tables.MetricsSettings = field(default_factory=tables.MetricsSettings)
     changes: tables.ChangeSettings = field(default_factory=tables.ChangeSettings)
+    cluster: tables.ClusterSettings = field(default_factory=tables.ClusterSettings)
     interactions: tables.InteractionSettings = field(default_factory=tables.InteractionSettings)
     activity: tables.ActivitySettings | None = None  # None: no [activity] table (interactions carry no CRM activity)
     outbound: Mapping[str, tables.OutboundSpec] = field(default_factory=dict)  # [outbound.NAME] destinations
@@ -82,12 +83,15 @@ assert not TABLE_OF.keys() & {f.name for f in fields(Settings)}, "a key is named
 
 # Keys whose TOML or command-line value is not yet the field's type; every other value is used as given.
 _CONVERT: dict[str, Callable[[Any], Any]] = {
-    "data_dir": Path, "grace_period_s": float, "sweep_interval_s": float,
+    "data_dir": Path, "grace_period_s": float, "sweep_interval_s": float, "max_queue_wait_ms": float,
+    "shutdown_notice_s": float,
     "write_keys": tuple, "default_region": str.upper, "blocked_values": frozenset, "blocked_patterns": tuple,
     "peak_rps": float, "latency_target_ms": float, "idempotency_retention_s": float,
     "rate_per_s": float, "timestamp_tolerance_s": float, "commit_window_ms": float,
     "min_rate_per_s": float, "idle_cpu": float, "busy_cpu": float,
     "retention_days": float, "stall_timeout_s": float,
+    "nats": tuple, "stream_max_age_s": float, "dedupe_window_s": float, "apply_timeout_s": float,
+    "connect_timeout_s": float,
 }
 assert _CONVERT.keys() <= TABLE_OF.keys()
 
@@ -159,11 +163,33 @@ def check_settings(s: Settings) -> list[str]:
     for dest in s.outbound.values():
         problems += _check_outbound(dest, s)
     problems += _check_interactions(s)
+    problems += _check_cluster(s)
     problems += _check_address("server.listen", s.server.listen)
     if s.events.http_listen:  # "": no HTTP endpoint
         problems += _check_address("events.http_listen", s.events.http_listen)
     if s.metrics.listen:  # "": no metrics endpoint
         problems += _check_address("metrics.listen", s.metrics.listen)
+    return problems
+
+
+def _check_cluster(s: Settings) -> list[str]:
+    """`[cluster]`: NATS URLs; and, for now, only what the replicated log carries may write (resolver.cluster)."""
+    if not s.cluster.nats:
+        return []
+    problems = [f"cluster.nats: {url!r} is not a nats:// URL" for url in s.cluster.nats if not url.startswith("nats://")]
+    # one applier per data directory, in the serving process: its answers reach only that process's handlers
+    if s.server.workers != 1:
+        problems.append("server.workers: a cluster node serves with one worker (the applier answers its own writes)")
+    # change events and outbound delivery write node-local state outside the log: not replicated yet
+    if s.events.enabled:
+        problems.append("events.enabled: CRM change events are not replicated through [cluster] yet")
+    if s.outbound:
+        problems.append("outbound: outbound delivery is not replicated through [cluster] yet")
+    # retention deletes change-log entries by each node's clock, and Unmerge reads them: nodes would disagree
+    if s.changes.retention_days is not None or s.changes.retention_count is not None:
+        problems.append("changes: change-log retention is per node, not replicated through [cluster] yet")
+    if s.cluster.dedupe_window_s > s.cluster.stream_max_age_s:
+        problems.append("cluster.dedupe_window_s: longer than the stream keeps its commands (stream_max_age_s)")
     return problems
 
 

@@ -94,12 +94,22 @@ class ServerSettings:
     data_dir: Path = Path("./data")
     workers: int = field(default_factory=_one_worker_per_core)
     threads: int = 16
-    max_concurrent_rpcs: int = 256
+    # Calls in progress per worker (any service, streams included) past which gRPC itself refuses a new one,
+    # RESOURCE_EXHAUSTED with no details: the cheapest refusal there is (no handler thread, no Python call
+    # object), the bound that holds when even refusing by max_queue_wait_ms falls behind (resolver.api.admission).
+    max_concurrent_rpcs: int = 128
+    # Admission (resolver.api.admission): while the oldest call of the API waiting for a handler thread of a worker
+    # has waited this long, that worker refuses new calls at once, RESOURCE_EXHAUSTED (OVERLOADED) with RetryInfo,
+    # instead of queueing them until their deadlines. Health checks are never refused by it.
+    max_queue_wait_ms: float = 50.0
     # Each of several workers also listens on a port of its own, so a client's one channel can spread its calls
     # over all of them (round_robin; GetServerInfo names the ports): worker i on worker_port_base + i, or on a
     # free port chosen at start when 0.
     worker_port_base: int = 0
     grace_period_s: float = 5.0
+    # SIGTERM: for the first shutdown_notice_s of the grace period (at most half of it) health answers NOT_SERVING
+    # while calls are still taken, so load balancers and clients watching health move away before the port closes.
+    shutdown_notice_s: float = 1.0
     # Secure by default (contract §8): off loopback, `serve` refuses to start without TLS and tokens, and any
     # secret reference that does not resolve stops the start-up. True (the demo, a lab) allows both, with one
     # warning at start-up.
@@ -251,6 +261,25 @@ class MetricsSettings:
     with the `metrics` scope when [auth] is on, and off loopback only with both (or `[server] insecure = true`)."""
 
     listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """`[cluster]`: writes through a replicated log (contract §10; resolver.cluster). `nats`: the NATS servers'
+    URLs (empty: one machine, writes applied directly). Every write is published to the JetStream stream `stream`
+    (created with `replicas` copies, its commands kept `stream_max_age_s` and at most `stream_max_mb`, retries
+    de-duplicated within `dedupe_window_s`); this node applies the stream to its own store, and a write is
+    answered once applied here, or UNAVAILABLE after `apply_timeout_s` (retried with the same key, it is not
+    applied twice)."""
+
+    nats: tuple[str, ...] = ()
+    stream: str = "resolver"
+    replicas: int = 3
+    stream_max_age_s: float = 7 * 86400.0
+    stream_max_mb: int = 1024
+    dedupe_window_s: float = 120.0
+    apply_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

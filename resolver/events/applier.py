@@ -20,7 +20,7 @@ from typing import Any
 
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
-from resolver.errors import EventRejected
+from resolver.errors import EventRejected, StorageFull
 from resolver.events import counters, dlq, envelope
 from resolver.events.apply import Applied, apply_event
 from resolver.events.format import interpret
@@ -35,6 +35,7 @@ log = logging.getLogger("resolver.events")
 EMPTY_POLL_S = 0.05  # an empty inbox is looked at this often
 REPORT_S = 10.0  # while events flow, the applier logs its pace this often
 QUIET_S = 1.0  # ... and once more when the inbox has stayed empty this long
+FULL_PAUSE_S = 5.0  # with the map or disk full, the applier tries again this often (its events wait in the inbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +84,18 @@ def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit:
                 deltas["conflicts"] += len(result.conflicts)
                 deltas["stale_fields"] += len(result.stale)
             except EventRejected as exc:
-                exc.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, exc, origin="apply", now_us=now_us, ring=ring)
+                exc.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, exc, origin="apply", now_us=now_us, ring=ring,
+                                     counters_db=db["ev_counters"])
                 deltas["dead_lettered"] += 1
                 log.info("event %s from %s dead-lettered (%s) as #%d", meta["webhook_id"][:64], meta["source"],
                          exc.reason, exc.dlq_id)
+            except StorageFull:
+                raise  # not the event's fault: the batch is not stored, its events stay in the inbox
             except Exception as exc:  # a bug must not wedge the inbox: the event waits in the DLQ instead
                 log.exception("event from %s failed to apply", meta["source"])
                 rej = EventRejected(f"internal error while applying: {type(exc).__name__}", reason="APPLY_FAILED")
-                rej.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rej, origin="apply", now_us=now_us, ring=ring)
+                rej.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rej, origin="apply", now_us=now_us, ring=ring,
+                                     counters_db=db["ev_counters"])
                 deltas["dead_lettered"] += 1
             txn.delete(key, db=db["ev_inbox"])
             time.sleep(0)  # yield the GIL between events: Resolve threads wait at most one event, not a batch
@@ -205,6 +210,10 @@ class Applier:
                 n = drain_once(self.store, self.settings, self.schema, ev.batch)
                 if self.on_idle is not None and n < ev.batch:
                     self.on_idle()
+            except StorageFull as exc:
+                log.warning("event applier paused for %gs: %s", FULL_PAUSE_S, exc.message)
+                n = 0
+                self._stop.wait(FULL_PAUSE_S)
             except Exception:  # never take the server down; retry after a pause
                 log.exception("event applier failed; retrying")
                 n = 0

@@ -26,6 +26,12 @@ def add(txn: Any, db: Any, deltas: Mapping[str, int]) -> None:
         txn.put(key, _U64.pack(max(value, 0)), db=db)
 
 
+def value(txn: Any, db: Any, name: str) -> int:
+    """One counter (0 when it was never added to)."""
+    raw = txn.get(name.encode(), db=db)
+    return _U64.unpack(raw)[0] if raw is not None else 0
+
+
 def read(txn: Any, db: Any) -> dict[str, int]:
     out = dict.fromkeys(NAMES, 0)
     with txn.cursor(db=db) as cur:

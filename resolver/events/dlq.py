@@ -18,6 +18,8 @@ from resolver.normalize import mask_value as normalize_mask_value
 from resolver.redact import redact
 
 _U64 = struct.Struct(">Q")
+_LAST_ID = 2**64 - 1
+ISSUED = "dead_letter_ids"  # the counter holding the last dead-letter id issued
 
 
 def key(dlq_id: int) -> bytes:
@@ -25,10 +27,17 @@ def key(dlq_id: int) -> bytes:
 
 
 def put(txn: Any, db: Any, meta: dict[str, Any], body: bytes, exc: EventRejected, *, origin: str,
-        now_us: int, ring: KeyRing | None) -> int:
-    """Store a dead letter in the caller's write transaction; its id (1, 2, ...)."""
+        now_us: int, ring: KeyRing | None, counters_db: Any) -> int:
+    """Store a dead letter in the caller's write transaction; its id (1, 2, ...).
+
+    An id names one dead letter for good, even after it left the queue (replayed, discarded, erased by Forget):
+    `ListDeadLetters(after_id)` is a cursor, and the webhook dedupe entry points at the id. So the last id issued is
+    kept in the counters (`counters_db`, ISSUED), not read from the newest entry still queued."""
     with txn.cursor(db=db) as cur:
-        dlq_id = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
+        newest = _U64.unpack(cur.key())[0] if cur.last() else 0
+    issued = counters.value(txn, counters_db, ISSUED)
+    dlq_id = max(newest, issued) + 1
+    counters.add(txn, counters_db, {ISSUED: dlq_id - issued})
     entry = {**meta, "id": dlq_id, "reason": exc.reason, "detail": _detail(exc), "dead_lettered_us": now_us,
              "origin": origin, "attempts": meta.get("attempts", 0) + 1}
     txn.put(_U64.pack(dlq_id), envelope.encode(entry, body, ring), db=db, append=True)
@@ -48,6 +57,8 @@ def get(txn: Any, db: Any, dlq_id: int, *, ring: KeyRing | None) -> tuple[dict[s
 
 
 def iterate(txn: Any, db: Any, after: int = 0, *, ring: KeyRing | None) -> Iterator[tuple[dict[str, Any], bytes]]:
+    if after >= _LAST_ID:  # no id comes after the largest (uint64 after_id: any value a caller sends)
+        return
     with txn.cursor(db=db) as cur:
         if cur.set_range(_U64.pack(after + 1)):
             for _, raw in cur:

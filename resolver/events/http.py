@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from resolver.address import parse_address
-from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
+from resolver.errors import EventRejected, InboxFull, StorageFull, Unauthenticated, Unavailable, UnknownSource
 from resolver.events.inbox import COMMIT_TIMEOUT_S, Ingestor
 from resolver.redact import redact
 
@@ -88,6 +88,8 @@ class HttpEndpoint:
             resp = _json(429, error=exc.reason, message=exc.message, retry_after_s=exc.retry_after_s)
             resp.headers["Retry-After"] = str(exc.retry_after_s)
             return resp
+        except StorageFull as exc:  # 507 Insufficient Storage: a 5xx, so the sender keeps the event and retries
+            return _json(507, error=exc.reason, message=exc.message)
         except EventRejected as exc:
             return _json(413 if exc.reason == "TOO_LARGE" else 400, error=exc.reason, message=exc.message,
                          dead_letter_id=exc.dlq_id,

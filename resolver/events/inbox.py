@@ -28,7 +28,7 @@ import orjson
 
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
-from resolver.errors import EventRejected, InboxFull, Unauthenticated, Unavailable, UnknownSource
+from resolver.errors import EventRejected, InboxFull, StorageFull, Unauthenticated, Unavailable, UnknownSource
 from resolver.events import counters, dlq, envelope, pace, signatures
 from resolver.events.format import interpret
 from resolver.store import Store
@@ -233,7 +233,10 @@ class Ingestor:
                     outcomes = [self._admit_in(view.txn, item, deltas) for item in batch]
                     counters.add(view.txn, self.store.db["ev_counters"], deltas)
             except BaseException as exc:  # nothing was stored: every caller gets the error
-                log.exception("inbox write failed")
+                if isinstance(exc, StorageFull):  # the operator's to fix, and its message says how: no traceback
+                    log.warning("inbox write of %d event(s) refused: %s", len(batch), exc.message)
+                else:
+                    log.exception("inbox write failed")
                 outcomes = [exc] * len(batch)
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
@@ -255,7 +258,8 @@ class Ingestor:
         deltas["accepted"] += 1
         if item.rejection is not None:
             item.rejection.dlq_id = dlq.put(txn, db["ev_dlq"], item.meta, item.body, item.rejection,
-                                            origin="admission", now_us=item.now_us, ring=self.store.sealer.ring)
+                                            origin="admission", now_us=item.now_us, ring=self.store.sealer.ring,
+                                            counters_db=db["ev_counters"])
             remember(txn, db, item.key, {"status": 400, "at_us": item.now_us, "dlq": item.rejection.dlq_id})
             deltas["dead_lettered"] += 1
             return item.rejection

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from resolver.bulk import BulkWriter, command_from
 from resolver.config import Settings
-from resolver.errors import ResolverError, StoreError
+from resolver.errors import ResolverError, StorageFull, StoreError
 from resolver.importer.prepare import Repeats, reasons_for
 from resolver.importer.report import Tally, fail, progress, summary
 from resolver.importer.rows import FileProblem, Prepared, Row
@@ -92,9 +92,8 @@ class Importer:
             code = fail(f"{name}: {exc}; " + (_NOTHING if self.initial else "every row before it is committed or rejected"))
         except KeyboardInterrupt:
             code = fail(f"interrupted; {self._what_stays()}")
-        except lmdb.MapFullError:
-            code = fail("storage error: the LMDB map is full: raise [storage] map_size_mb (the file is sparse: a large "
-                        f"map costs no disk); {self._what_stays()}")
+        except StorageFull as exc:  # a full map or disk (resolver.store says which, and what to do)
+            code = fail(f"storage error: {exc.message}; {self._what_stays()}")
         except (lmdb.Error, StoreError) as exc:
             code = fail(f"storage error: {exc}; {self._what_stays()}")
         finally:
@@ -187,6 +186,8 @@ class Importer:
             cmd = command_from(prepared.blob)
             try:
                 result = bulk.replay(cmd) or run_apply(store, view, run, cmd)
+            except StorageFull:
+                raise  # not the row's fault: the import stops, the batch is not committed
             except ResolverError as exc:
                 refused.append(Row(row.line, row.original, None, reasons_for(exc)))
                 continue

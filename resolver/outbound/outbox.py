@@ -172,6 +172,8 @@ def dead_letter(txn: Any, store: Store, message_id: int) -> tuple[dict[str, Any]
 
 
 def iter_dead(txn: Any, store: Store, after: int = 0) -> Iterator[tuple[dict[str, Any], bytes]]:
+    if after >= 2**64 - 1:  # no id comes after the largest (ListOutboundDeadLetters' uint64 after_id: any value)
+        return
     with txn.cursor(db=store.db["ob_dlq"]) as cur:
         if cur.set_range(key(after + 1)):
             for _, raw in cur:

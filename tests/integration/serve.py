@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0
 
 
 class Announced(str):
@@ -71,7 +73,9 @@ def launch(config: Path | None, data: Path, stderr: Path, *, workers: int | None
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    # bounded: a server that hangs before announcing itself fails the test instead of holding the suite
+    ready = select.select([proc.stdout], [], [], START_TIMEOUT_S)[0]
+    line = proc.stdout.readline() if ready else f"(no announce line within {START_TIMEOUT_S:g} s)\n"
     if "serving on 127.0.0.1:" not in line:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,10 @@
+"""Past one machine (contract §10): every write goes through one replicated, totally ordered log.
+
+    handler -> prepare (clock, uuids fixed) -> ReplicatedWriter.submit -> codec -> JetStream stream (R3, Raft)
+    every node: Applier -> apply(command) in one LMDB transaction with the stream sequence -> Outcomes
+    the writing node's handler <- the outcome of its own command (read-your-writes)
+
+Modules: codec (command <-> bytes, apply by name), log (the NATS connection and the stream), applier (one per
+data directory), outcomes (what each recent sequence returned), writer (ReplicatedWriter), local (a loopback
+NATS cluster for tests and `make cluster`).
+"""

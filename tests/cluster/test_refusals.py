@@ -1,0 +1,47 @@
+"""What a cluster node refuses, said plainly and in bounded time: NATS out of reach, a blueprint that would write
+outside the log, and the commands that would change one node's store behind the others."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from resolver.bootstrap import build_service
+from resolver.cli import main
+from resolver.config import settings_from_document
+from resolver.errors import ClusterError, ConfigError
+
+CLUSTER = {"nats": ["nats://127.0.0.1:1"], "connect_timeout_s": 0.5}
+
+
+def test_nats_out_of_reach_is_a_clear_error_in_bounded_time(tmp_path: Path) -> None:
+    settings = settings_from_document({"version": 1, "server": {"workers": 1, "data_dir": str(tmp_path / "d")},
+                                       "storage": {"map_size_mb": 64}, "cluster": CLUSTER}, {})
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="cannot reach NATS at nats://127.0.0.1:1"):
+        build_service(settings)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ({"server": {"workers": 2}}, "server.workers: a cluster node serves with one worker"),
+    ({"server": {"workers": 1}, "events": {"enabled": True}}, "events.enabled"),
+    ({"server": {"workers": 1}, "changes": {"retention_days": 7}}, "changes: change-log retention is per node"),
+    ({"server": {"workers": 1}, "cluster": {**CLUSTER, "nats": ["127.0.0.1:4222"]}}, "is not a nats:// URL"),
+])
+def test_a_blueprint_that_would_write_outside_the_log_is_refused(table: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        settings_from_document({"version": 1, "cluster": CLUSTER, **table}, {})
+
+
+@pytest.mark.parametrize("argv", [["import", "customers.jsonl"], ["forget", "01900000-0000-7000-8000-000000000001",
+                                                                   "--reason", "erasure"]])
+def test_commands_that_change_one_node_behind_the_log_are_refused(argv: list[str], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    blueprint = tmp_path / "node.toml"
+    blueprint.write_text('version = 1\n[server]\nworkers = 1\n[cluster]\nnats = ["nats://127.0.0.1:1"]\n')
+    assert main([*argv, "--config", str(blueprint), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "changes only through the replicated log" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing was opened

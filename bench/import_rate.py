@@ -28,6 +28,14 @@ lookup loop on the same store, all measured in the same run (issues 3 and 17).
      index and ledger entries put sorted per batch, one synced commit (what an initial load must pay).
 
 OUT/report.md gives every rate and its ratio to its floor; OUT/results.json every figure.
+
+    python -m bench.import_rate --stages 50000 [--customers N]
+
+measures instead, in this process, the CPU time (time.process_time) per row of each stage of an initial load of the
+first 50,000 rows of the dataset: a worker's preparation by the fast path (resolver._hotpath.RowPlanner) and by
+the general path alone, a block's prepared rows through pickle and back, the parent's queueing and writing into
+an empty store in one transaction (the last into a throwaway directory), and the one-transaction floor for as
+many rows. Nothing else runs, so the machine's noise is its own; run it a few times.
 """
 
 from __future__ import annotations
@@ -429,6 +437,73 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu(fn: Callable[[], Any], rows: int) -> tuple[float, Any]:
+    """CPU µs per row of `fn()` in this process (its collections included), and what it returned."""
+    gc.collect()
+    started = time.process_time()
+    result = fn()
+    return (time.process_time() - started) / rows * 1e6, result
+
+
+def stages(source: Path, rows: int, config: str, batch: int) -> dict[str, float]:
+    """CPU µs per row of each stage of an initial load of the first `rows` rows of `source` (see the module
+    docstring), in this process."""
+    import pickle
+
+    from resolver.bootstrap import build_service
+    from resolver.config import load_settings
+    from resolver.importer import prepare
+    from resolver.importer.commit import Importer
+    from resolver.importer.jsonl import JsonParser, read_blocks
+    from resolver.importer.rows import from_wire, to_wire
+    from resolver.uuids import LoadUuids
+
+    blocks = []
+    with source.open("rb") as f:
+        for block in read_blocks(f):
+            lines = block.data.count(b"\n")
+            if sum(b.data.count(b"\n") for b in blocks) + lines > rows:
+                break
+            blocks.append(block)
+    rows = sum(b.data.count(b"\n") for b in blocks)
+
+    class General:  # the planner of no fast path: every line to the general path
+        def __init__(self, rules: Any) -> None:
+            pass
+
+        def block(self, data: bytes, first: int, general: Callable[[int, bytes], Any]) -> list[Any]:
+            found = (general(n, raw) for n, raw in enumerate(data.rstrip(b"\n").split(b"\n"), first))
+            return [item for item in found if item is not None]
+
+    out: dict[str, float] = {"rows": rows}
+    with tempfile.TemporaryDirectory(prefix="resolver-stages-") as tmp:
+        settings = load_settings(Path(config), data_dir=str(Path(tmp) / "data"))
+        fast = prepare.Preparer(settings, JsonParser(), prepare.Defaults("", ""), LoadUuids.start())
+        original = prepare.RowPlanner
+        prepare.RowPlanner = General  # type: ignore[misc,assignment]
+        try:
+            general = prepare.Preparer(settings, JsonParser(), prepare.Defaults("", ""), LoadUuids.start())
+        finally:
+            prepare.RowPlanner = original  # type: ignore[misc]
+        out["prepare: general path"], _ = _cpu(lambda: [general.items(b) for b in blocks], rows)
+        out["prepare: fast path"], items = _cpu(lambda: [fast.items(b) for b in blocks], rows)
+        out["to the parent: pickle"], wire = _cpu(lambda: [pickle.dumps(to_wire(i), protocol=5) for i in items], rows)
+        out["to the parent: unpickle"], chunks = _cpu(lambda: [from_wire(pickle.loads(w)) for w in wire], rows)
+        service = build_service(settings, writer=False, outbox=False)
+        try:
+            importer = Importer(service, Path(tmp) / "rejected.jsonl", fast.command, batch_size=batch, progress=False)
+            out["parent: queue, write, commit"], _ = _cpu(
+                lambda: importer.run(iter(chunks), total=rows, skip=0, name=source, started=time.monotonic()), rows)
+        finally:
+            service.close()
+        sizes = value_sizes(Path(tmp) / "data", config)
+        floor_dir = Path(tmp) / "floor"
+        floor_dir.mkdir()
+        out["floor: py-lmdb, one transaction"], _ = _cpu(lambda: floor_one_transaction(rows, batch, sizes, floor_dir),
+                                                         rows)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.import_rate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -436,10 +511,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2000)
     p.add_argument("--config", default=str(ROOT / "examples" / "blueprint.toml"))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "import"))
+    p.add_argument("--stages", type=int, metavar="ROWS", help="only the CPU per row of each stage (module docstring)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     source = dataset(out, a.customers)
+    if a.stages:
+        figures = stages(source, a.stages, a.config, a.batch_size)
+        for name, value in figures.items():
+            print(f"{name:36s} {value:10.1f}" + ("" if name == "rows" else " µs CPU per row"))
+        return 0
     changes = incremental_file(out, source, a.customers)
     results: dict[str, Any] = {"customers": a.customers, "when": time.strftime("%Y-%m-%d %H:%M"),
                                "cpus": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0],

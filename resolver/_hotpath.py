@@ -15,12 +15,14 @@ MISSING_BUILD = ("resolver's compiled modules are not built (run `make build`); 
 if NO_EXTENSIONS:
     from resolver._email_py import email_stats, normalize_email
     from resolver._keys_py import KeyHasher
+    from resolver._load_py import CreateQueue, KeyFilter, RowPlanner, entry_derived
     from resolver._phone_py import normalize_phone, phone_stats
     from resolver._probe_py import Prober
 else:
     try:
         from resolver._email_c import email_stats, normalize_email
         from resolver._keys_c import KeyHasher
+        from resolver._load_c import CreateQueue, KeyFilter, RowPlanner, entry_derived
         from resolver._phone_c import normalize_phone, phone_stats
         from resolver._probe_c import Prober
     except ImportError as exc:  # pragma: no cover - exercised by a broken build only
@@ -28,5 +30,5 @@ else:
 
 IMPLEMENTATION = "pure" if NO_EXTENSIONS else "compiled"
 
-__all__ = ["IMPLEMENTATION", "MISSING_BUILD", "KeyHasher", "Prober", "email_stats", "normalize_email", "normalize_phone",
-           "phone_stats"]
+__all__ = ["IMPLEMENTATION", "MISSING_BUILD", "CreateQueue", "KeyFilter", "KeyHasher", "Prober", "RowPlanner",
+           "email_stats", "entry_derived", "normalize_email", "normalize_phone", "phone_stats"]

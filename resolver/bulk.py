@@ -2,12 +2,14 @@
 
 A worker process that prepared a command (resolver.upsert.prepare) also encodes (`plan`) everything `apply`
 would write for it *if* it turns out to be a plain create: the record, its index keys, the change-log entry
-(all but its sequence number) and the ledger entry, as bytes. The parent then only has to prove the "if"
-inside its write transaction: no ledger entry under the row's idempotency key and no index entry under any of
-its identifiers' keys, neither stored nor claimed by an earlier row of the batch. Under those conditions
-`apply` would find no target, no holder, no potential duplicate and could not fail, so the row needs no
-nested transaction and no probe: its pre-encoded puts are queued and written in key order (`Txn.put_many`),
-byte for byte what `apply` would have written.
+(all but its sequence number) and the ledger entry, as bytes, packed into one bytes object (`packed`; the layout
+is resolver/_load_consts.py). Most JSON lines never get that far in Python: the fast path (resolver._load_py,
+compiled as ext/_load_c.pyx) packs the same bytes from the line directly. The parent then only has to prove the
+"if" inside its write transaction (`CreateQueue.take`, compiled too): no ledger entry under the row's idempotency
+key and no index entry under any of its identifiers' keys, neither stored nor claimed by an earlier row of the
+batch. Under those conditions `apply` would find no target, no holder, no potential duplicate and could not fail,
+so the row needs no nested transaction and no probe: its pre-encoded puts are queued and written in key order
+(`Txn.put_many`), byte for byte what `apply` would have written.
 
 A create whose phones (and only its phones) are held already is still a create: a phone never selects a
 customer (contract §4.3). `apply` would write the same record, index entries and change-log entry; only its
@@ -28,9 +30,10 @@ puts are written so that it sees every earlier row. A key already in the ledger 
 `resolver.ledger.replay` directly (it only reads).
 
 `plan` builds a create's writes directly rather than through `resolver.upsert.planned_create` (a Record, the
-general `_updated`, three encodings: the largest cost of a worker); tests/unit/test_import_plan.py proves the
-two give the same bytes. What crosses the process boundary is plain tuples of bytes and strings (cheap to
-pickle); the command itself travels as one `marshal` blob that is only decoded for the rows that need `apply`.
+general `_updated`, three encodings); tests/unit/test_import_plan.py proves the two give the same bytes, and
+tests/unit/test_import_fast.py that the fast path gives them too. What crosses the process boundary is one bytes
+object per create (cheap to pickle); a general-path row's command travels beside it as one `marshal` blob that
+is only decoded for the rows that need `apply`, a fast-path row's is rebuilt from its line when it does.
 """
 
 from __future__ import annotations
@@ -42,20 +45,22 @@ from typing import Any, NamedTuple
 import orjson
 
 from resolver import ledger
-from resolver._hotpath import KeyHasher
+from resolver._hotpath import CreateQueue, KeyFilter, KeyHasher
+from resolver._load_py import Entry, pack, unpack
 from resolver.crypto import Sealer
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
 from resolver.records import encode_json, held_key, upsert_holder
-from resolver.store import INDEX_NAMES, Txn, ledger_exp_key, pii_change_ref, pii_ledger_ref, uuid_bytes, uuid_text
+from resolver.store import INDEX_NAMES, Txn, ledger_exp_key, uuid_bytes, uuid_text
 from resolver.upsert import MAX_DUPLICATES_REPORTED, UpsertCommand, UpsertResult
 
 _U64 = struct.Struct(">Q")
-_TABLES = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp", "pii_refs")
 _APPENDABLE = frozenset(("records", "ledger", "ledger_exp", "pii_refs"))  # plain databases (not dupsort)
 _SEQ_AT = b',"source_system":'  # the change-log key that sorts right after "seq"
 _EXTERNAL_ID, _EMAIL, _PHONE = int(Kind.EXTERNAL_ID), int(Kind.EMAIL), int(Kind.PHONE)  # plain ints: cheaper keys
 _EXTERNALS, _EMAILS, _PHONES = INDEX_NAMES[Kind.EXTERNAL_ID], INDEX_NAMES[Kind.EMAIL], INDEX_NAMES[Kind.PHONE]
+_INDEX_OF_KIND = {int(kind): name for kind, name in INDEX_NAMES.items()}
+_KIND_OF_INDEX = {name: int(kind) for kind, name in INDEX_NAMES.items()}
 _dumps = orjson.dumps  # records.encode_json's encoding (compact, keys sorted), without its two Python calls
 _SORTED = orjson.OPT_SORT_KEYS
 _EVERY = 1 << 62  # a probe limit no key reaches
@@ -148,123 +153,115 @@ def plan(cmd: UpsertCommand, hasher: KeyHasher, sealer: Sealer) -> Planned | Non
                    _dumps(entry, option=_SORTED), ledger_exp_key(cmd.expires_us, lkey), tuple(phones))
 
 
+def packed(planned: Planned, cmd: UpsertCommand, line: int, derived: bool) -> bytes:
+    """`planned` as a packed create (resolver/_load_consts.py) of the row on `line`; its command travels beside
+    it (resolver.importer.rows.Prepared.blob), so it carries no line to rebuild it from."""
+    keys = [(_KIND_OF_INDEX[name], key) for name, key in planned.index_keys]
+    return pack(line, derived, cmd.now_us, cmd.expires_us, planned.uuid, keys, planned.ledger_key, planned.record,
+                planned.change_head, planned.change_tail, planned.ledger_entry, b"")
+
+
 # -- parent side -----------------------------------------------------------------------------------------
-
-
-class _Shared(NamedTuple):
-    """A queued create whose phones others hold: its answer waits for the flush (`BulkWriter._answers`)."""
-
-    position: int  # among the creates queued since the last flush
-    planned: Planned
 
 
 class BulkWriter:
     """Creates of one write transaction, queued until a row needs `apply` or the batch ends.
 
     `max_fanout`: the blueprint's [matching] max_fanout (a phone held by more customers names none of them as
-    a potential duplicate).
+    a potential duplicate). `filter`: an initial load's (resolver._load_py.KeyFilter): the keys it has claimed,
+    shared by every BulkWriter of the load; None: every key is looked up in the store.
     """
 
-    def __init__(self, view: Txn, max_fanout: int) -> None:
+    def __init__(self, view: Txn, max_fanout: int, filter: KeyFilter | None = None) -> None:
         self.view = view
         self.max_fanout = max_fanout
-        self._get = view.txn.get
-        self._dbs = view.store.db
-        self._ledger = view.store.db["ledger"]
-        self._queued: dict[str, list[tuple[bytes, bytes]]] = {name: [] for name in _TABLES}
-        self._changes: list[tuple[bytes, bytes]] = []
-        self._claimed: set[bytes] = set()  # index keys queued in this batch
-        self._claimed_keys: set[bytes] = set()  # ledger keys queued in this batch
-        self._positions: dict[bytes, int] = {}  # uuid -> position of the creates queued since the last flush
-        self._shared: list[_Shared] = []
-        self._seq: int | None = None  # the last change-log sequence number (None: read it when needed)
+        self._queue = CreateQueue(view.txn.get, view.store.db, _INDEX_OF_KIND, filter, view.last_change_seq)
 
-    def try_create(self, planned: Planned) -> bool:
-        """Queue the row's writes if it is a create in this transaction (nothing holds its key, its external_id
-        or its emails); False: it needs `apply`."""
-        lkey, uid = planned.ledger_key, planned.uuid
-        claimed, get, dbs = self._claimed, self._get, self._dbs
-        if lkey in self._claimed_keys or get(lkey, None, self._ledger) is not None:
-            return False
-        shared = False
-        for name, k in planned.index_keys:
-            if k in claimed or get(k, None, dbs[name]) is not None:
-                if name != _PHONES:
-                    return False
-                shared = True
-        queued = self._queued
-        for name, k in planned.index_keys:
-            claimed.add(k)
-            queued[name].append((k, uid))
-        self._claimed_keys.add(lkey)
-        position = len(self._positions)
-        self._positions[uid] = position
-        queued["records"].append((uid, planned.record))
-        if shared:
-            self._shared.append(_Shared(position, planned))
-        else:
-            queued["ledger"].append((lkey, planned.ledger_entry))
-        queued["ledger_exp"].append((planned.expiry_key, b""))
-        if self._seq is None:
-            self._seq = self.view.last_change_seq()
-        self._seq += 1
-        change = b"%s\"seq\":%d,%s" % (planned.change_head, self._seq, planned.change_tail)
-        self._changes.append((_U64.pack(self._seq), change))
-        queued["pii_refs"] += [(pii_ledger_ref(uid, lkey), b""), (pii_change_ref(uid, self._seq), b"")]
-        return True
+    def try_create(self, entry: bytes) -> bool:
+        """Queue the writes of a packed create if it is a create in this transaction (nothing holds its key, its
+        external_id or its emails); False: it needs `apply`."""
+        return bool(self._queue.take(entry))
 
     def flush(self) -> None:
         """Write every queued create (each table in key order, appended where its keys allow; the change log
         appended), then the answers of the creates whose phones others hold."""
-        if not self._changes:
+        if not len(self._queue):
             return
+        drained = self._queue.drain()
         view = self.view
-        for name, items in self._queued.items():
+        for name, items in drained.tables.items():  # (sorted by the queue)
             if items:
-                items.sort()
                 view.put_many(name, items, append=name in _APPENDABLE and _after_last(view, name, items[0][0]))
-                items.clear()
-        view.put_many("changes", self._changes, append=True)
-        self._changes = []
-        self._claimed.clear()
-        self._claimed_keys.clear()
-        if self._shared:
-            answers = self._answers()
-            view.put_many("ledger", answers)
-        self._positions.clear()
-        self._shared = []
+        view.put_many("changes", drained.changes, append=True)
+        if drained.shared:
+            positions = {uid: position for position, uid in enumerate(drained.uuids)}
+            view.put_many("ledger", self._answers([(position, unpack(entry)) for position, entry in drained.shared],
+                                                  positions))
 
-    def _answers(self) -> list[tuple[bytes, bytes]]:
+    def _answers(self, shared: list[tuple[int, Entry]], positions: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
         """The ledger entries of the queued creates whose phones others hold, now that every queued index entry
         is written: what `apply`'s `_potential_duplicates` would have found at each one's turn (its external_id
         and emails were held by nobody else)."""
-        view, positions, limit = self.view, self._positions, self.max_fanout
+        view, limit = self.view, self.max_fanout
         probe = Txn(view.store, view.txn).probe  # a Txn of its own: its prober's cursors see the puts above
         out = []
         with view.txn.cursor(db=view.store.db[_PHONES]) as cur:
-            for position, planned in self._shared:
-                me = planned.uuid
+            for position, entry in shared:
+                me = entry.uuid
                 others: set[bytes] = set()
-                keys = [k for name, k in planned.index_keys if name == _PHONES]
-                for key, phone in zip(keys, planned.phones, strict=True):
+                keys = [k for kind, k in entry.keys if kind == _PHONE]
+                for key, phone in zip(keys, orjson.loads(entry.record)["phones"], strict=True):
                     under = list(cur.iternext_dup()) if cur.set_key(key) else []
                     if sum(1 for u in under if positions.get(u, -1) <= position) > limit:
                         continue  # fanned out at its turn: apply names none of them
                     others.update(h for h in probe(Kind.PHONE, phone, _EVERY).uuids
                                   if h != me and positions.get(h, -1) <= position)
-                entry = orjson.loads(planned.ledger_entry)
-                entry["response"]["potential_duplicates"] = sorted(uuid_text(u) for u in others)[:MAX_DUPLICATES_REPORTED]
-                out.append((planned.ledger_key, encode_json(entry)))
+                named = sorted(uuid_text(u) for u in others)[:MAX_DUPLICATES_REPORTED]
+                out.append((entry.ledger_key, _with_duplicates(entry.ledger_entry, named)))
         return out
+
+    def applied(self, cmd: UpsertCommand, result: UpsertResult) -> None:
+        """`apply` wrote `cmd` in the transaction: its ledger key and the index keys of the customer's identifiers
+        are claimed (an initial load's filter must know every key written)."""
+        claim, key = self._queue.claim, self.view.store.hasher.key
+        claim(cmd.idempotency_key.encode("utf-8"))
+        ids = result.identifiers
+        if ids.external_id is not None:
+            claim(key(Kind.EXTERNAL_ID, ids.external_id))
+        for email in ids.emails:
+            claim(key(Kind.EMAIL, email))
+        for phone in ids.phones:
+            claim(key(Kind.PHONE, phone))
 
     def touched(self) -> None:
         """Someone else wrote to the transaction (`apply`): the change log may have grown."""
-        self._seq = None
+        self._queue.seq = -1
 
     def replay(self, cmd: UpsertCommand) -> UpsertResult | None:
         """The stored response when the row's key is in the ledger (raises IdempotencyKeyReused), else None."""
-        stored: dict[str, Any] | None = ledger.replay(self.view, cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+        return self._replay(cmd.idempotency_key, cmd.fingerprint, cmd.now_us)
+
+    def replay_entry(self, entry: Entry) -> UpsertResult | None:
+        """`replay` of a packed create's command (its key, its fingerprint, its clock reading): a re-imported row
+        is answered without its command being rebuilt."""
+        fingerprint = orjson.loads(entry.ledger_entry)["fp"]
+        return self._replay(entry.ledger_key.decode("utf-8"), fingerprint, entry.now_us)
+
+    def _replay(self, key: str, fingerprint: str, now_us: int) -> UpsertResult | None:
+        stored: dict[str, Any] | None = ledger.replay(self.view, key, fingerprint, now_us)
         return UpsertResult.from_json(stored, replayed=True) if stored is not None else None
+
+
+_NO_DUPLICATES = b'"potential_duplicates":[]'
+
+
+def _with_duplicates(ledger_entry: bytes, named: list[str]) -> bytes:
+    """A create's ledger entry (sorted, compact JSON) naming `named` as its potential duplicates: what decoding it,
+    setting response.potential_duplicates and encoding it again (resolver.records.encode_json) gives. The key
+    occurs once, unescaped (a string holding it would have its quotes escaped)."""
+    if not named:
+        return ledger_entry
+    return ledger_entry.replace(_NO_DUPLICATES, b'"potential_duplicates":' + encode_json(named), 1)
 
 
 def _after_last(view: Txn, name: str, key: bytes) -> bool:

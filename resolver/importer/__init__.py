@@ -74,12 +74,12 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         preparer = Preparer(settings, source.parse, Defaults(region, args.source_system), LoadUuids.start())
         gc.freeze()  # what is loaded by now lives as long as the import: full collections need not walk it
         # Fork the workers first: an LMDB environment must never cross a fork.
-        workers = start_workers(preparer, lines)
+        workers = start_workers(preparer, lines, path if fmt == "jsonl" else None)
         if workers is not None:
             stack.callback(workers.close)
         service = build_service(settings, writer=False, outbox=False)  # an initial load is not sent to the CRM
         stack.callback(service.close)
-        importer = Importer(service, rejects, batch_size=args.batch_size, progress=not args.no_progress,
+        importer = Importer(service, rejects, preparer.command, batch_size=args.batch_size, progress=not args.no_progress,
                             every_batch=args.commit_every_batch)
         return importer.run(prepared(source.rows, preparer, workers), total=lines - source.header_lines,
                             skip=source.header_lines, name=path, started=started, size=size)

@@ -18,12 +18,19 @@ load's transaction holds gigabytes. `apply` raises before it writes anything (it
 still leaves nothing behind; a tripwire (every database's entry count before and after) aborts the load if
 that contract is ever broken. Either way the store ends byte for byte the same.
 
+An initial load that starts on databases holding no entry at all needs no lookup to prove a create: nothing can
+hold a key that no row of the load has claimed, and the load's `KeyFilter` (resolver._load_py) remembers every
+key it claims, so the store is asked only about the few it may have. A row of the fast path travels as its packed
+create alone; the command of one that turns out to need `apply` is rebuilt from its line (`command`), and a
+re-imported one is answered from the ledger without it (resolver.bulk.BulkWriter.replay_entry).
+
 Refused rows go to the rejects file with their reasons and their original text, as they are met.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +40,14 @@ from typing import TextIO, cast
 import lmdb
 from tqdm import tqdm
 
+from resolver._hotpath import KeyFilter, entry_derived
+from resolver._load_py import Entry, entry_head, unpack
 from resolver.bulk import BulkWriter, command_from
 from resolver.config import Settings
 from resolver.errors import ResolverError, StorageFull, StoreError
-from resolver.importer.prepare import Repeats, reasons_for
+from resolver.importer.prepare import Repeats, original, reasons_for, rekeyed
 from resolver.importer.report import Tally, fail, progress, summary
-from resolver.importer.rows import FileProblem, Prepared, Row
+from resolver.importer.rows import FileProblem, Item, Prepared, Row
 from resolver.service import Service
 from resolver.store import Store, Txn
 from resolver.upsert import UpsertCommand, UpsertResult, apply
@@ -47,26 +56,31 @@ from resolver.writer import apply_nested
 # the databases a row's writes add entries to (the tripwire of an unnested apply)
 _WRITTEN = ("records", "ix_external", "ix_email", "ix_phone", "ledger", "ledger_exp", "changes", "pii_refs")
 Apply = Callable[[Store, Txn, Callable[[Txn, UpsertCommand], UpsertResult], UpsertCommand], UpsertResult]
+Command = Callable[[Entry], UpsertCommand]  # a packed create's command, rebuilt (resolver.importer.prepare.Preparer)
+KEYS_PER_ROW = 5  # what an initial load's KeyFilter is sized for: a ledger key and a few identifiers per row
 
 
 class Importer:
-    """Applies prepared rows in batches of `batch_size` rows, writes the refused ones to `rejects`."""
+    """Applies prepared rows in batches of `batch_size` rows, writes the refused ones to `rejects`. `command`
+    rebuilds the command of a packed create that turns out to need `apply` (resolver.importer.prepare.Preparer)."""
 
-    def __init__(self, service: Service, rejects: Path, *, batch_size: int = 2000, progress: bool = True,
-                 every_batch: bool = False) -> None:
+    def __init__(self, service: Service, rejects: Path, command: Command, *, batch_size: int = 2000,
+                 progress: bool = True, every_batch: bool = False) -> None:
         self.store = service.store
         self.settings = service.settings
         self.rejects_path = rejects
         self.batch_size = batch_size
         self.progress = progress
         self.every_batch = every_batch  # commit each batch even into an empty store (no initial load)
+        self.command = command
+        self.filter: KeyFilter | None = None  # an initial load's, when it starts on databases with no entry
         self.tally = Tally()
         self.repeats = Repeats()
         self.initial = False  # an initial load (decided when `run` opens the store's write transaction)
         self._rejects: TextIO | None = None
         self._done_line = 0  # incremental: every row up to this line is committed or in the rejects file
 
-    def run(self, prepared: Iterator[list[Row]], *, total: int, skip: int, name: Path, started: float,
+    def run(self, prepared: Iterator[list[Item]], *, total: int, skip: int, name: Path, started: float,
             size: int = 0) -> int:
         """Apply every row; print the summary; 0 (all applied), 1 (some refused) or 2 (stopped early).
 
@@ -86,7 +100,15 @@ class Importer:
                     room_problem = _map_room(self.store, size)
                     if room_problem:
                         raise StoreError(room_problem)
-                    counts = self._load(view, prepared, bar, total, skip)
+                    if not any(_footprint(view)):  # nothing to find in the store but what this load writes
+                        self.filter = KeyFilter(max(total, 1) * KEYS_PER_ROW)
+                    # The queued writes are tuples of bytes, made by the million and freed at each flush, in no
+                    # reference cycle: the cyclic collector would walk them all for nothing.
+                    gc.disable()
+                    try:
+                        counts = self._load(view, prepared, bar, total, skip)
+                    finally:
+                        gc.enable()
                 self._count(counts)  # committed: the counts are now true
         except FileProblem as exc:
             code = fail(f"{name}: {exc}; " + (_NOTHING if self.initial else "every row before it is committed or rejected"))
@@ -112,41 +134,66 @@ class Importer:
         return (f"rows up to line {self._done_line} are committed or rejected (run the same import again to finish: "
                 "committed rows replay)")
 
-    def _consume(self, prepared: Iterator[list[Row]], bar: tqdm, total: int, skip: int,
-                 step: Callable[[list[Row], list[Row], int], None]) -> None:
-        """Hand the rows to `step` a batch at a time (batch: the prepared rows; refused: the others), in file
-        order. Incrementally the rows read before an unreadable part of the file are applied before it is
-        reported; an initial load stops without them (it commits nothing)."""
-        batch: list[Row] = []  # outcome: Prepared
-        refused: list[Row] = []  # outcome: the reasons
+    def _consume(self, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int,
+                 step: Callable[[list[Item], list[Row], int], None]) -> None:
+        """Hand the rows to `step` a batch at a time (batch: the prepared rows, packed creates or rows with a
+        Prepared outcome; refused: the others), in file order. Incrementally the rows read before an unreadable
+        part of the file are applied before it is reported; an initial load stops without them (it commits
+        nothing)."""
+        batch: list[Item] = []
+        refused: list[Row] = []
         shown = 0
         line = 0
-        repeats = self.repeats
+        size = self.batch_size
         try:
-            for rows in prepared:
-                for row in rows:
-                    line = row.line
-                    self.tally.rows += 1
-                    outcome = row.outcome
-                    if type(outcome) is Prepared:
-                        if outcome.derived:
-                            row = Row(row.line, row.original, None, repeats.settle(outcome))
-                        batch.append(row)
+            for items in prepared:
+                for item in items:
+                    if type(item) is bytes:
+                        batch.append(self._settled(item) if entry_derived(item) else item)
                     else:
-                        refused.append(row)
-                    if len(batch) + len(refused) >= self.batch_size:
+                        row = cast(Row, item)
+                        outcome = row.outcome
+                        if type(outcome) is Prepared:
+                            batch.append(self._settled_row(row) if outcome.derived else row)
+                        else:
+                            refused.append(row)
+                    if len(batch) + len(refused) >= size:
+                        line = _line(item)
+                        self.tally.rows += len(batch) + len(refused)
                         step(batch, refused, line)
                         batch, refused = [], []
                         bar.update(line - skip - shown)
                         shown = line - skip
+                if items:
+                    line = _line(items[-1])
         except FileProblem:
+            self.tally.rows += len(batch) + len(refused)
             if not self.initial:
                 step(batch, refused, line)  # every row read before the unreadable part is applied
             raise
+        self.tally.rows += len(batch) + len(refused)
         step(batch, refused, line)
         bar.update(max(total - shown, 0))
 
-    def _commit_batch(self, batch: list[Row], refused: list[Row], line: int) -> None:
+    def _settled(self, entry: bytes) -> Item:
+        """A keyless row's packed create as it is to be applied: itself the first time its content is seen, else
+        re-keyed for its occurrence and left to `apply` (resolver.importer.prepare.Repeats)."""
+        e = unpack(entry)
+        occurrence = self.repeats.occurrence(e.ledger_key)
+        if occurrence == 1:
+            return entry
+        return Row(e.line, original(e), None, rekeyed(self.command(e), occurrence))
+
+    def _settled_row(self, row: Row) -> Row:
+        prepared = cast(Prepared, row.outcome)
+        key = unpack(prepared.planned).ledger_key if prepared.planned is not None \
+            else command_from(prepared.blob).idempotency_key.encode("utf-8")
+        occurrence = self.repeats.occurrence(key)
+        if occurrence == 1:
+            return row
+        return Row(row.line, row.original, None, rekeyed(command_from(prepared.blob), occurrence))
+
+    def _commit_batch(self, batch: list[Item], refused: list[Row], line: int) -> None:
         """Incremental: one batch in one durable write transaction."""
         counts = Tally()
         if batch:
@@ -157,12 +204,12 @@ class Importer:
         self._write_rejects(refused)
         self._done_line = line
 
-    def _load(self, view: Txn, prepared: Iterator[list[Row]], bar: tqdm, total: int, skip: int) -> Tally:
+    def _load(self, view: Txn, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int) -> Tally:
         """Initial load: every batch into the one transaction `view` (the caller commits it); what became of
         the rows."""
         counts = Tally()
 
-        def step(batch: list[Row], refused: list[Row], line: int) -> None:
+        def step(batch: list[Item], refused: list[Row], line: int) -> None:
             if batch:
                 self._apply(view, batch, refused, counts, _apply_in_place)
             counts.rejected += len(refused)
@@ -171,24 +218,30 @@ class Importer:
         self._consume(prepared, bar, total, skip, step)
         return counts
 
-    def _apply(self, view: Txn, batch: list[Row], refused: list[Row], counts: Tally, run_apply: Apply) -> None:
-        """Apply one batch in `view`: plain creates from their pre-encoded writes, every other row through
-        `apply` (by `run_apply`: nested, or in place); the rows `apply` refuses are added to `refused`."""
-        store = self.store
+    def _apply(self, view: Txn, batch: list[Item], refused: list[Row], counts: Tally, run_apply: Apply) -> None:
+        """Apply one batch in `view`: plain creates from their packed writes, every other row through `apply`
+        (by `run_apply`: nested, or in place); the rows `apply` refuses are added to `refused`."""
         run = functools.partial(_apply_row, self.settings)
-        bulk = BulkWriter(view, self.settings.matching.max_fanout)
-        for row in batch:
-            prepared = cast(Prepared, row.outcome)
-            if prepared.planned is not None and bulk.try_create(prepared.planned):
-                counts.created += 1
-                continue
+        bulk = BulkWriter(view, self.settings.matching.max_fanout, self.filter)
+        try_create = bulk.try_create
+        created = 0
+        for item in batch:
+            if type(item) is bytes:
+                if try_create(item):
+                    created += 1
+                    continue
+            else:
+                planned = cast(Prepared, cast(Row, item).outcome).planned
+                if planned is not None and try_create(planned):
+                    created += 1
+                    continue
             bulk.flush()  # apply must see every earlier row
-            cmd = command_from(prepared.blob)
             try:
-                result = bulk.replay(cmd) or run_apply(store, view, run, cmd)
+                result = self._replay_or_apply(bulk, view, functools.partial(run_apply, self.store, view, run), item)
             except StorageFull:
                 raise  # not the row's fault: the import stops, the batch is not committed
             except ResolverError as exc:
+                row = _row(item)
                 refused.append(Row(row.line, row.original, None, reasons_for(exc)))
                 continue
             finally:
@@ -202,6 +255,27 @@ class Importer:
             else:
                 counts.unchanged += 1
         bulk.flush()
+        counts.created += created
+
+    def _replay_or_apply(self, bulk: BulkWriter, view: Txn, run_apply: Callable[[UpsertCommand], UpsertResult],
+                         item: Item) -> UpsertResult:
+        """The stored answer of a row whose key is in the ledger (IdempotencyKeyReused for another request), else
+        what `apply` makes of it. A packed create's command is rebuilt from its line only for `apply`: a
+        re-imported row needs none."""
+        if type(item) is bytes:
+            entry = unpack(item)
+            result = bulk.replay_entry(entry)
+            if result is not None:
+                return result
+            cmd = self.command(entry)
+        else:
+            cmd = command_from(cast(Prepared, cast(Row, item).outcome).blob)
+            result = bulk.replay(cmd)
+            if result is not None:
+                return result
+        result = run_apply(cmd)
+        bulk.applied(cmd, result)
+        return result
 
     def _count(self, counts: Tally) -> None:
         t = self.tally
@@ -244,6 +318,19 @@ def _map_room(store: Store, size: int) -> str:
     return (f"an initial load of {size / 2**20:.0f} MB of input needs about {need / 2**20:.0f} MB of LMDB map, "
             f"{free / 2**20:.0f} MB are free: raise [storage] map_size_mb (the file is sparse: a large map costs "
             "no disk)")
+
+
+def _line(item: Item) -> int:
+    """The (first) line of a prepared row."""
+    return entry_head(item)[0] if type(item) is bytes else cast(Row, item).line
+
+
+def _row(item: Item) -> Row:
+    """A prepared row as the rejects file needs it (its line and its original text)."""
+    if type(item) is bytes:
+        entry = unpack(item)
+        return Row(entry.line, original(entry), None)
+    return cast(Row, item)
 
 
 def _apply_row(settings: Settings, view: Txn, cmd: UpsertCommand) -> UpsertResult:

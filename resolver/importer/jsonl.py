@@ -1,7 +1,8 @@
 """Reading JSON lines (proto3 JSON UpsertRequest, one per line) and parsing a line into an UpsertInput.
 
-The file travels in blocks of whole lines (`read_blocks`): a worker process splits and parses a block itself,
-so the parent never touches a line. `JsonParser` builds the UpsertInput exactly as json_format.Parse +
+The file travels in blocks of whole lines (`read_blocks`): a worker process reads, splits and parses a block
+itself (resolver.importer.blockworkers, resolver.importer.prepare.Preparer.items), so the parent never touches a
+line. `JsonParser` builds the UpsertInput exactly as json_format.Parse +
 resolver.api.servicer.upsert_input would; `simple_input` is its fast path for the plain rows a load nearly
 always holds (bench/README.md, "Import: parsing JSON lines", has the measurements that keep it).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 import orjson
@@ -33,37 +34,37 @@ class Block(NamedTuple):
 
 
 def read_blocks(f: BinaryIO, size: int = BLOCK_BYTES) -> Iterator[Block]:
-    """The lines of a binary file in blocks of whole lines, about `size` bytes at a time."""
+    """The lines of a binary file in blocks of whole lines, about `size` bytes at a time (read as raw bytes: the
+    parent never makes an object per line)."""
     number = 1
-    while lines := f.readlines(size):
-        yield Block(number, b"".join(lines))
-        number += len(lines)
-
-
-def block_rows(block: Block) -> list[Row]:
-    """The non-blank lines of a block, as rows."""
-    data = block.data
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    return list(read_jsonl(data.split(b"\n"), block.first))
-
-
-def read_jsonl(raw: Iterable[bytes], first: int = 1) -> Iterator[Row]:
-    """The non-blank lines of a JSON-lines file as rows (payload: the line as text); a line that is not
-    UTF-8 is refused."""
-    for number, data in enumerate(raw, first):
-        try:
-            line = data.decode("utf-8")
-        except UnicodeDecodeError:
-            original = data.decode("utf-8", "replace").rstrip("\r\n")
-            yield Row(number, original, None, [reason("", "the line is not UTF-8", "INVALID_ENCODING")])
+    rest = b""
+    while chunk := f.read(size):
+        data = rest + chunk if rest else chunk
+        cut = data.rfind(b"\n") + 1
+        if not cut:  # no line ends in it yet: read on
+            rest = data
             continue
-        if number == 1:
-            line = line.removeprefix("\ufeff")
-        if line.isspace() or not line:
-            continue
-        line = line.rstrip("\r\n")
-        yield Row(number, line, line)
+        block, rest = data[:cut], data[cut:]
+        yield Block(number, block)
+        number += block.count(b"\n")
+    if rest:
+        yield Block(number, rest)
+
+
+def jsonl_row(number: int, data: bytes) -> Row | None:
+    """Line `number` of a JSON-lines file as a row (payload: the line as text; a line that is not UTF-8 is
+    refused), None for a blank line."""
+    try:
+        line = data.decode("utf-8")
+    except UnicodeDecodeError:
+        original = data.decode("utf-8", "replace").rstrip("\r\n")
+        return Row(number, original, None, [reason("", "the line is not UTF-8", "INVALID_ENCODING")])
+    if number == 1:
+        line = line.removeprefix("\ufeff")
+    if line.isspace() or not line:
+        return None
+    line = line.rstrip("\r\n")
+    return Row(number, line, line)
 
 
 class JsonParser:
@@ -85,10 +86,10 @@ class JsonParser:
 # UpsertInput json_format.Parse + upsert_input would build; anything else (other spellings of numbers,
 # nulls, nested attribute values, \u escapes, unknown or repeated fields) returns None and takes the
 # official way, which also words the error.
-_REQUEST_FIELDS = {f.json_name: f.name for f in pb.UpsertRequest.DESCRIPTOR.fields} | {
+REQUEST_FIELDS = {f.json_name: f.name for f in pb.UpsertRequest.DESCRIPTOR.fields} | {
     f.name: f.name for f in pb.UpsertRequest.DESCRIPTOR.fields
 }
-_IDENTIFIER_FIELDS = {"externalId": "external_id", "external_id": "external_id", "emails": "emails", "phones": "phones"}
+IDENTIFIER_FIELDS = {"externalId": "external_id", "external_id": "external_id", "emails": "emails", "phones": "phones"}
 _TEXT_FIELDS = frozenset({"idempotency_key", "customer_uuid", "source_system", "default_region"})
 _MAX_EXACT_INT = 2**53
 _MAX_UINT64 = 2**64 - 1
@@ -134,7 +135,7 @@ def simple_input(line: str) -> UpsertInput | None:
     strings = len(obj)
     fields: dict[str, Any] = {}
     for name, value in obj.items():
-        field = _REQUEST_FIELDS.get(name)
+        field = REQUEST_FIELDS.get(name)
         if field is None or field in fields or value is None:
             return None
         if field in _TEXT_FIELDS:
@@ -181,7 +182,7 @@ def _simple_identifiers(value: Any) -> tuple[RawIdentifiers, int] | None:
     strings = len(value)
     lists: dict[str, tuple[str, ...]] = {}
     for name, item in value.items():
-        field = _IDENTIFIER_FIELDS.get(name)
+        field = IDENTIFIER_FIELDS.get(name)
         if field is None or field in lists or item is None:
             return None
         if field == "external_id":

@@ -1,13 +1,14 @@
 """Preparing rows in file order: here, or in worker processes for a large file.
 
 The workers are forked before the store is opened (an LMDB environment must never cross a fork). A JSON-lines
-file travels to them as raw blocks of lines (resolver.importer.jsonl), a CSV file as chunks of parsed cells;
-what comes back is compact (resolver.bulk) and travels as plain tuples (resolver.importer.rows.to_wire). A few
-chunks are in flight at a time: enough to keep every worker busy, never the whole file in memory. A worker moves
-what it inherited (the preparer, the phone tables) out of the garbage collector's sight once (gc.freeze): its
-full collections then walk only the rows in hand.
+file's workers read their blocks of lines from the file themselves (resolver.importer.blockworkers); a CSV file
+travels to a Pool's workers as chunks of parsed cells. What comes back is one bytes object per packed create and
+plain tuples for the other rows (resolver.importer.rows.to_wire). A few chunks are in flight at a time: enough to
+keep every worker busy, never the whole file in memory. A worker moves what it inherited (the preparer, the phone
+tables) out of the garbage collector's sight once (gc.freeze), and turns the cyclic collector off: preparing a
+row makes no reference cycle.
 
-Each worker keeps its Preparer in a module global, `_preparer`, set by the pool's initializer. A Pool runs
+A Pool's worker keeps its Preparer in a module global, `_preparer`, set by the pool's initializer. A Pool runs
 module-level functions by name with pickled arguments; the Preparer (compiled schema, key hasher) is neither
 cheap nor always possible to pickle with every task, so the initializer receives it once, inherited through
 fork, and a per-process global is the only place it can leave it for the tasks. Nothing else reads it, and
@@ -23,20 +24,21 @@ import signal
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.pool import AsyncResult, Pool
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
-from resolver.importer.jsonl import Block, block_rows
+from resolver.importer.blockworkers import BlockWorkers
+from resolver.importer.jsonl import Block
 from resolver.importer.prepare import Preparer
 from resolver.importer.rows import (
     FileProblem,
+    Item,
     Payload,
     Row,
-    WireRow,
     decided,
     from_wire,
     outcome_from_wire,
     outcome_to_wire,
-    to_wire,
 )
 
 CHUNK_ROWS = 500  # CSV rows handed to a worker at a time
@@ -52,16 +54,14 @@ def _init_worker(preparer: Preparer) -> None:
     _preparer = preparer  # (its uuids follow from line numbers; resolver.uuids reseeds its random bits per fork)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
     gc.freeze()
+    # Preparing makes no reference cycles (every object dies by its count once its block is sent), so the cyclic
+    # collector would only walk each row's young dicts and lists, a few µs a row (bench/README.md, the import).
+    gc.disable()
 
 
 def _prepare_payloads(lines: list[int], payloads: list[Payload]) -> list[Any]:
     assert _preparer is not None
     return [outcome_to_wire(o) for o in _preparer.outcomes(lines, payloads)]
-
-
-def _prepare_block(block: Block) -> list[WireRow]:
-    assert _preparer is not None
-    return to_wire(_preparer.rows(block_rows(block)))
 
 
 class Workers:
@@ -78,26 +78,32 @@ class Workers:
         self.pool.join()
 
 
-def start_workers(preparer: Preparer, lines: int) -> Workers | None:
-    """Worker processes for a large file on a machine with several CPUs (None: prepare in this process)."""
+def start_workers(preparer: Preparer, lines: int, jsonl: Path | None = None) -> Workers | BlockWorkers | None:
+    """Worker processes for a large file on a machine with several CPUs (None: prepare in this process): for the
+    JSON-lines file `jsonl`, workers that read its blocks themselves; for a CSV file, a Pool."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpus < 2 or lines < POOL_MIN_ROWS:
         return None
-    return Workers(preparer, min(cpus, MAX_WORKERS))
+    count = min(cpus, MAX_WORKERS)
+    return BlockWorkers(preparer, jsonl, count) if jsonl is not None else Workers(preparer, count)
 
 
 class _Pending(NamedTuple):
-    chunk: list[Row] | None  # the CSV rows the result has the outcomes of; None: the result is the rows (a block)
+    chunk: list[Row]  # the CSV rows the result has the outcomes of
     result: AsyncResult[Any]
 
-    def rows(self) -> list[Row]:
-        got = self.result.get()
-        return from_wire(got) if self.chunk is None else decided(self.chunk, map(outcome_from_wire, got))
+    def rows(self) -> list[Item]:
+        return list(decided(self.chunk, map(outcome_from_wire, self.result.get())))
 
 
-def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer, workers: Workers | None) -> Iterator[list[Row]]:
-    """Every row of `source` (CSV rows, or blocks of JSON lines) with its outcome, in file order, a chunk at a
-    time. When reading fails (FileProblem), the rows read before it are yielded first, then it is raised."""
+def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer,
+             workers: Workers | BlockWorkers | None) -> Iterator[list[Item]]:
+    """Every row of `source` (CSV rows, or blocks of JSON lines) prepared, in file order, a chunk at a time: a
+    Row with its outcome, or (a JSON line of the fast path) its packed create. When reading fails (FileProblem),
+    the rows read before it are yielded first, then it is raised."""
+    if isinstance(workers, BlockWorkers):
+        yield from _by_block_workers(cast(Iterator[Block], source), workers)
+        return
     pending: deque[_Pending] = deque()
     window = IN_FLIGHT * workers.count if workers is not None else 0
     problem: FileProblem | None = None
@@ -111,20 +117,34 @@ def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer, worker
             problem = exc
             break
         if workers is None:
-            yield preparer.rows(block_rows(chunk) if isinstance(chunk, Block) else chunk)
+            yield preparer.items(chunk) if isinstance(chunk, Block) else list(preparer.rows(chunk))
             continue
-        if isinstance(chunk, Block):
-            pending.append(_Pending(None, workers.pool.apply_async(_prepare_block, (chunk,))))
-        else:
-            lines = [r.line for r in chunk if r.payload is not None]
-            payloads = [r.payload for r in chunk if r.payload is not None]
-            pending.append(_Pending(chunk, workers.pool.apply_async(_prepare_payloads, (lines, payloads))))
+        assert not isinstance(chunk, Block)  # (a JSON-lines file's workers are BlockWorkers)
+        lines = [r.line for r in chunk if r.payload is not None]
+        payloads = [r.payload for r in chunk if r.payload is not None]
+        pending.append(_Pending(chunk, workers.pool.apply_async(_prepare_payloads, (lines, payloads))))
         if len(pending) >= window:
             yield pending.popleft().rows()
     while pending:
         yield pending.popleft().rows()
     if problem is not None:
         raise problem
+
+
+def _by_block_workers(blocks: Iterator[Block], workers: BlockWorkers) -> Iterator[list[Item]]:
+    """The blocks of a JSON-lines file prepared by `workers`, in file order, a few in flight at a time."""
+    window = IN_FLIGHT * workers.count
+    sent = received = offset = 0
+    for block in blocks:
+        workers.send(sent, block, offset)
+        offset += len(block.data)
+        sent += 1
+        if sent - received >= window:
+            yield from_wire(workers.receive(received))
+            received += 1
+    while received < sent:
+        yield from_wire(workers.receive(received))
+        received += 1
 
 
 def _chunks(items: Iterator[Row] | Iterator[Block], size: int) -> Iterator[list[Row] | Block]:

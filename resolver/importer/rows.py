@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from resolver.bulk import Planned
-
 Original = str | dict[str, str]  # a JSON line as read, or a CSV row as {column: cell}
 Payload = str | list[str]  # what a parser turns into an UpsertInput: the line, or the CSV cells
 Reason = dict[str, str]  # one entry of a rejects-file row's "reasons": field, description, reason, code
@@ -22,7 +20,7 @@ class Prepared(NamedTuple):
     """A validated command, ready to apply: what a worker process sends back (cheap to pickle)."""
 
     blob: bytes  # the UpsertCommand, as resolver.bulk.command_blob encodes it
-    planned: Planned | None  # its writes as a plain create (resolver.bulk.plan); None: only `apply` may write it
+    planned: bytes | None  # its writes as a plain create, packed (resolver.bulk.packed); None: only `apply` may write it
     derived: bool = False  # its idempotency key was derived from its content (resolver.importer.prepare.Repeats)
 
 
@@ -40,6 +38,9 @@ class Row(NamedTuple):
     original: Original
     payload: Payload | None
     outcome: Outcome | None = None
+
+
+Item = bytes | Row  # a prepared row: a packed create of the fast path (resolver._load_py.RowPlanner), or a Row
 
 
 class FileProblem(Exception):
@@ -65,34 +66,33 @@ def decided(rows: Iterable[Row], outcomes: Iterable[Outcome]) -> list[Row]:
     return [r if r.payload is None else Row(r.line, r.original, None, next(it)) for r in rows]
 
 
-# Across the process boundary a row travels as plain tuples: unpickling the three named tuples of a prepared row
-# (Row, Prepared, Planned) costs about five times as much as plain ones (17 against 3.5 µs a row, measured on
-# bench/dataset.py's rows), and the parent, which unpickles every row, is the import's narrowest stage.
+# Across the process boundary a row travels as plain tuples: unpickling the named tuples of a prepared row
+# (Row, Prepared) costs several times as much as plain ones, and the parent, which unpickles every row, is the
+# import's narrowest stage. (A row of the fast path travels as its packed create alone: one bytes object.)
 WireRow = tuple[int, Original, Payload | None, Any]
+WireItem = bytes | WireRow
 
 
-def to_wire(rows: Iterable[Row]) -> list[WireRow]:
-    """`rows` as plain tuples, for `from_wire` in another process."""
-    return [(r.line, r.original, r.payload, outcome_to_wire(r.outcome)) for r in rows]
+def to_wire(items: Iterable[Item]) -> list[WireItem]:
+    """`items` as bytes and plain tuples, for `from_wire` in another process."""
+    return [r if type(r) is bytes else (r.line, r.original, r.payload, outcome_to_wire(r.outcome))  # type: ignore[union-attr]
+            for r in items]
 
 
-def from_wire(items: Iterable[WireRow]) -> list[Row]:
-    """The rows `to_wire` sent (named tuples made by tuple.__new__: their Python-level __new__ is the cost)."""
+def from_wire(items: Iterable[WireItem]) -> list[Item]:
+    """The items `to_wire` sent (named tuples made by tuple.__new__: their Python-level __new__ is the cost)."""
     new = tuple.__new__
-    return [new(Row, (line, original, payload, outcome_from_wire(outcome)))
-            for line, original, payload, outcome in items]
+    return [item if type(item) is bytes else new(Row, (*item[:3], outcome_from_wire(item[3])))  # type: ignore[index]
+            for item in items]
 
 
 def outcome_to_wire(outcome: Outcome | None) -> Any:
     if type(outcome) is Prepared:
-        planned = outcome.planned
-        return (outcome.blob, None if planned is None else tuple(planned), outcome.derived)
+        return tuple(outcome)
     return outcome  # the reasons (a list), or None
 
 
 def outcome_from_wire(item: Any) -> Any:
     if type(item) is tuple:
-        new = tuple.__new__
-        blob, planned, derived = item
-        return new(Prepared, (blob, None if planned is None else new(Planned, planned), derived))
+        return tuple.__new__(Prepared, item)
     return item

@@ -360,6 +360,8 @@ def test_a_watcher_that_stops_reading_is_cut_off_while_writes_go_on(make_server,
         stalled_channel = grpc.insecure_channel(address, options=SMALL_WINDOW)
         stalled = resolver_pb2_grpc.IdentityResolverStub(stalled_channel).WatchChanges(
             pb.WatchRequest(from_sequence=1), timeout=120)  # never read until it is over
+        # the server has taken it (its first events are on their way) before any probe can race it for the slot
+        stalled.initial_metadata()
         writers = [threading.Thread(target=write) for _ in range(2)]
         for t in writers:
             t.start()

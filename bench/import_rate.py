@@ -20,9 +20,9 @@ lookup loop on the same store, all measured in the same run (issues 3 and 17).
      probe, confirm, decide, build the answers), in batches of 256 (ResolveStream's) and of 10,000;
    - probe loop: normalize + `Prober.decide_many` over the 10,000 in request order (the figure bench/README.md
      quoted before this issue), and sorted by index key.
-4. The floors: py-lmdb alone writing the same number of rows, per row a pre-encoded record of the store's average
-   size, 3 index entries (random 16-byte keys, dupsort), a ledger entry, its expiry key, a change-log entry and 2
-   `pii_refs` keys, every byte made before the clock starts:
+4. The floors (bench/import_floor.py): py-lmdb alone writing the same number of rows, per row a pre-encoded record
+   of the store's average size, 3 index entries (random 16-byte keys, dupsort), a ledger entry, its expiry key, a
+   change-log entry and 2 `pii_refs` keys, every byte made before the clock starts:
    - per batch: random uuid4 record keys, a synced commit per batch (what an incremental import must pay);
    - one transaction: time-ordered record keys, the record, change-log, expiry and `pii_refs` keys appended, the
      index and ledger entries put sorted per batch, one synced commit (what an initial load must pay).
@@ -57,7 +57,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lmdb
+from bench.import_floor import floor_one_transaction, floor_per_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -185,85 +185,6 @@ def value_sizes(data: Path, config: str) -> dict[str, int]:
     finally:
         store.close()
     return sizes
-
-
-class _Entries:
-    """A floor's pre-encoded entries, row by row."""
-
-    def __init__(self, rows: int, sizes: dict[str, int], *, ordered: bool) -> None:
-        self.value, self.entry, self.change = (b"x" * sizes[n] for n in ("records", "ledger", "changes"))
-        t0 = time.time_ns() // 1_000_000
-        # ordered: uuids that increase with the row (as an import's UUIDv7s do); else random (uuid4)
-        self.uids = [((t0 << 80) | (i << 32) | random.getrandbits(32)).to_bytes(16, "big") if ordered
-                     else os.urandom(16) for i in range(rows)]
-        self.keys = [os.urandom(48) for _ in range(rows)]  # three hashed index keys
-        self.lkeys = [b"bench-load-%d" % i for i in range(rows)]  # the dataset's idempotency keys
-
-
-def floor_per_batch(rows: int, batch: int, sizes: dict[str, int], where: Path) -> dict[str, Any]:
-    """py-lmdb: every entry of a row put one by one, random uuid4 record keys, one synced commit per batch."""
-    e = _Entries(rows, sizes, ordered=False)
-    env = lmdb.open(str(where), map_size=64 << 30, max_dbs=10, sync=True, metasync=True)
-    try:
-        records, ledger, ledger_exp, changes, refs = (env.open_db(n) for n in (b"records", b"ledger", b"ledger_exp",
-                                                                             b"changes", b"pii_refs"))
-        ix = [env.open_db(name, dupsort=True, dupfixed=True) for name in (b"ix_external", b"ix_email", b"ix_phone")]
-        started = time.monotonic()
-        for start in range(0, rows, batch):
-            with env.begin(write=True) as txn:
-                for i in range(start, min(start + batch, rows)):
-                    uid, k, lkey = e.uids[i], e.keys[i], e.lkeys[i]
-                    seq = i.to_bytes(8, "big")
-                    txn.put(uid, e.value, db=records)
-                    txn.put(k[:16], uid, db=ix[0])
-                    txn.put(k[16:32], uid, db=ix[1])
-                    txn.put(k[32:], uid, db=ix[2])
-                    txn.put(lkey, e.entry, db=ledger)
-                    txn.put(b"%016x" % i + lkey, b"", db=ledger_exp)
-                    txn.put(seq, e.change, db=changes, append=True)
-                    txn.put(uid + b"C" + seq, b"", db=refs)
-                    txn.put(uid + b"L" + lkey, b"", db=refs)
-        elapsed = time.monotonic() - started
-    finally:
-        env.close()
-    return {"rows": rows, "bytes": sizes, "batch": batch, "wall_s": round(elapsed, 2), "rows_per_s": round(rows / elapsed)}
-
-
-def floor_one_transaction(rows: int, batch: int, sizes: dict[str, int], where: Path) -> dict[str, Any]:
-    """py-lmdb: one transaction; per batch the record, change-log, expiry and pii_refs entries appended (their keys
-    increase), index and ledger entries put sorted; one synced commit."""
-    e = _Entries(rows, sizes, ordered=True)
-    batches = []
-    for start in range(0, rows, batch):
-        part = range(start, min(start + batch, rows))
-        batches.append((
-            [(e.uids[i], e.value) for i in part],
-            [sorted((e.keys[i][16 * j:16 * j + 16], e.uids[i]) for i in part) for j in range(3)],
-            sorted((e.lkeys[i], e.entry) for i in part),
-            [(b"%016x" % i + e.lkeys[i], b"") for i in part],
-            [(i.to_bytes(8, "big"), e.change) for i in part],
-            sorted(r for i in part for r in ((e.uids[i] + b"C" + i.to_bytes(8, "big"), b""),
-                                             (e.uids[i] + b"L" + e.lkeys[i], b""))),
-        ))
-    env = lmdb.open(str(where), map_size=64 << 30, max_dbs=10, sync=True, metasync=True)
-    try:
-        records, ledger, ledger_exp, changes, refs = (env.open_db(n) for n in (b"records", b"ledger", b"ledger_exp",
-                                                                             b"changes", b"pii_refs"))
-        ix = [env.open_db(name, dupsort=True, dupfixed=True) for name in (b"ix_external", b"ix_email", b"ix_phone")]
-        started = time.monotonic()
-        with env.begin(write=True) as txn:
-            for recs, index, ledgers, expiries, log_entries, pii in batches:
-                txn.cursor(db=records).putmulti(recs, append=True)
-                for db, items in zip(ix, index, strict=True):
-                    txn.cursor(db=db).putmulti(items)
-                txn.cursor(db=ledger).putmulti(ledgers)
-                txn.cursor(db=ledger_exp).putmulti(expiries, append=True)
-                txn.cursor(db=changes).putmulti(log_entries, append=True)
-                txn.cursor(db=refs).putmulti(pii, append=True)
-        elapsed = time.monotonic() - started
-    finally:
-        env.close()
-    return {"rows": rows, "bytes": sizes, "batch": batch, "wall_s": round(elapsed, 2), "rows_per_s": round(rows / elapsed)}
 
 
 def check(data: Path, config: str) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import random
 import statistics
 import sys
@@ -35,9 +34,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
 from bench.hostile import load_customers, phone
-from bench.security import BLUEPRINT, Client, Server, ab_args_problem, ab_parser, ab_table, log, window, write_report
+from bench.security import (
+    BLUEPRINT,
+    Client,
+    Server,
+    ab_args_problem,
+    ab_main,
+    ab_parser,
+    ab_rounds,
+    ab_table,
+    log,
+    window,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("off", "on")
@@ -110,20 +119,9 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             if counted != answered + 1:  # and the client's one call before its window (it connects)
                 raise SystemExit(f"the on server counted {counted:g} Resolves, answered {answered}: metrics are not on")
             scraper = Scraper(url, a.scrape_every)
-            load0, jiffies, foreign0, t0 = os.getloadavg()[0], procstat.cpu_jiffies(), procstat.foreign_cpu(), \
-                time.monotonic()
-            rounds: list[dict[str, Any]] = []
-            for r in range(a.rounds):
-                order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
-                got = {name: window(ctx, servers[name], plain, a.rate, a.seconds, phones) for name in order}
-                rounds.append(got)
-                log(f"round {r + 1}/{a.rounds}: " + ", ".join(
-                    f"{n} {got[n]['cpu_us_per_resolve']:.0f} µs CPU per Resolve" for n in CONFIGS))
-            elapsed = time.monotonic() - t0
+            measured = ab_rounds(CONFIGS, a.rounds, lambda name: window(ctx, servers[name], plain, a.rate, a.seconds,
+                                                                       phones))
             scraper.stop()
-            machine = {"loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
-                       "busy": procstat.busy_since(jiffies), "foreign_cores": procstat.foreign_cores(foreign0, elapsed),
-                       "cpu_model": procstat.cpu_model()}
         finally:
             if scraper is not None:
                 scraper.stop()
@@ -133,7 +131,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             "scrape_every_s": a.scrape_every, "scrapes": len(scraper.seconds) if scraper else 0,
             "scrape_ms_median": statistics.median(scraper.seconds) * 1000 if scraper and scraper.seconds else None,
             "scrape_bytes": max(scraper.sizes) if scraper and scraper.sizes else None,
-            "rounds": rounds, "machine": machine}
+            "rounds": measured.rounds, "machine": measured.machine}
 
 
 def report(res: dict[str, Any]) -> str:
@@ -146,18 +144,14 @@ def report(res: dict[str, Any]) -> str:
         *ab_table(res, {"off": "metrics off", "on": "metrics on (histogram + outcome counter, scraped)"}, "metrics")])
 
 
+def args_problem(a: argparse.Namespace) -> str | None:
+    return ab_args_problem(a) or ("--scrape-every above 0" if a.scrape_every <= 0 else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ab_parser("python -m bench.metrics", __doc__, "metrics")
     p.add_argument("--scrape-every", type=float, default=5.0, help="seconds between scrapes of /metrics (default 5)")
-    a = p.parse_args(argv)
-    problem = ab_args_problem(a) or ("--scrape-every above 0" if a.scrape_every <= 0 else None)
-    if problem:
-        p.error(problem)
-    res = measure(a)
-    res["command"] = "python -m bench.metrics " + " ".join(argv if argv is not None else sys.argv[1:])
-    res["date"] = time.strftime("%Y-%m-%d %H:%M")
-    write_report(res, Path(a.out), report(res))
-    return 0
+    return ab_main(p, argv, measure, report, args_problem)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,24 +245,40 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
                 f"{' + token' if secure_client.token else ', no token check in this tree'}); warm-up")
             for name in CONFIGS:
                 window(ctx, servers[name], clients[name], a.rate, min(a.seconds, 3.0), phones)
-            load0, jiffies, foreign0, t0 = os.getloadavg()[0], procstat.cpu_jiffies(), procstat.foreign_cpu(), \
-                time.monotonic()
-            rounds: list[dict[str, Any]] = []
-            for r in range(a.rounds):
-                order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
-                got = {name: window(ctx, servers[name], clients[name], a.rate, a.seconds, phones) for name in order}
-                rounds.append(got)
-                log(f"round {r + 1}/{a.rounds}: " + ", ".join(
-                    f"{n} {got[n]['cpu_us_per_resolve']:.0f} µs CPU per Resolve" for n in CONFIGS))
-            elapsed = time.monotonic() - t0
-            machine = {"loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
-                       "busy": procstat.busy_since(jiffies), "foreign_cores": procstat.foreign_cores(foreign0, elapsed),
-                       "cpu_model": procstat.cpu_model()}
+            measured = ab_rounds(CONFIGS, a.rounds,
+                                 lambda name: window(ctx, servers[name], clients[name], a.rate, a.seconds, phones))
         finally:
             for server in servers.values():
                 server.stop()
     return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
-            "token_checked": bool(secure_client.token), "rounds": rounds, "machine": machine}
+            "token_checked": bool(secure_client.token), "rounds": measured.rounds, "machine": measured.machine}
+
+
+@dataclass(frozen=True)
+class AbRounds:
+    """What alternating rounds measured: each round's windows by configuration, and the machine over the rounds."""
+
+    rounds: list[dict[str, Any]]
+    machine: dict[str, Any]
+
+
+def ab_rounds(configs: tuple[str, str], count: int, measure: Callable[[str], dict[str, Any]]) -> AbRounds:
+    """`count` rounds, each a measured window (`measure(name)`, a `window` result) of both configurations back to
+    back, the order alternating each round so that drift on this shared machine hits both alike; the machine's
+    load, how busy it was and what other processes took, over the rounds."""
+    load0, jiffies, foreign0, t0 = os.getloadavg()[0], procstat.cpu_jiffies(), procstat.foreign_cpu(), time.monotonic()
+    rounds: list[dict[str, Any]] = []
+    for r in range(count):
+        order = configs if r % 2 == 0 else configs[::-1]
+        got = {name: measure(name) for name in order}
+        rounds.append(got)
+        log(f"round {r + 1}/{count}: " + ", ".join(
+            f"{n} {got[n]['cpu_us_per_resolve']:.0f} µs CPU per Resolve" for n in configs))
+    elapsed = time.monotonic() - t0
+    machine = {"loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
+               "busy": procstat.busy_since(jiffies), "foreign_cores": procstat.foreign_cores(foreign0, elapsed),
+               "cpu_model": procstat.cpu_model()}
+    return AbRounds(rounds, machine)
 
 
 def ab_table(res: dict[str, Any], labels: dict[str, str], what: str) -> list[str]:
@@ -319,17 +336,25 @@ def write_report(res: dict[str, Any], out: Path, text: str) -> None:
     print(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = ab_parser("python -m bench.security", __doc__, "security")
+def ab_main(p: argparse.ArgumentParser, argv: list[str] | None, measure: Callable[[argparse.Namespace], dict[str, Any]],
+            report: Callable[[dict[str, Any]], str],
+            problem: Callable[[argparse.Namespace], str | None] = ab_args_problem) -> int:
+    """A bench of two alternating configurations end to end: `argv` parsed by `p` (ab_parser's, with the bench's
+    own options), refused with what `problem` finds, measured, then the report (with the command and the date)
+    written and printed."""
     a = p.parse_args(argv)
-    problem = ab_args_problem(a)
-    if problem:
-        p.error(problem)
+    found = problem(a)
+    if found:
+        p.error(found)
     res = measure(a)
-    res["command"] = "python -m bench.security " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = f"{p.prog} " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     write_report(res, Path(a.out), report(res))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return ab_main(ab_parser("python -m bench.security", __doc__, "security"), argv, measure, report)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run phases of open-loop load from client processes; merge their histograms; read the server's CPU.
+"""Run phases of open-loop load from client processes; merge their histograms (bench/loadgen/histograms.py); read
+the server's CPU.
 
 A phase is (target, scenario, rate, duration, schedule). Every client process runs every phase at rate/N,
 on one shared timeline of absolute CLOCK_MONOTONIC times set by the parent, so phases of different
@@ -24,22 +25,17 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from bench.loadgen.histograms import LOWEST, Latencies, add_by_code, added, decoded, encoded, new_histogram
 from bench.loadgen.schedule import intended_offsets
 from bench.loadgen.workload import Data
 from bench.procstat import tree_cpu_seconds
 
-# latencies in µs, 1 µs .. 60 s, 3 significant digits
-LOWEST, HIGHEST, DIGITS = 1, 60_000_000, 3
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 CURVE = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0)
 SLICE_S = 0.1  # the per-slice timeline of the slowest call
 LEAD_S = 0.5  # from the clients' start signal to the first phase: every client is sleeping on the timeline by then
 GAP_S = 0.3  # between phases, for in-flight calls to drain
 PR_SET_TIMERSLACK = 29
-
-
-def new_histogram() -> HdrHistogram:
-    return HdrHistogram(LOWEST, HIGHEST, DIGITS)
 
 
 @dataclass(frozen=True)
@@ -87,15 +83,14 @@ class PhaseResult:
     # -- derived figures ---------------------------------------------------------------------------------
 
     def hist(self) -> HdrHistogram:
-        return HdrHistogram.decode(self.histogram) if self.histogram else new_histogram()
+        return decoded(self.histogram)
 
     def lag(self) -> HdrHistogram:
-        return HdrHistogram.decode(self.lag_histogram) if self.lag_histogram else new_histogram()
+        return decoded(self.lag_histogram)
 
     def hist_of(self, code: str) -> HdrHistogram:
         """The latency histogram of the calls that ended with status `code` ("OK", "RESOURCE_EXHAUSTED", ...)."""
-        encoded = self.code_histograms.get(code)
-        return HdrHistogram.decode(encoded) if encoded else new_histogram()
+        return decoded(self.code_histograms.get(code, ""))
 
     @property
     def achieved_rate(self) -> float:
@@ -138,11 +133,8 @@ class PhaseResult:
 
     def merge(self, other: PhaseResult) -> None:
         """Fold another result of the same label into this one (histograms added, counts summed)."""
-        h = self.hist()
-        h.add(other.hist())
-        lag = self.lag()
-        lag.add(other.lag())
-        self.histogram, self.lag_histogram = h.encode().decode(), lag.encode().decode()
+        self.histogram = added(self.histogram, other.histogram)
+        self.lag_histogram = added(self.lag_histogram, other.lag_histogram)
         self.duration_s += other.duration_s
         self.intended += other.intended
         self.sent += other.sent
@@ -152,10 +144,7 @@ class PhaseResult:
         self.send_span_s += other.send_span_s
         self.codes = dict(Counter(self.codes) + Counter(other.codes))
         self.slices_us = [max(a, b) for a, b in zip_longest(self.slices_us, other.slices_us, fillvalue=0)]
-        for code in other.code_histograms:
-            per_code = self.hist_of(code)
-            per_code.add(other.hist_of(code))
-            self.code_histograms[code] = per_code.encode().decode()
+        add_by_code(self.code_histograms, other.code_histograms)
         if self.server_cpu_s is not None and other.server_cpu_s is not None:
             self.server_cpu_s += other.server_cpu_s
         else:
@@ -295,18 +284,13 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
         lock.wait_for(lambda: outstanding[0] == 0, timeout=max(p.timeout_s for p in phases) + 5)
 
     out = []
-    hists = [new_histogram() for _ in phases]
-    code_hists: list[dict[str, HdrHistogram]] = [{} for _ in phases]
+    latencies = [Latencies() for _ in phases]
     codes: list[Counter[str]] = [Counter() for _ in phases]
     slices: list[dict[int, int]] = [{} for _ in phases]
     for index, intended, finish, code in list(done):
         us = max((finish - intended) // 1000, LOWEST)
-        hists[index].record_value(us)
+        latencies[index].record(code.name, us)
         codes[index][code.name] += 1
-        per_code = code_hists[index].get(code.name)
-        if per_code is None:
-            per_code = code_hists[index][code.name] = new_histogram()
-        per_code.record_value(us)
         k = int((intended - phase_start[index]) // (SLICE_S * 1e9))
         slices[index][k] = max(slices[index].get(k, 0), us)
     for index, ph in enumerate(phases):
@@ -314,10 +298,10 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
         out.append(PhaseResult(
             label=ph.label, scenario=ph.scenario, offered_rate=ph.rate, duration_s=ph.duration_s,
             intended=intended_counts[index], sent=sent[index], completed=sum(c.values()), ok=c.get("OK", 0),
-            codes=dict(c), late_sends=late[index], send_span_s=spans[index], histogram=hists[index].encode().decode(),
-            lag_histogram=lag[index].encode().decode(),
+            codes=dict(c), late_sends=late[index], send_span_s=spans[index],
+            histogram=encoded(latencies[index].all), lag_histogram=encoded(lag[index]),
             slices_us=[slices[index].get(k, 0) for k in range(max(slices[index], default=-1) + 1)],
-            code_histograms={name: h.encode().decode() for name, h in code_hists[index].items()},
+            code_histograms=latencies[index].encoded_by_code(),
         ))
     results.put((part, out))
     for ch in channels.values():

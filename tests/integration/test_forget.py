@@ -29,11 +29,10 @@ import pytest
 
 from resolver.bootstrap import build_server
 from resolver.config import Settings, load_settings
-from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY, status_details
-from tests.integration.helpers import resolve_req, upsert_req
+from tests.integration.helpers import resolve_req, signed_headers, upsert_req
 
 ROOT = Path(__file__).resolve().parents[2]
 SF_KEY = b"salesforce-forget-test-key"
@@ -195,8 +194,7 @@ def ingest(stub: Any, record_id: str, event_type: str, changes: dict[str, Any], 
     body = json.dumps({"event_type": event_type, "source_system": "SALESFORCE", "timestamp": ts,
                        "record_id": record_id, "object_type": "Account",
                        "change_set": {f: {"new_value": v} for f, v in changes.items()}}).encode()
-    wid, stamp = f"msg_{uuid.uuid4().hex}", int(time.time())
-    headers = {"webhook-id": wid, "webhook-timestamp": str(stamp), "webhook-signature": sign(SF_KEY, wid, stamp, body)}
+    headers = signed_headers(SF_KEY, f"msg_{uuid.uuid4().hex}", body)
     try:
         stub.IngestEvents(pb.IngestRequest(source="SALESFORCE", body=body, headers=headers), timeout=10)
     except grpc.RpcError as err:

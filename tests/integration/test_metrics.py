@@ -19,11 +19,10 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML
-from tests.integration.helpers import phone, resolve_req, upsert_req
+from tests.integration.helpers import phone, post_webhook, resolve_req, upsert_req
 from tests.integration.serve import serving
 
 WEBHOOK_KEY = b"metrics-test-webhook-key"
@@ -83,20 +82,6 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
     return {labels: v for (n, labels), v in samples.items() if n == name and v}
 
 
-def post_webhook(port: int, body: bytes, webhook_id: str) -> int:
-    ts = int(time.time())
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/webhooks/SALESFORCE", data=body, method="POST",
-        headers={"content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(ts),
-                 "webhook-signature": sign(WEBHOOK_KEY, webhook_id, ts, body)})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code
-
-
 def created(record_id: str) -> bytes:
     return json.dumps({"event_type": "CREATE", "source_system": "SALESFORCE", "timestamp": "2024-01-01T00:00:00Z",
                        "record_id": record_id, "object_type": "Account",
@@ -140,8 +125,10 @@ def test_metrics_add_up_over_workers_and_processes(tmp_path: Path) -> None:
         identifiers = _traffic(srv.grpc_port)
         record_ids = [f"SF-METRICS-{i}" for i in range(3)]
         for i, rid in enumerate(record_ids):
-            assert post_webhook(srv.webhook_port, created(rid), f"msg_metrics_{i}") == 202
-        assert post_webhook(srv.webhook_port, b"{not json", "msg_metrics_bad") == 400  # signed: dead-lettered
+            assert post_webhook(srv.webhook_port, "SALESFORCE", WEBHOOK_KEY, f"msg_metrics_{i}", created(rid),
+                                timeout=10).status == 202
+        assert post_webhook(srv.webhook_port, "SALESFORCE", WEBHOOK_KEY, "msg_metrics_bad", b"{not json",
+                            timeout=10).status == 400  # signed: dead-lettered
 
         deadline = time.monotonic() + WAIT_S
         while True:  # the applier drains the inbox; every scrape reads the counters in one transaction

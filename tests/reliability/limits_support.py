@@ -12,8 +12,6 @@ import os
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +20,10 @@ import lmdb
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY
-from tests.integration.helpers import upsert_req
+from tests.integration.helpers import post_webhook, upsert_req
 
 SECRET = b"limits-test-secret"
 ENV = {"LIMITS_TEST_SECRET": SECRET.decode(), "RESOLVER_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY}
@@ -145,16 +142,8 @@ def fill(port: int, tag: str, *, clients: int = 4, cap: int = 20_000) -> Filled:
 
 def signed_webhook(port: int, webhook_id: str, body: bytes) -> tuple[int, dict[str, object]]:
     """POST a CRM event, signed now, to the webhook endpoint: the HTTP status and the JSON answer."""
-    ts = int(time.time())
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/webhooks/CRM", data=body, method="POST",
-        headers={"content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(ts),
-                 "webhook-signature": sign(SECRET, webhook_id, ts, body)})
-    try:
-        with urllib.request.urlopen(request, timeout=CALL_S) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    answer = post_webhook(port, "CRM", SECRET, webhook_id, body, timeout=CALL_S)
+    return answer.status, json.loads(answer.body)
 
 
 def create_event(record_id: str, *, chars: int = len(NOTE)) -> bytes:

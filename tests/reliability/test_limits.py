@@ -36,11 +36,12 @@ from resolver.errors import StorageFull
 from resolver.events import counters
 from resolver.events.applier import drain_once
 from resolver.events.inbox import Ingestor
-from resolver.events.signatures import sign
 from resolver.identifiers import RawIdentifiers
 from resolver.service import Service
 from resolver.upsert import UpsertInput
 from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc
+from tests.integration.helpers import signed_headers
 from tests.integration.serve import ROOT, Launched, launch
 from tests.reliability.limits_support import (
     CALL_S,
@@ -285,9 +286,7 @@ def test_the_applier_leaves_an_event_in_the_inbox_when_its_apply_does_not_fit_th
     try:
         ingestor = Ingestor(service.store, small, service.schema)
         body = create_event("EVT-BIG", chars=BIG_CHARS)
-        ts = int(time.time())
-        admitted = ingestor.admit("CRM", {"webhook-id": "msg_big", "webhook-timestamp": str(ts),
-                                          "webhook-signature": sign(SECRET, "msg_big", ts, body)}, body)
+        admitted = ingestor.admit("CRM", signed_headers(SECRET, "msg_big", body), body)
         assert admitted.http_status == 202
         ingestor.close()
         created = _fill_in_process(service)
@@ -363,33 +362,27 @@ STOP_TRIES = 400  # SIGSTOPs of the victim until one catches it inside a read tr
 def _load(ports: list[int], stop: threading.Event, errors: list[str]) -> list[threading.Thread]:
     """Resolve on every worker's own port (two threads each) and Upsert (one thread) until `stop`: reads that hold
     read transactions, writes that move the snapshot on. Errors are counted (a killed worker's calls fail)."""
-    def resolving(port: int) -> None:
+    def calling(port: int, call: Callable[[resolver_pb2_grpc.IdentityResolverStub, int], object]) -> None:
+        """`call(stub, i)` with i = 1, 2, ... on `port` until `stop`; a failed call counted, then a pause."""
         channel, rpc = stub(port)
         with channel:
             i = 0
             while not stop.is_set():
                 i += 1
                 try:
-                    rpc.Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id=f"seed-{i % 20}")),
-                                timeout=CALL_S)
+                    call(rpc, i)
                 except grpc.RpcError as err:
                     errors.append(str(err.code()))
                     time.sleep(0.05)
 
-    def writing(port: int) -> None:
-        channel, rpc = stub(port)
-        with channel:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    rpc.Upsert(big_upsert(f"load-{i}", chars=200), timeout=CALL_S)
-                except grpc.RpcError as err:
-                    errors.append(str(err.code()))
-                    time.sleep(0.05)
+    def resolve(rpc: resolver_pb2_grpc.IdentityResolverStub, i: int) -> object:
+        return rpc.Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id=f"seed-{i % 20}")), timeout=CALL_S)
 
-    threads = [threading.Thread(target=resolving, args=(p,)) for p in ports for _ in range(2)]
-    threads.append(threading.Thread(target=writing, args=(ports[0],)))
+    def upsert(rpc: resolver_pb2_grpc.IdentityResolverStub, i: int) -> object:
+        return rpc.Upsert(big_upsert(f"load-{i}", chars=200), timeout=CALL_S)
+
+    threads = [threading.Thread(target=calling, args=(p, resolve)) for p in ports for _ in range(2)]
+    threads.append(threading.Thread(target=calling, args=(ports[0], upsert)))
     for t in threads:
         t.start()
     return threads

@@ -51,10 +51,10 @@ from hypothesis.stateful import (
 from resolver.bootstrap import build_server
 from resolver.check import find_problems
 from resolver.config import load_settings
-from resolver.events.signatures import sign
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY, status_details
+from tests.integration.helpers import signed_headers
 from tests.reliability.model import (
     LAST,
     ForgetReq,
@@ -257,6 +257,22 @@ class ModelMachine(RuleBasedStateMachine):
             first["identifiers"] = got["identifiers"]
         self._same("replay", key, got, first)
 
+    def _settle(self, op: str, req: Any, key: str, got: Any, want: Any, *, volatile: tuple[str, ...] = ()) -> bool:
+        """Book a keyed step's answer: the request kept for retries and reuses, the outcome counted, the answer
+        (less its `volatile` fields, which the model does not hold) compared with the model's, a replay checked
+        against the key's first answer, a first answer remembered. True for a first successful answer: the caller
+        then checks the versions it shows and reads back the customers it touched."""
+        self.sent.append(req)
+        self._outcome(op, got)
+        self._same(op, req, {k: v for k, v in got.items() if k not in volatile} if isinstance(got, dict) else got, want)
+        if not isinstance(got, dict):
+            return False
+        if got["replayed"]:
+            self._replayed(key, got)
+            return False
+        self.first[key] = got
+        return True
+
     def _outcome(self, op: str, got: Any) -> None:
         self.run.steps += 1
         if isinstance(got, Refused):
@@ -318,16 +334,9 @@ class ModelMachine(RuleBasedStateMachine):
         if created:
             assert got["customer_uuid"] not in self.model.known, "a new customer got a uuid already issued"
         want = self.model.upsert(req, got["customer_uuid"] if created else "(no new customer on the server)")
-        self.sent.append(req)
-        self._outcome("Upsert", got)
-        self._same("Upsert", req, got, want)
-        if isinstance(got, dict):
-            if got["replayed"]:
-                self._replayed(req.key, got)
-            else:
-                self.first[req.key] = got
-                self._saw(got["customer_uuid"], got["version"])
-                self._read_back(got["customer_uuid"])
+        if self._settle("Upsert", req, req.key, got, want):
+            self._saw(got["customer_uuid"], got["version"])
+            self._read_back(got["customer_uuid"])
 
     def _new_upsert(self, data: st.DataObject, key: str) -> UpsertReq:
         customer_uuid = self._uuid(data, live_only=4) if data.draw(st.integers(0, 3)) == 0 else ""
@@ -403,17 +412,9 @@ class ModelMachine(RuleBasedStateMachine):
                    "merged_uuids": tuple(r.merged_uuids), "identifiers": ids_of(r.identifiers)}
         except grpc.RpcError as err:
             got = refused(err)
-        want = self.model.merge(req)
-        self.sent.append(req)
-        self._outcome("Merge", got)
-        self._same("Merge", req, got, want)
-        if isinstance(got, dict):
-            if got["replayed"]:
-                self._replayed(req.key, got)
-            else:
-                self.first[req.key] = got
-                self._saw(got["customer_uuid"], got["version"])
-                self._read_back(got["customer_uuid"], *got["merged_uuids"])
+        if self._settle("Merge", req, req.key, got, self.model.merge(req)):
+            self._saw(got["customer_uuid"], got["version"])
+            self._read_back(got["customer_uuid"], *got["merged_uuids"])
 
     @precondition(lambda self: len(self.model.customers) >= 2)
     @rule(data=st.data())
@@ -450,18 +451,10 @@ class ModelMachine(RuleBasedStateMachine):
                    "merged_uuid": r.merged_uuid, "merged_version": r.merged_version, "replayed": r.replayed}
         except grpc.RpcError as err:
             got = refused(err)
-        want = self.model.unmerge(req)
-        self.sent.append(req)
-        self._outcome("Unmerge", got)
-        self._same("Unmerge", req, got, want)
-        if isinstance(got, dict):
-            if got["replayed"]:
-                self._replayed(req.key, got)
-            else:
-                self.first[req.key] = got
-                self._saw(got["survivor_uuid"], got["survivor_version"])
-                self._saw(got["merged_uuid"], got["merged_version"])
-                self._read_back(got["survivor_uuid"], got["merged_uuid"])
+        if self._settle("Unmerge", req, req.key, got, self.model.unmerge(req)):
+            self._saw(got["survivor_uuid"], got["survivor_version"])
+            self._saw(got["merged_uuid"], got["merged_version"])
+            self._read_back(got["survivor_uuid"], got["merged_uuid"])
 
     @precondition(lambda self: any(c.external_id for c in self.model.customers.values()))
     @rule(data=st.data())
@@ -474,9 +467,8 @@ class ModelMachine(RuleBasedStateMachine):
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         body = json.dumps({"event_type": "DELETE", "source_system": "CRM", "timestamp": stamp, "record_id": ext,
                            "object_type": "Account", "change_set": {}}).encode()
-        wid, ts = f"{self.ns}-w{next(self.serial)}", int(time.time())
-        headers = {"webhook-id": wid, "webhook-timestamp": str(ts),
-                   "webhook-signature": sign(SECRET.encode(), wid, ts, body)}
+        wid = f"{self.ns}-w{next(self.serial)}"
+        headers = signed_headers(SECRET.encode(), wid, body)
         stub = self.run.stub
         before = stub.GetEventCounters(pb.GetEventCountersRequest(), timeout=TIMEOUT_S).counters
         stub.IngestEvents(pb.IngestRequest(source="CRM", body=body, headers=headers), timeout=TIMEOUT_S)
@@ -520,18 +512,9 @@ class ModelMachine(RuleBasedStateMachine):
                    "audit_sequence": r.audit_sequence, "all_removed": dict(r.removed)}
         except grpc.RpcError as err:
             got = refused(err)
-        want = self.model.forget(req)
-        self.sent.append(req)
-        self._outcome("Forget", got)
-        volatile = ("audit_sequence", "all_removed")  # the model does not count them; replays must repeat them
-        self._same("Forget", req, {k: v for k, v in got.items() if k not in volatile} if isinstance(got, dict) else got,
-                   want)
-        if isinstance(got, dict):
-            if got["replayed"]:
-                self._replayed(req.key, got)
-            else:
-                self.first[req.key] = got
-                self._read_back(req.customer_uuid)
+        # the model does not count audit_sequence and all_removed; replays must repeat them
+        if self._settle("Forget", req, req.key, got, self.model.forget(req), volatile=("audit_sequence", "all_removed")):
+            self._read_back(req.customer_uuid)
 
     @rule(data=st.data())
     @guarded
@@ -565,16 +548,8 @@ class ModelMachine(RuleBasedStateMachine):
                    if r.HasField("last_interaction_date") else None}
         except grpc.RpcError as err:
             got = refused(err)
-        want = self.model.interact(req)
-        self.sent.append(req)
-        self._outcome("RecordInteraction", got)
-        self._same("RecordInteraction", req, got, want)
-        if isinstance(got, dict):
-            if got["replayed"]:
-                self._replayed("call:" + req.interaction_id, got)
-            else:
-                self.first["call:" + req.interaction_id] = got
-                self._read_back(got["customer_uuid"])
+        if self._settle("RecordInteraction", req, "call:" + req.interaction_id, got, self.model.interact(req)):
+            self._read_back(got["customer_uuid"])
 
     # -- after every step --------------------------------------------------------------------------------------
     @invariant()
@@ -658,9 +633,8 @@ def _dead_letter(run: Run, record_id: str, wid: str) -> pb.DeadLetter:
     """Send a DELETE for a record nobody holds (dead-lettered UNKNOWN_RECORD); its dead letter."""
     body = json.dumps({"event_type": "DELETE", "source_system": "CRM", "timestamp": "2024-01-01T00:00:00Z",
                        "record_id": record_id, "object_type": "Account", "change_set": {}}).encode()
-    ts = int(time.time())
-    headers = {"webhook-id": wid, "webhook-timestamp": str(ts), "webhook-signature": sign(SECRET.encode(), wid, ts, body)}
-    run.stub.IngestEvents(pb.IngestRequest(source="CRM", body=body, headers=headers), timeout=TIMEOUT_S)
+    run.stub.IngestEvents(pb.IngestRequest(source="CRM", body=body, headers=signed_headers(SECRET.encode(), wid, body)),
+                          timeout=TIMEOUT_S)
     deadline = time.monotonic() + EVENT_WAIT_S
     while True:
         found = [d for d in run.stub.ListDeadLetters(pb.ListDeadLettersRequest(), timeout=TIMEOUT_S).dead_letters

@@ -1,6 +1,6 @@
 # The JSON writer of ext/_load_c.pyx (included there): orjson's bytes, written without building the objects.
 #
-# resolver/_load_py.py builds dicts and has orjson encode them with OPT_SORT_KEYS; this writes the same bytes
+# resolver/_load_worker_py.py builds dicts and has orjson encode them with OPT_SORT_KEYS; this writes the same bytes
 # straight into one growing buffer, each object's keys in the order orjson sorts them (by code point: the order of
 # their UTF-8 bytes, and of Python's str comparison). Strings are escaped as orjson escapes them: '"' and '\\',
 # \b \t \n \f \r, every other character below U+0020 as \u00xx (lower-case hex); everything else, U+007F and

@@ -146,7 +146,7 @@ def simple_input(line: str) -> UpsertInput | None:
             if type(value) is not int or not 0 <= value <= _MAX_UINT64:
                 return None
         elif field == "attributes":
-            counted = _simple_attributes(value)
+            counted = simple_attributes(value)
             if counted is None:
                 return None
             value, n = counted
@@ -199,7 +199,7 @@ def _simple_identifiers(value: Any) -> tuple[RawIdentifiers, int] | None:
     return RawIdentifiers(external_id, lists.get("emails", ()), lists.get("phones", ())), strings
 
 
-def _simple_attributes(value: Any) -> tuple[dict[str, Any], int] | None:
+def simple_attributes(value: Any) -> tuple[dict[str, Any], int] | None:
     """A Struct's values as MessageToDict gives them back (every number a float: Struct holds doubles), and the
     strings the object holds (keys and text values)."""
     if type(value) is not dict:

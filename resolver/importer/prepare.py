@@ -47,7 +47,7 @@ from resolver.errors import (
     VersionMismatch,
 )
 from resolver.identifiers import Identifiers, Skipped, policy_from
-from resolver.importer.jsonl import IDENTIFIER_FIELDS, REQUEST_FIELDS, Block, jsonl_row
+from resolver.importer.jsonl import IDENTIFIER_FIELDS, REQUEST_FIELDS, Block, jsonl_row, simple_attributes
 from resolver.importer.rows import Outcome, Payload, Prepared, Reason, Row, RowProblem, decided, reason
 from resolver.normalize import Kind, check_region, mask, normalize_external_id
 from resolver.records import held_key, upsert_holder
@@ -207,6 +207,7 @@ def plan_rules(preparer: Preparer) -> PlanRules:
         check_key=ledger.check_key, max_key_length=ledger.MAX_KEY_LENGTH, check_region=check_region, source_ok=source_ok,
         normalize_external_id=normalize_external_id, normalize_email=normalize_email, normalize_phone=normalize_phone,
         policy=preparer.policy, mask=mask, max_identifiers=settings.limits.identifiers_per_customer,
+        simple_attributes=simple_attributes,
         text_limits=text_limits(schema), attribute=_one_attribute(schema), owned_by_others=schema.owned_by_others,
         owners={name: spec.owner for name, spec in schema.specs.items() if spec.owner},
         fingerprint=ledger.fingerprint, derived_key=derived_key, held_key=held_key, holder=upsert_holder,

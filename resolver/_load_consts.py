@@ -34,8 +34,8 @@ LENGTH = struct.Struct(">I")  # the length of each field after it
 FIELDS = ("record", "change_head", "change_tail", "ledger_entry", "raw")  # after the ledger key, in this order
 DERIVED = 1
 SEQ = struct.Struct(">Q")  # a change-log key (resolver.store: the sequence number)
-LEDGER_REF = b"L"  # resolver.store.pii_ledger_ref: uuid + this + ledger key
-CHANGE_REF = b"C"  # resolver.store.pii_change_ref: uuid + this + sequence number
+LEDGER_REF = b"L"  # resolver.pii_refs.pii_ledger_ref: uuid + this + ledger key
+CHANGE_REF = b"C"  # resolver.pii_refs.pii_change_ref: uuid + this + sequence number
 
 
 class Entry(NamedTuple):

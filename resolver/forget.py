@@ -66,7 +66,7 @@ class ForgetResult:
 
     def to_json(self) -> dict[str, Any]:
         # "forgotten_uuid", not "customer_uuid": the ledger keeps PII references for answers naming a customer
-        # (resolver.store._pii_owners), and this answer holds none
+        # (resolver.pii_refs.pii_owners), and this answer holds none
         return {"forgotten_uuid": self.customer_uuid, "audit_sequence": self.audit_sequence, "removed": self.removed}
 
     @classmethod

@@ -22,8 +22,9 @@ import struct
 from typing import Any
 
 from resolver.config.tables import ChangeSettings
+from resolver.pii_refs import pii_change_ref
 from resolver.records import decode_json
-from resolver.store import Store, Txn, pii_change_ref, uuid_bytes
+from resolver.store import Store, Txn, uuid_bytes
 
 _U64 = struct.Struct(">Q")
 DAY_US = 86_400 * 1_000_000

@@ -2,7 +2,8 @@
 
 Each worker opens the LMDB environment itself after it has started (spawned, never forked with an open
 environment), binds the same port with SO_REUSEPORT, and serves health, reflection and the API. A worker that
-dies is restarted on the same ports (bounded, with a backoff); its replacement frees the dead one's LMDB reader slots.
+dies is restarted on the same ports (bounded, with a backoff: resolver.restarts); its replacement frees the dead
+one's LMDB reader slots.
 With events enabled, the webhook endpoint and the applier run in one more child, the events process
 (resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
 workers keep `IngestEvents` and the DLQ admin RPCs. With `[outbound]` destinations, the deliverer runs in one more
@@ -32,7 +33,6 @@ import select
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -41,11 +41,12 @@ from resolver import datalock, metrics
 from resolver.address import parse_address
 from resolver.bootstrap import Running, WorkerPorts, build_server
 from resolver.config import Settings
-from resolver.events.process import BACKOFF_S, HEALTHY_AFTER_S, MAX_RESTARTS, EventsProcess, EventsProcessError
+from resolver.events.process import EventsProcess, EventsProcessError
 from resolver.logs import setup_logging
 from resolver.metrics_endpoint import MetricsEndpoint
 from resolver.outbound.process import OutboundProcess
 from resolver.reload import accept_sighup, sighup_blocked
+from resolver.restarts import Restarts
 from resolver.tls import read_material
 
 log = logging.getLogger("resolver.server")
@@ -197,9 +198,7 @@ class _Spawned:
         self.ctx = ctx
         self.procs: list[Any] = []
         self._ready: Any = None  # the workers' "started" queue: (index, None or why it failed)
-        self._started_at: list[float] = []
-        self._failures: list[int] = []  # consecutive unexpected exits, per worker
-        self._restart_at: dict[int, float] = {}  # worker -> when its replacement starts
+        self._restarts: list[Restarts] = []  # per worker
         self._stopping = False
 
     def _process(self, index: int) -> Any:
@@ -210,7 +209,7 @@ class _Spawned:
         self._ready = self.ctx.Queue()
         count = self.settings.server.workers
         self.procs = [self._process(i) for i in range(count)]
-        self._started_at, self._failures = [time.monotonic()] * count, [0] * count
+        self._restarts = [Restarts() for _ in range(count)]
         with sighup_blocked():  # each worker takes SIGHUP once its handler is in place
             for p in self.procs:
                 p.start()
@@ -219,9 +218,9 @@ class _Spawned:
 
     def check(self) -> None:
         """Restart a worker that died (kill -9, the OOM killer), on its own ports, after a growing backoff, at most
-        MAX_RESTARTS times in a row. Its replacement opens the store, which frees the LMDB reader slots the dead one
-        held (resolver.store: a stale slot pins old pages, so the file would grow); worker 0 also brings the
-        sweepers back. Never blocks: a replacement's start-up is logged when it reports."""
+        MAX_RESTARTS times in a row (resolver.restarts). Its replacement opens the store, which frees the LMDB
+        reader slots the dead one held (resolver.store: a stale slot pins old pages, so the file would grow);
+        worker 0 also brings the sweepers back. Never blocks: a replacement's start-up is logged when it reports."""
         while True:
             try:
                 index, error = self._ready.get_nowait()
@@ -231,31 +230,27 @@ class _Spawned:
                 log.error("worker %d failed to restart: %s", index, error)
             else:
                 log.info("worker %d restarted (pid %d)", index, self.procs[index].pid)
-        now = time.monotonic()
         for index, p in enumerate(self.procs):
+            policy = self._restarts[index]
             if self._stopping or p.is_alive():
-                if self._failures[index] and now - self._started_at[index] >= HEALTHY_AFTER_S:
-                    self._failures[index] = 0
+                policy.running()
                 continue
-            if index in self._restart_at:
-                if now >= self._restart_at[index]:
-                    del self._restart_at[index]
+            if policy.pending:
+                if policy.due():
                     self.procs[index] = self._process(index)
-                    self._started_at[index] = now
+                    policy.started()
                     with sighup_blocked():
                         self.procs[index].start()
                 continue
-            if self._failures[index] > MAX_RESTARTS:
-                continue  # given up on: the other workers serve the port
-            self._failures[index] += 1
-            if self._failures[index] > MAX_RESTARTS:
+            if policy.gave_up:
+                continue  # the other workers serve the port
+            delay = policy.died()
+            if delay is None:
                 log.error("worker %d (pid %s) died (exit code %s) %d times in a row: not restarting it; the other "
-                          "workers serve the port", index, p.pid, p.exitcode, MAX_RESTARTS + 1)
+                          "workers serve the port", index, p.pid, p.exitcode, policy.failures)
                 continue
-            delay = BACKOFF_S[min(self._failures[index], len(BACKOFF_S)) - 1]
             log.error("worker %d (pid %s) died unexpectedly (exit code %s); restarting it in %gs (restart %d of at "
-                      "most %d in a row)", index, p.pid, p.exitcode, delay, self._failures[index], MAX_RESTARTS)
-            self._restart_at[index] = now + delay
+                      "most %d in a row)", index, p.pid, p.exitcode, delay, policy.failures, policy.max_restarts)
 
     def stop(self, grace: float | None = None) -> bool:
         self._stopping = True  # no restart from here on

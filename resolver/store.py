@@ -32,13 +32,18 @@ Named databases (all keys fixed-width where it matters, so LMDB compares bytes c
 Every `Txn.append_change` calls the store's `change_listeners` (each `listener(txn, seq, change)`) in the same
 transaction: that is how the transactional outbox (resolver.outbound) learns of every committed change.
 
+A transaction's merge journal (resolver.journal) and `pii_refs` reading side (resolver.pii_refs) live in modules of
+their own; `Txn` inherits them. What an LMDB error of a write transaction means to its caller (a full map or disk:
+StorageFull) is decided in resolver.storage_errors.
+
 Sensitive attributes (blueprint `sensitive = true`) are encrypted at rest (resolver.crypto): `Txn.put_record`,
 `append_change` and `journal_put` seal them, each under its customer's uuid; `Txn.record` opens them for the use
 cases; `stored_record`, `journal`, `change` and the raw databases hand them out sealed. The events inbox and
 dead-letter queue seal whole bodies (resolver.events.envelope).
 
 `pii_refs` lets a deletion find every change-log entry and ledger response that copies a customer's
-identifiers or attributes (`Txn.append_change` and `Txn.ledger_put` write it), without scanning the log.
+identifiers or attributes (`Txn.append_change` and `Txn.ledger_put` write it; resolver.pii_refs), without scanning
+the log.
 
 Index keys are hashes (resolver._hotpath.KeyHasher); every hit is confirmed against the identifiers
 stored in the candidate record, so a hash collision can never return a wrong customer.
@@ -49,7 +54,6 @@ one write transaction per mutating request, synced to disk before it returns.
 
 from __future__ import annotations
 
-import os
 import struct
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -60,13 +64,15 @@ from typing import Any
 
 import lmdb
 
-from resolver import metrics
+from resolver import metrics, storage_errors
 from resolver._hotpath import KeyHasher, Prober
 from resolver._probe_types import Probed
 from resolver.config import Settings
 from resolver.crypto import Sealer
-from resolver.errors import StorageFull, StoreError
+from resolver.errors import StoreError
+from resolver.journal import MergeJournal
 from resolver.normalize import Kind
+from resolver.pii_refs import PiiRefs, pii_change_ref, pii_ledger_ref, pii_owners
 from resolver.records import Record, decode_json, encode_json
 
 FORMAT_VERSION = 1
@@ -78,10 +84,6 @@ _PLAIN_DBS = (b"meta", b"records", b"aliases", b"ledger", b"ledger_exp", b"chang
 EVENT_DBS = (b"ev_inbox", b"ev_dlq", b"ev_ids", b"ev_ids_exp", b"ev_fields", b"ev_tombs", b"ev_tomb_ext",
              b"ev_counters", b"merges", b"pii_refs", b"interactions", b"ob_queue", b"ob_dlq", b"ob_state",
              b"audit")
-_CHANGE_REF = b"C"
-# A commit that fails with this little room left on the filesystem failed for want of room (Store.storage_full).
-DISK_FULL_MARGIN = 2**20
-_LEDGER_REF = b"L"
 
 
 def uuid_bytes(text: str) -> bytes:
@@ -104,22 +106,6 @@ def uuid_text(raw: bytes | bytearray) -> str:
 def ledger_exp_key(expires_us: int, key: bytes) -> bytes:
     """The `ledger_exp` key of a ledger entry: its expiry first, so the sweeper walks them in time order."""
     return _U64.pack(expires_us) + key
-
-
-def _pii_owners(response: dict[str, Any]) -> list[str]:
-    """The customers whose PII a stored response copies: its customer, and those a merge folded into it."""
-    owner = response.get("customer_uuid")
-    return ([owner] if owner else []) + list(response.get("merged_uuids", ()))
-
-
-def pii_ledger_ref(uid: bytes, ledger_key: bytes) -> bytes:
-    """The `pii_refs` key saying that the ledger entry `ledger_key` copies customer `uid`'s PII."""
-    return uid + _LEDGER_REF + ledger_key
-
-
-def pii_change_ref(uid: bytes, seq: int) -> bytes:
-    """The `pii_refs` key saying that change-log entry `seq` copies customer `uid`'s PII."""
-    return uid + _CHANGE_REF + _U64.pack(seq)
 
 
 def index_meta(settings: Settings) -> dict[bytes, bytes]:
@@ -215,7 +201,7 @@ class Store:
     def write(self) -> Txn:
         """One write transaction (`with store.write() as txn`): committed, and synced, when the block ends
         normally; aborted on any error. The commit's duration goes to resolver.metrics. A full map or disk, at a
-        put or at the commit, raises StorageFull (`storage_full`): nothing of the transaction is stored."""
+        put or at the commit, raises StorageFull (resolver.storage_errors): nothing of the transaction is stored."""
         return _WriteTxn(self, self.env.begin(write=True))
 
     def nested(self, parent: Txn) -> Txn:
@@ -224,38 +210,11 @@ class Store:
         StorageFull, as in `write`."""
         return _NestedTxn(self, self.env.begin(write=True, parent=parent.txn))
 
-    def storage_full(self, exc: lmdb.Error, *, committing: bool) -> StorageFull | None:
-        """The StorageFull that an LMDB error of a write transaction means, None when it means something else.
-
-        The one place that turns storage errors into what a caller is told. MDB_MAP_FULL (at a put or at the
-        commit): the map is full. ENOSPC at the commit: the disk is. LMDB reports a short write of the commit as
-        EIO, not ENOSPC (a filesystem that took part of the pages), so an error of the commit without a class of
-        its own, with the filesystem (nearly) full, is a full disk too.
-        """
-        if isinstance(exc, lmdb.MapFullError):
-            mb = self.env.info()["map_size"] // 2**20
-            return StorageFull(
-                f"the LMDB map is full ([storage] map_size_mb = {mb}): nothing of this write was stored; raise "
-                "[storage] map_size_mb in the blueprint (a server takes it when restarted; the data file is sparse: "
-                "a larger map costs no disk until it is used)", reason="MAP_FULL", limit="[storage] map_size_mb")
-        if not committing or not (isinstance(exc, lmdb.DiskError) or type(exc) is lmdb.Error):
-            return None
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return None
-        free = st.f_bavail * st.f_frsize
-        if not isinstance(exc, lmdb.DiskError) and free >= DISK_FULL_MARGIN:
-            return None
-        return StorageFull(
-            f"the disk holding the data directory is full ({free / 2**20:.1f} MiB free): nothing of this write was "
-            "stored; free space on that filesystem or grow it: writes resume without a restart", reason="DISK_FULL")
-
     def close(self) -> None:
         self.env.close()
 
 
-class Txn:
+class Txn(MergeJournal, PiiRefs):
     """One LMDB transaction (`txn`, buffers=False: every value is bytes) with typed access to the databases.
     Cheap to create; never outlives its transaction. (Not "view": a view is a blueprint's attribute projection.)
 
@@ -264,6 +223,7 @@ class Txn:
     """
 
     __slots__ = ("store", "txn", "_records", "_prober")
+    store: Store  # the whole store (the inherited parts name only what they use of it)
 
     def __init__(self, store: Store, txn: lmdb.Transaction[bytes]) -> None:
         self.store = store
@@ -373,7 +333,7 @@ class Txn:
             self.txn.delete(ledger_exp_key(decode_json(old)["exp_us"], k), db=self.store.db["ledger_exp"])
         self.txn.put(k, encode_json(entry), db=self.store.db["ledger"])
         self.txn.put(ledger_exp_key(entry["exp_us"], k), b"", db=self.store.db["ledger_exp"])
-        for owner in _pii_owners(entry["response"]):
+        for owner in pii_owners(entry["response"]):
             self.txn.put(pii_ledger_ref(uuid_bytes(owner), k), b"", db=self.store.db["pii_refs"])
 
     def ledger_replace(self, key: str, entry: dict[str, Any]) -> None:
@@ -391,7 +351,7 @@ class Txn:
                 if not k or _U64.unpack_from(k)[0] >= now_us:
                     break
                 raw = self.txn.pop(k[8:], db=self.store.db["ledger"])
-                for owner in _pii_owners(decode_json(raw)["response"]) if raw is not None else ():
+                for owner in pii_owners(decode_json(raw)["response"]) if raw is not None else ():
                     self.txn.delete(pii_ledger_ref(uuid_bytes(owner), k[8:]), db=self.store.db["pii_refs"])
                 deleted += 1
                 if not cur.delete():  # moves to the next entry
@@ -435,51 +395,6 @@ class Txn:
                     if not cur.delete():
                         break
 
-    # -- where a customer's PII is copied (erasure) ----------------------------------------------------------
-    def pii_refs(self, uid: bytes) -> tuple[list[int], list[str]]:
-        """The change-log sequences and ledger keys that copy the PII of customer `uid`."""
-        seqs: list[int] = []
-        keys: list[str] = []
-        with self.txn.cursor(db=self.store.db["pii_refs"]) as cur:
-            if cur.set_range(uid):
-                for k in cur.iternext(keys=True, values=False):
-                    if k[:16] != uid:
-                        break
-                    if k[16:17] == _CHANGE_REF:
-                        seqs.append(_U64.unpack(k[17:])[0])
-                    else:
-                        keys.append(k[17:].decode("utf-8"))
-        return seqs, keys
-
-    def drop_pii_refs(self, uid: bytes) -> None:
-        seqs, keys = self.pii_refs(uid)
-        refs = self.store.db["pii_refs"]
-        for seq in seqs:
-            self.txn.delete(pii_change_ref(uid, seq), db=refs)
-        for key in keys:
-            self.txn.delete(pii_ledger_ref(uid, key.encode("utf-8")), db=refs)
-
-    # -- merge journal -----------------------------------------------------------------------------------------
-    def journal_put(self, survivor: bytes, seq: int, entry: dict[str, Any]) -> None:
-        """Record a merge (the records as they were before it) under its survivor and change sequence."""
-        self.txn.put(survivor + _U64.pack(seq), encode_json(self.store.sealer.seal_journal(entry)),
-                     db=self.store.db["merges"])
-
-    def journal(self, survivor: bytes) -> list[dict[str, Any]]:
-        """The merges recorded into `survivor`, oldest first, as stored (the records' sensitive values sealed:
-        `store.sealer.open_record` opens a record built from one)."""
-        out: list[dict[str, Any]] = []
-        with self.txn.cursor(db=self.store.db["merges"]) as cur:
-            if cur.set_range(survivor):
-                for k, v in cur:
-                    if k[:16] != survivor:
-                        break
-                    out.append(decode_json(v))
-        return out
-
-    def journal_delete(self, survivor: bytes, seq: int) -> None:
-        self.txn.delete(survivor + _U64.pack(seq), db=self.store.db["merges"])
-
     def iter_changes(self, after: int = 0) -> Iterator[dict[str, Any]]:
         with self.txn.cursor(db=self.store.db["changes"]) as cur:
             if cur.set_range(_U64.pack(after + 1)):
@@ -511,45 +426,27 @@ class Txn:
 
 class _WriteTxn(Txn):
     """`Store.write`'s transaction: as Txn, with the commit (and its sync) timed for resolver.metrics, and a full
-    map or disk raised as StorageFull (Store.storage_full)."""
+    map or disk raised as StorageFull (resolver.storage_errors)."""
 
     __slots__ = ()
 
     def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
         if exc_type is None:
             started = perf_counter()
-            try:
-                self.txn.commit()  # a failed commit has aborted the transaction
-            except lmdb.Error as error:
-                full = self.store.storage_full(error, committing=True)
-                if full is None:
-                    raise
-                raise full from error
+            storage_errors.commit(self.store.env, self.txn, durable=True)
             metrics.committed(perf_counter() - started)
         else:
-            self.txn.abort()
-            exc = args[0] if args else None
-            if isinstance(exc, lmdb.Error) and (full := self.store.storage_full(exc, committing=False)) is not None:
-                raise full from exc
+            storage_errors.abort(self.store.env, self.txn, args[0] if args else None)
 
 
 class _NestedTxn(Txn):
     """`Store.nested`'s transaction: merged into its parent on a normal exit (no disk write: the parent's commit
-    makes it durable), rolled back alone on an error, a full map raised as StorageFull."""
+    makes it durable), rolled back alone on an error, a full map raised as StorageFull (resolver.storage_errors)."""
 
     __slots__ = ()
 
     def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
         if exc_type is None:
-            try:
-                self.txn.commit()
-            except lmdb.Error as error:
-                full = self.store.storage_full(error, committing=False)
-                if full is None:
-                    raise
-                raise full from error
+            storage_errors.commit(self.store.env, self.txn, durable=False)
         else:
-            self.txn.abort()
-            exc = args[0] if args else None
-            if isinstance(exc, lmdb.Error) and (full := self.store.storage_full(exc, committing=False)) is not None:
-                raise full from exc
+            storage_errors.abort(self.store.env, self.txn, args[0] if args else None)

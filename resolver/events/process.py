@@ -9,11 +9,11 @@ set by the CPU the serving processes (the parent and its other children) use, re
 (resolver.events.pace): nothing is added to a Resolve.
 
 `EventsProcess` is the parent's side: it spawns the child (spawn context, like the workers: the child opens
-the LMDB store itself), waits for its readiness, restarts it (bounded, with a backoff) if it dies (accepted
-events are durable in the inbox, so nothing is lost), and stops it in two steps: intake first (before the gRPC
-workers drain), then the applier after its current batch. Commands travel on a pipe; the child takes the end
-of the pipe (its parent is gone) as "stop". SIGHUP, forwarded by the parent (`reload()`), makes the child re-read
-the webhook secrets and the endpoint's certificate between two requests (resolver.reload).
+the LMDB store itself), waits for its readiness, restarts it (bounded, with a backoff: resolver.restarts) if it
+dies (accepted events are durable in the inbox, so nothing is lost), and stops it in two steps: intake first
+(before the gRPC workers drain), then the applier after its current batch. Commands travel on a pipe; the child
+takes the end of the pipe (its parent is gone) as "stop". SIGHUP, forwarded by the parent (`reload()`), makes the
+child re-read the webhook secrets and the endpoint's certificate between two requests (resolver.reload).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from resolver.config import Settings
 from resolver.events import pace
 from resolver.logs import setup_logging
 from resolver.reload import ReloadRequests, reload_all, sighup_blocked
+from resolver.restarts import MAX_RESTARTS, Restarts
 
 if TYPE_CHECKING:
     from resolver.events.runtime import Events
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("resolver.events.process")
 PROCESS_NAME = pace.EVENTS_PROCESS  # its /proc/PID/comm (15 characters at most), for ps, top and the tests
 START_TIMEOUT_S = 60.0
-MAX_RESTARTS = 5  # consecutive; the count starts again once a child has stayed up for HEALTHY_AFTER_S
-HEALTHY_AFTER_S = 60.0
-BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 5.0)
 
 
 class EventsProcessError(RuntimeError):
@@ -183,14 +181,10 @@ class EventsProcess:
         self.settings = settings
         self.ctx = ctx
         self.start_timeout = start_timeout
-        self.max_restarts = max_restarts
         self.restarts = 0  # over the server's life
-        self.gave_up = False
-        self._failures = 0  # consecutive unexpected exits
+        self._policy = Restarts(max_restarts)
         self._proc: Any = None
         self._conn: Connection | None = None
-        self._started_at = 0.0
-        self._restart_at: float | None = None
         self._stopping = False
 
     @property
@@ -205,7 +199,7 @@ class EventsProcess:
             proc.start()
         child_end.close()  # only the child holds it now: its exit reads as EOF here
         self._proc, self._conn = proc, parent_end
-        self._started_at = time.monotonic()
+        self._policy.started()
 
     def wait_ready(self) -> int:
         """Wait until the child serves; its webhook port (0: none). EventsProcessError if it failed to start."""
@@ -232,32 +226,28 @@ class EventsProcess:
                 raise EventsProcessError(str(value))
 
     def check(self) -> None:
-        """Restart the child if it died (bounded: `max_restarts` in a row, with a growing backoff)."""
-        if self._stopping or self.gave_up or self._proc is None:
+        """Restart the child if it died (bounded: `max_restarts` in a row, with a growing backoff; resolver.restarts
+        decides)."""
+        policy = self._policy
+        if self._stopping or policy.gave_up or self._proc is None:
             return
-        now = time.monotonic()
-        if self._restart_at is None:
+        if not policy.pending:
             if self._proc.is_alive():
-                if self._failures and now - self._started_at >= HEALTHY_AFTER_S:
-                    self._failures = 0
+                policy.running()
                 return
             self._proc.join(1)
             self._close_conn()
-            self._failures += 1
-            if self._failures > self.max_restarts:
-                self.gave_up = True
+            delay = policy.died()
+            if delay is None:
                 log.error("%s (pid %d) died (exit code %s) %d times in a row: not restarting it; %s", self.what,
-                          self._proc.pid, self._proc.exitcode, self._failures, self.while_down[0])
+                          self._proc.pid, self._proc.exitcode, policy.failures, self.while_down[0])
                 return
-            delay = BACKOFF_S[min(self._failures, len(BACKOFF_S)) - 1]
             log.error("%s (pid %d) died unexpectedly (exit code %s); restarting it in %gs (restart %d of at most %d "
-                      "in a row); %s", self.what, self._proc.pid, self._proc.exitcode, delay, self._failures,
-                      self.max_restarts, self.while_down[1])
-            self._restart_at = now + delay
+                      "in a row); %s", self.what, self._proc.pid, self._proc.exitcode, delay, policy.failures,
+                      policy.max_restarts, self.while_down[1])
             return
-        if now < self._restart_at:
+        if not policy.due():
             return
-        self._restart_at = None
         self.restarts += 1
         try:
             self.launch()

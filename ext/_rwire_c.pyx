@@ -132,6 +132,7 @@ def decode_resolve(data, Py_ssize_t max_size):
     cdef str external_id = "", default_region = "", view = ""
     cdef list emails = None, phones = None, fields = None
     cdef bint explain = False
+    cdef uint64_t min_sequence = 0
     try:
         while r.p < r.end:
             if not _tag(&r, &field, &wire_type):
@@ -172,13 +173,16 @@ def decode_resolve(data, Py_ssize_t max_size):
                 if not _varint(&r, &n, VALUE_BYTES):
                     return None
                 explain = n != 0
+            elif wire_type == VARINT and field == 6:
+                if not _varint(&r, &min_sequence, VALUE_BYTES):
+                    return None
             elif not _skip(&r, wire_type):
                 return None
     except UnicodeDecodeError:
         return None
     return ResolveInput(
         RawIdentifiers(external_id, tuple(emails) if emails else (), tuple(phones) if phones else ()),
-        default_region, tuple(fields) if fields else (), view, explain)
+        default_region, tuple(fields) if fields else (), view, explain, min_sequence)
 
 
 # -- encoding ----------------------------------------------------------------------------------------------------

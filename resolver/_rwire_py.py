@@ -44,6 +44,7 @@ def resolve_input(req: pb.ResolveRequest) -> ResolveInput:
         fields=tuple(req.fields) if req.fields else (),
         view=req.view,
         explain=req.explain,
+        min_sequence=req.min_sequence,
     )
 
 

@@ -248,6 +248,22 @@ class Unavailable(ResolverError):
     reason = "UNAVAILABLE"
 
 
+class NodeBehind(Unavailable):
+    """A cluster node that will not answer a read from data it cannot vouch for (contract §10; resolver.cluster.reads):
+    it stopped applying the log, lags the stream by more than `[cluster] max_lag`, has not heard from the stream
+    within `max_silence_s`, or had not applied `min_sequence` (the sequence the caller asked to read at; 0: none) in
+    time. `position`: the last sequence it applied; `stream_sequence`: the stream's last as it last saw it (0: never).
+    Retry on another node."""
+
+    reason = "NODE_BEHIND"
+
+    def __init__(self, message: str, *, position: int, min_sequence: int = 0, stream_sequence: int = 0) -> None:
+        super().__init__(message)
+        self.position = position
+        self.min_sequence = min_sequence
+        self.stream_sequence = stream_sequence
+
+
 class DecryptionFailed(ResolverError):
     """A stored sensitive value or event body cannot be decrypted (resolver.crypto): its key id is not among
     `[encryption] keys` (ENCRYPTION_KEY_UNKNOWN), or it was altered or moved to another customer, attribute or

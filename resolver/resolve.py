@@ -44,6 +44,7 @@ class ResolveInput:
     fields: tuple[str, ...] = ()
     view: str = ""
     explain: bool = False
+    min_sequence: int = 0  # read at least this replicated-log position (a cluster node's gate, not the lookup's)
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from resolver.api import caller
 from resolver.v1 import resolver_pb2 as pb
 
 if TYPE_CHECKING:
+    from resolver.cluster.written import S
     from resolver.service import Service
 
 T = TypeVar("T")
@@ -29,6 +30,8 @@ class ForgetRpcs:
         service: Service
 
         def _call(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T: ...
+
+        def _write(self, context: grpc.ServicerContext, method: str, fn: Callable[[], S]) -> S: ...
 
     def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
         remaining = context.time_remaining()
@@ -43,4 +46,4 @@ class ForgetRpcs:
             return pb.ForgetResponse(customer_uuid=r.customer_uuid, replayed=r.replayed,
                                      audit_sequence=r.audit_sequence, removed=r.removed)
 
-        return self._call(context, "Forget", run)
+        return self._write(context, "Forget", run)

@@ -19,6 +19,7 @@ from resolver.service import now_us
 from resolver.v1 import resolver_pb2 as pb
 
 if TYPE_CHECKING:
+    from resolver.cluster.written import S
     from resolver.service import Service
     from resolver.store import Txn
 
@@ -81,6 +82,8 @@ class InteractionRpcs:
 
         def _call(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T: ...
 
+        def _write(self, context: grpc.ServicerContext, method: str, fn: Callable[[], S]) -> S: ...
+
     def RecordInteraction(self, request: pb.RecordInteractionRequest,
                           context: grpc.ServicerContext) -> pb.RecordInteractionResponse:
         remaining = context.time_remaining()
@@ -101,7 +104,7 @@ class InteractionRpcs:
                 metrics.ledger_replayed("RecordInteraction")
             return record_response(result)
 
-        return self._call(context, "RecordInteraction", run)
+        return self._write(context, "RecordInteraction", run)
 
     def ListInteractions(self, request: pb.ListInteractionsRequest,
                          context: grpc.ServicerContext) -> pb.ListInteractionsResponse:

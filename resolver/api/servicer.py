@@ -1,6 +1,8 @@
 """The gRPC edge: proto <-> domain, deadlines, and errors -> status. No business rules here.
 
-Requests arrive decoded and within the blueprint's limits (resolver.api.handlers, resolver.api.wire).
+Requests arrive decoded and within the blueprint's limits (resolver.api.handlers, resolver.api.wire). On a cluster
+node, reads pass its read gate first (resolver.cluster.reads: min_sequence, stale data refused) and every write
+answer carries the log sequence its command was applied at (resolver.cluster.written).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -25,6 +27,8 @@ from resolver.api.interactions_rpc import InteractionRpcs
 from resolver.api.outbound_rpc import OutboundRpcs
 from resolver.api.status import internal_status, to_rpc_status, to_status
 from resolver.api.wire import plain_struct
+from resolver.cluster import written
+from resolver.cluster.written import S
 from resolver.errors import DeadlineExceeded, FailedPrecondition, ResolverError
 from resolver.events.runtime import Events
 from resolver.identifiers import Identifiers
@@ -33,6 +37,9 @@ from resolver.service import Service
 from resolver.upsert import UpsertInput, UpsertResult
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
+
+if TYPE_CHECKING:
+    from resolver.cluster.reads import ReadGate
 
 log = logging.getLogger("resolver.api")
 STREAM_BATCH = 256  # requests resolved together in one read transaction
@@ -98,12 +105,23 @@ def dead_letter_pb(meta: dict[str, Any], body: bytes | None = None) -> pb.DeadLe
     return d
 
 
+def read_gate(service: Service) -> ReadGate | None:
+    """What admits a read on a cluster node (resolver.cluster.reads); None on one machine, where every acknowledged
+    write is visible to every read: a `min_sequence` there is satisfied at once."""
+    if not service.settings.cluster.nats:
+        return None
+    from resolver.cluster.writer import read_gate as gate_of  # the NATS client loads only where a cluster is set
+
+    return gate_of(service.writer)
+
+
 class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRpcs,
                                resolver_pb2_grpc.IdentityResolverServicer):
     def __init__(self, service: Service, events: Events | None = None, info: pb.ServerInfo | None = None) -> None:
         self.service = service
         self.events = events
         self.info = info if info is not None else pb.ServerInfo()
+        self.reads = read_gate(service)
 
     def _events(self) -> Events:
         if self.events is None:
@@ -124,9 +142,32 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
             context.abort_with_status(internal_status())
         raise AssertionError("unreachable: abort_with_status raises")
 
+    def _write(self, context: grpc.ServicerContext, method: str, fn: Callable[[], S]) -> S:
+        """A write method: `_call`, and its answer's `log_sequence`, the replicated-log sequence its command was
+        applied at (resolver.cluster.written; 0 on one machine)."""
+        written.clear()
+        answer = self._call(context, method, fn)
+        answer.log_sequence = written.recorded()
+        return answer
+
+    def _admit(self, min_sequence: int, deadline: float | None) -> None:
+        """On a cluster node: return once it may answer a read at `min_sequence`, else NodeBehind (ReadGate)."""
+        if self.reads is not None:
+            self.reads.admit(min_sequence, deadline)
+
     def _resolve(self, inp: ResolveInput, context: grpc.ServicerContext, answer: Callable[[ResolveResult], T]) -> T:
         deadline = _deadline(context)
-        return self._call(context, "Resolve", lambda: answer(self.service.resolve(inp, deadline)))
+
+        def run() -> T:
+            self._admit(inp.min_sequence, deadline)
+            return answer(self.service.resolve(inp, deadline))
+
+        return self._call(context, "Resolve", run)
+
+    def _resolve_batch(self, reqs: list[ResolveInput], deadline: float | None) -> list[ResolveResult | ResolverError]:
+        """One batch of ResolveStream, admitted at the highest `min_sequence` it asks for."""
+        self._admit(max((r.min_sequence for r in reqs), default=0), deadline)
+        return self.service.resolve_many(reqs, deadline)
 
     def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext) -> pb.ResolveResponse:
         return self._resolve(resolve_input(request), context, resolve_response)
@@ -179,7 +220,7 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
             items = [r for r in batch if r is not _END]  # a request that did not decode is its InvalidInput
             reqs = [resolve_input(r) for r in items if not isinstance(r, ResolverError)]
             answers = iter(self._call(context, "ResolveStream",
-                                      functools.partial(self.service.resolve_many, reqs, _deadline(context))))
+                                      functools.partial(self._resolve_batch, reqs, _deadline(context))))
             for item in items:
                 result = item if isinstance(item, ResolverError) else next(answers)
                 if isinstance(result, ResolverError):
@@ -197,10 +238,13 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
             metrics.upserted(result.action, result.replayed)
             return upsert_response(result)
 
-        return self._call(context, "Upsert", run)
+        return self._write(context, "Upsert", run)
 
     def GetCustomer(self, request: pb.GetCustomerRequest, context: grpc.ServicerContext) -> pb.Customer:
+        deadline = _deadline(context)
+
         def run() -> pb.Customer:
+            self._admit(request.min_sequence, deadline)
             rec = self.service.get_customer(request.customer_uuid)
             c = pb.Customer(
                 customer_uuid=rec.uuid,
@@ -225,7 +269,7 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
             return pb.MergeResponse(customer_uuid=r.customer_uuid, version=r.version, replayed=r.replayed,
                                     merged_uuids=r.merged_uuids, identifiers=_ids_pb(r.identifiers))
 
-        return self._call(context, "Merge", run)
+        return self._write(context, "Merge", run)
 
     def Unmerge(self, request: pb.UnmergeRequest, context: grpc.ServicerContext) -> pb.UnmergeResponse:
         deadline = _deadline(context)
@@ -237,7 +281,7 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
             return pb.UnmergeResponse(survivor_uuid=r.survivor_uuid, survivor_version=r.survivor_version,
                                       merged_uuid=r.merged_uuid, merged_version=r.merged_version, replayed=r.replayed)
 
-        return self._call(context, "Unmerge", run)
+        return self._write(context, "Unmerge", run)
 
     def IngestEvents(self, request: pb.IngestRequest, context: grpc.ServicerContext) -> pb.IngestResponse:
         def run() -> pb.IngestResponse:

@@ -103,6 +103,12 @@ def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:
     elif isinstance(exc, errors.SequenceOutOfRange):
         metadata["oldest_sequence"] = str(exc.oldest)
         metadata["next_sequence"] = str(exc.next_sequence)
+    elif isinstance(exc, errors.NodeBehind):
+        metadata["position"] = str(exc.position)
+        if exc.min_sequence:
+            metadata["min_sequence"] = str(exc.min_sequence)
+        if exc.stream_sequence:
+            metadata["stream_sequence"] = str(exc.stream_sequence)
     elif isinstance(exc, errors.Overloaded):
         metadata["limit"] = exc.limit
         delay = duration_pb2.Duration()

@@ -2,9 +2,11 @@
 
     handler -> prepare (clock, uuids fixed) -> ReplicatedWriter.submit -> codec -> JetStream stream (R3, Raft)
     every node: Applier -> apply(command) in one LMDB transaction with the stream sequence -> Outcomes
-    the writing node's handler <- the outcome of its own command (read-your-writes)
+    the writing node's handler <- the outcome of its own command (read-your-writes), with its sequence
+    a read on any node with min_sequence = that sequence -> ReadGate: waits until applied here, refuses stale data
 
 Modules: codec (command <-> bytes, apply by name), log (the NATS connection and the stream), applier (one per
-data directory), outcomes (what each recent sequence returned), writer (ReplicatedWriter), local (a loopback
-NATS cluster for tests and `make cluster`).
+data directory), outcomes (what each recent sequence returned), horizon (how far the stream goes, as last seen),
+reads (ReadGate: which reads this node may answer), written (a call's write sequence, for its answer), writer
+(ReplicatedWriter), local (a loopback NATS cluster for tests and `make cluster`).
 """

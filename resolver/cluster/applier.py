@@ -24,6 +24,7 @@ from typing import Literal
 import lmdb
 
 from resolver.cluster.codec import Op, decode
+from resolver.cluster.horizon import Horizon
 from resolver.cluster.log import CommandLog, Reader
 from resolver.cluster.outcomes import Outcome, Outcomes
 from resolver.config import Settings
@@ -57,13 +58,16 @@ def _position(txn: Txn, stream: str) -> int:
 
 
 class Applier:
-    """Consumes `log` from the stored position on, in a daemon thread, and records outcomes in `outcomes`."""
+    """Consumes `log` from the stored position on, in a daemon thread, records outcomes in `outcomes`, and reports
+    in `horizon` how far the stream goes each time it meets it."""
 
-    def __init__(self, store: Store, settings: Settings, log: CommandLog, outcomes: Outcomes) -> None:
+    def __init__(self, store: Store, settings: Settings, log: CommandLog, outcomes: Outcomes,
+                 horizon: Horizon) -> None:
         self.store = store
         self.settings = settings
         self.log = log
         self.outcomes = outcomes
+        self.horizon = horizon
         self.stream = settings.cluster.stream
         self.behind: str | None = None  # why this node cannot catch up (None: it can)
         self._behind_listeners: list[Callable[[str], None]] = []
@@ -96,14 +100,17 @@ class Applier:
                     if reader is None:
                         return
                     idle = 0
-                batch = reader.fetch(BATCH, FETCH_WAIT_S)
-                if batch:
-                    step = self._apply(batch)
+                fetched = reader.fetch(BATCH, FETCH_WAIT_S)
+                if fetched.commands:
+                    self.horizon.saw(fetched.stream_last)
+                    step = self._apply(fetched.commands)
                     if step == "stop":
                         return
                     idle, lost = 0, step == "gap"  # a gap: a fetch was lost on a reconnect
                 else:  # a consumer on a server that died delivers nothing, ever; twice empty, it is not a mere race
-                    idle = idle + 1 if self.log.bounds()[1] > self.outcomes.applied else 0
+                    last = self.log.bounds().last
+                    self.horizon.saw(last)
+                    idle = idle + 1 if last > self.outcomes.applied else 0
                     lost = idle >= 2
                 if lost:  # read again from the stored position
                     reader.close()
@@ -123,7 +130,8 @@ class Applier:
     def _open(self) -> Reader | None:
         """A reader from the position after the stored one; None (and `behind` set) if the stream lost it."""
         position = stored_position(self.store, self.stream)
-        first, _ = self.log.bounds()
+        first, last = self.log.bounds()
+        self.horizon.saw(last)
         if first > position + 1:
             self._give_up(f"this store is at sequence {position}, the stream {self.stream!r} starts at {first}: "
                           "start this node from a backup of a current node")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from resolver.config.tables import ClusterSettings
 from resolver.errors import ClusterError
@@ -50,6 +50,22 @@ class Appended:
     duplicate: bool
 
 
+class Bounds(NamedTuple):
+    """The oldest sequence the stream still holds (retention removes older ones) and its newest."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Commands read from the stream, in order, and the stream's last sequence as the last of them was delivered (its
+    sequence plus the commands still pending after it: the reader's only subject holds every command; 0: none read)."""
+
+    commands: list[tuple[int, bytes]]  # (stream sequence, bytes)
+    stream_last: int
+
+
 class Reader:
     """An ephemeral consumer reading the stream in order from one sequence on (no acks: the position is the
     applier's, stored in LMDB)."""
@@ -58,15 +74,19 @@ class Reader:
         self._log = log
         self._sub = sub
 
-    def fetch(self, batch: int, timeout: float) -> list[tuple[int, bytes]]:
-        """Up to `batch` commands as (stream sequence, bytes), in order; [] when none came within `timeout` s."""
+    def fetch(self, batch: int, timeout: float) -> Fetched:
+        """Up to `batch` commands, in order; none when none came within `timeout` s."""
 
-        async def fetch() -> list[tuple[int, bytes]]:
+        async def fetch() -> Fetched:
             try:
                 msgs = await self._sub.fetch(batch, timeout=timeout)
             except (TimeoutError, nats.errors.TimeoutError):
-                return []
-            return [(m.metadata.sequence.stream, m.data) for m in msgs]
+                msgs = []
+            if not msgs:
+                return Fetched([], 0)
+            last = msgs[-1].metadata
+            return Fetched([(m.metadata.sequence.stream, m.data) for m in msgs],
+                           last.sequence.stream + last.num_pending)
 
         return self._log.call(fetch(), timeout + 5)
 
@@ -158,10 +178,10 @@ class CommandLog:
                                          headers={"Nats-Msg-Id": msg_id}), timeout + 1)
         return Appended(ack.seq, bool(ack.duplicate))
 
-    def bounds(self) -> tuple[int, int]:
-        """The oldest sequence the stream still holds (retention removes older ones) and the newest."""
+    def bounds(self) -> Bounds:
+        """The oldest sequence the stream still holds and its newest, asked of the stream now."""
         info = self.call(self._js.stream_info(self.spec.stream), self.spec.connect_timeout_s + 1)
-        return int(info.state.first_seq), int(info.state.last_seq)
+        return Bounds(int(info.state.first_seq), int(info.state.last_seq))
 
     def reader(self, start: int) -> Reader:
         """Read the stream in order from sequence `start`."""

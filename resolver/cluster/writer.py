@@ -3,7 +3,9 @@
 `submit(fn, command)` publishes the command (its type names its apply function: resolver.cluster.codec; `fn` is
 the same function as the caller would run on one machine, and is not used here), waits until this node's applier
 has applied it, and returns what that apply returned or raises what it raised: read-your-writes on the node that
-took the write, and every other node applies the same command at the same position of the same log.
+took the write, and every other node applies the same command at the same position of the same log. The position
+(the stream sequence) goes into the call's answer as `log_sequence` (resolver.cluster.written): a read on another
+node that names it as `min_sequence` sees the write (resolver.cluster.reads).
 
 Retries: the JetStream message id is derived from the idempotency key and the request's fingerprint, so a retry
 within the de-duplication window is not appended again; its caller gets the answer of the first apply (marked
@@ -24,10 +26,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from resolver.cluster import written
 from resolver.cluster.applier import Applier, stored_position
 from resolver.cluster.codec import encode, message_id
+from resolver.cluster.horizon import Horizon
 from resolver.cluster.log import Appended, CommandLog
 from resolver.cluster.outcomes import Outcome, Outcomes
+from resolver.cluster.reads import ReadGate
 from resolver.config import Settings
 from resolver.errors import ClusterError, DeadlineExceeded, Unavailable
 from resolver.store import Store, Txn
@@ -37,13 +42,21 @@ C = TypeVar("C")
 
 
 class ReplicatedWriter:
-    """Publishes commands to the stream and answers from this node's applier (started here, stopped by close)."""
+    """Publishes commands to the stream and answers from this node's applier (started here, stopped by close);
+    `reads` admits this node's reads (resolver.cluster.reads)."""
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.spec = settings.cluster
         self.outcomes = Outcomes(stored_position(store, self.spec.stream))  # ClusterError: another stream's store
         self.log = CommandLog(self.spec, name=f"resolver {store.path}")
-        self.applier = Applier(store, settings, self.log, self.outcomes)
+        self.horizon = Horizon()
+        try:  # how far the stream goes before the first read is admitted: a node that starts behind says so at once
+            self.horizon.saw(self.log.bounds().last)
+        except BaseException:
+            self.log.close()
+            raise
+        self.applier = Applier(store, settings, self.log, self.outcomes, self.horizon)
+        self.reads = ReadGate(self.spec, self.applier, self.outcomes, self.horizon)
         self.applier.start()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cluster-submit")
         self._closed = False
@@ -54,7 +67,8 @@ class ReplicatedWriter:
         return self.outcomes.applied
 
     def submit(self, fn: Callable[[Txn, C], T], command: C, *, deadline: float | None = None) -> T:
-        """Apply one command through the log; its result or its error, once applied (durably) on this node.
+        """Apply one command through the log; its result or its error, once applied (durably) on this node. The
+        sequence it was applied at is recorded for the call's answer (resolver.cluster.written).
 
         `deadline` (time.monotonic()): passed before the command is published, DeadlineExceeded (stage "queued"),
         nothing written. Once published the command will be applied, on every node, whatever any clock says
@@ -75,6 +89,7 @@ class ReplicatedWriter:
                               "retry with the same key")
         if not outcome.ok:
             raise outcome.value
+        written.record(appended.seq)
         result: T = outcome.value
         if appended.duplicate and dataclasses.is_dataclass(result) and hasattr(result, "replayed"):
             result = dataclasses.replace(result, replayed=True)  # type: ignore[type-var]
@@ -103,13 +118,16 @@ class ReplicatedWriter:
             if self.applier.behind is not None:
                 raise Unavailable(f"this node cannot apply the log: {self.applier.behind}")
             try:
-                return self.log.publish(data, mid, timeout=max(0.5, until - time.monotonic()))
+                appended = self.log.publish(data, mid, timeout=max(0.5, until - time.monotonic()))
             except ClusterError as exc:
                 if time.monotonic() + pause >= until:
                     raise Unavailable(f"the replicated log did not confirm the write ({exc}); retry with the same key "
                                       "(a retry is never applied twice)") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+            else:
+                self.horizon.saw(appended.seq)
+                return appended
 
     def _wait(self, seq: int, deadline: float | None) -> Outcome | None:
         try:
@@ -122,6 +140,12 @@ class ReplicatedWriter:
         """The instant this write stops waiting: `apply_timeout_s` from now, or the caller's deadline if sooner."""
         until = time.monotonic() + self.spec.apply_timeout_s
         return until if deadline is None else min(until, deadline)
+
+
+def read_gate(writer: object) -> ReadGate | None:
+    """If `writer` is a ReplicatedWriter, its node's read gate; None for a local Writer (one machine: every
+    acknowledged write is visible to every read, so there is nothing to wait for or refuse)."""
+    return writer.reads if isinstance(writer, ReplicatedWriter) else None
 
 
 def on_behind(writer: object, listener: Callable[[str], None]) -> None:

@@ -199,6 +199,9 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "dedupe_window_s": {"type": "number", "exclusiveMinimum": 0},
             "apply_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600},
             "connect_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 600},
+            "read_wait_s": {"type": "number", "minimum": 0, "maximum": 600},
+            "max_lag": {"type": "integer", "minimum": 0},
+            "max_silence_s": {"type": "number", "minimum": 0},
         }),
         "metrics": _table({
             "listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},

@@ -172,6 +172,9 @@ def check_settings(s: Settings) -> list[str]:
     return problems
 
 
+MIN_SILENCE_S = 2.0
+
+
 def _check_cluster(s: Settings) -> list[str]:
     """`[cluster]`: NATS URLs; and, for now, only what the replicated log carries may write (resolver.cluster)."""
     if not s.cluster.nats:
@@ -190,6 +193,10 @@ def _check_cluster(s: Settings) -> list[str]:
         problems.append("changes: change-log retention is per node, not replicated through [cluster] yet")
     if s.cluster.dedupe_window_s > s.cluster.stream_max_age_s:
         problems.append("cluster.dedupe_window_s: longer than the stream keeps its commands (stream_max_age_s)")
+    # an idle applier looks at the stream about once a second (resolver.cluster.applier): a shorter limit would refuse
+    # reads on a healthy node between two looks
+    if 0 < s.cluster.max_silence_s < MIN_SILENCE_S:
+        problems.append(f"cluster.max_silence_s: at least {MIN_SILENCE_S:g} (or 0: no limit)")
     return problems
 
 

@@ -270,7 +270,11 @@ class ClusterSettings:
     (created with `replicas` copies, its commands kept `stream_max_age_s` and at most `stream_max_mb`, retries
     de-duplicated within `dedupe_window_s`); this node applies the stream to its own store, and a write is
     answered once applied here, or UNAVAILABLE after `apply_timeout_s` (retried with the same key, it is not
-    applied twice)."""
+    applied twice).
+
+    Reads (resolver.cluster.reads): a read with `min_sequence` waits for this node to apply it at most `read_wait_s`
+    (and within its deadline); a node more than `max_lag` commands behind the stream's last sequence, or whose
+    applier has not heard from the stream for `max_silence_s` (0: no such limit), refuses reads (NODE_BEHIND)."""
 
     nats: tuple[str, ...] = ()
     stream: str = "resolver"
@@ -280,6 +284,9 @@ class ClusterSettings:
     dedupe_window_s: float = 120.0
     apply_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
+    read_wait_s: float = 2.0
+    max_lag: int = 1000
+    max_silence_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from resolver.bootstrap import build_service
+from resolver.bootstrap import Running, build_server, build_service
 from resolver.cluster.digest import Digest, store_digest
 from resolver.cluster.local import LocalNats
 from resolver.config import Settings, settings_from_document
 from resolver.service import Service
 from resolver.store import Store
+from resolver.v1 import resolver_pb2_grpc as rpc
 
 _streams = itertools.count()
 WAIT_S = 30.0
@@ -72,6 +75,38 @@ def make_nodes(node_settings: Callable[..., Settings]) -> Iterator[Callable[...,
             node.close()
         except Exception:  # closed by the test already (lmdb: closing twice is harmless, a writer is not)
             pass
+
+
+@dataclass
+class Served:
+    """An in-process node serving gRPC on 127.0.0.1 (build_server: the servicer with its read gate), and a stub."""
+
+    running: Running
+    channel: grpc.Channel
+    stub: rpc.IdentityResolverStub
+
+    @property
+    def service(self) -> Service:
+        return self.running.service
+
+
+@pytest.fixture
+def make_servers(node_settings: Callable[..., Settings]) -> Iterator[Callable[..., list[Served]]]:
+    """Serve in-process nodes over gRPC (`first` numbers their data directories; `cluster=` overrides [cluster]
+    keys); every one stopped at teardown."""
+    served: list[Served] = []
+
+    def make(count: int, first: int = 0, **cluster: Any) -> list[Served]:
+        for i in range(first, first + count):
+            running = build_server(node_settings(i, **cluster).with_overrides(listen="127.0.0.1:0"), sweeper=False)
+            channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+            served.append(Served(running, channel, rpc.IdentityResolverStub(channel)))
+        return served[-count:]
+
+    yield make
+    for node in served:
+        node.channel.close()
+        node.running.stop(grace=0)
 
 
 def position(node: Service) -> int:

@@ -109,16 +109,19 @@ def send(stubs: Callable[[], list[rpc.IdentityResolverStub]], request: pb.Upsert
     raise AssertionError("unreachable")
 
 
-def resolve(stub: rpc.IdentityResolverStub, external_id: str) -> pb.ResolveResponse:
-    response: pb.ResolveResponse = stub.Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id=external_id)),
-                                                timeout=10)
+def resolve(stub: rpc.IdentityResolverStub, external_id: str, min_sequence: int = 0) -> pb.ResolveResponse:
+    response: pb.ResolveResponse = stub.Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id=external_id),
+                                                                  min_sequence=min_sequence), timeout=10)
     return response
 
 
 def test_a_write_through_any_node_is_visible_on_every_node(cluster: Cluster) -> None:
     for i, stub in enumerate(cluster.stubs):
         written = stub.Upsert(upsert_request(f"k{i}", f"E{i}", f"p{i}@example.com"), timeout=30)
+        assert written.log_sequence == i + 1  # where the stream put it: one command per write
         assert resolve(stub, f"E{i}").customer_uuid == written.customer_uuid  # at once on the writing node
+        for other in cluster.stubs:  # at once on every node, reading at the write's sequence
+            assert resolve(other, f"E{i}", written.log_sequence).customer_uuid == written.customer_uuid
     cluster.converged()
     for stub in cluster.stubs:
         assert [resolve(stub, f"E{i}").outcome for i in range(3)] == [pb.OUTCOME_MATCHED] * 3

@@ -30,6 +30,7 @@ def test_nats_out_of_reach_is_a_clear_error_in_bounded_time(tmp_path: Path) -> N
     ({"server": {"workers": 1}, "events": {"enabled": True}}, "events.enabled"),
     ({"server": {"workers": 1}, "changes": {"retention_days": 7}}, "changes: change-log retention is per node"),
     ({"server": {"workers": 1}, "cluster": {**CLUSTER, "nats": ["127.0.0.1:4222"]}}, "is not a nats:// URL"),
+    ({"server": {"workers": 1}, "cluster": {**CLUSTER, "max_silence_s": 1}}, "cluster.max_silence_s: at least 2"),
 ])
 def test_a_blueprint_that_would_write_outside_the_log_is_refused(table: dict[str, object], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):

@@ -26,7 +26,10 @@ from resolver.resolve import ResolveInput
 from resolver.service import Service, now_us
 from resolver.store import Store
 from resolver.upsert import UpsertInput
+from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc as rpc
 from tests.cluster.conftest import position, wait_equal_positions
+from tests.conftest import status_details
 
 MakeNodes = Callable[..., list[Service]]
 
@@ -128,8 +131,8 @@ def test_a_store_of_another_stream_is_refused(make_nodes: MakeNodes) -> None:
 
 def test_a_node_behind_the_streams_retention_says_so(make_nodes: MakeNodes,
                                                      node_settings: Callable[..., Settings]) -> None:
-    """A node that needs commands the stream dropped applies nothing, refuses writes and leaves rotation (health
-    NOT_SERVING): it must start again from a backup."""
+    """A node that needs commands the stream dropped applies nothing, refuses writes and reads (NODE_BEHIND, not stale
+    data) and leaves rotation (health NOT_SERVING): it must start again from a backup."""
     (a,) = make_nodes(1, stream_max_age_s=1.0, dedupe_window_s=0.5)
     upsert(a, "k1", "E1")
     upsert(a, "k2", "E2")
@@ -150,6 +153,12 @@ def test_a_node_behind_the_streams_retention_says_so(make_nodes: MakeNodes,
             while check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
                 assert time.monotonic() < deadline, "health never said NOT_SERVING"
                 time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:
+                rpc.IdentityResolverStub(channel).Resolve(pb.ResolveRequest(identifiers=pb.Identifiers(external_id="E1")),
+                                                          timeout=5)
+            info, _ = status_details(refused.value)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and info is not None
+            assert (info.reason, info.metadata["position"]) == ("NODE_BEHIND", "0")
         with pytest.raises(Unavailable, match="backup"):
             upsert(running.service, "k3", "E3")
         assert position(running.service) == 0  # it applied nothing: it did not skip what it never saw

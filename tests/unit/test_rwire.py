@@ -60,7 +60,7 @@ def _protobuf(data: bytes) -> ResolveInput | None:
         return None
     ids = req.identifiers
     return ResolveInput(RawIdentifiers(ids.external_id, tuple(ids.emails), tuple(ids.phones)), req.default_region,
-                        tuple(req.fields), req.view, req.explain)
+                        tuple(req.fields), req.view, req.explain, req.min_sequence)
 
 
 def decoded(data: bytes, max_size: int = ANY_SIZE, *, must: bool) -> ResolveInput | None:
@@ -76,6 +76,7 @@ def decoded(data: bytes, max_size: int = ANY_SIZE, *, must: bool) -> ResolveInpu
     if got is not None:
         ids = got.identifiers
         assert all(type(t) is tuple for t in (ids.emails, ids.phones, got.fields)) and type(got.explain) is bool
+        assert type(got.min_sequence) is int
     return want
 
 
@@ -83,6 +84,7 @@ requests = st.builds(
     pb.ResolveRequest,
     identifiers=st.one_of(st.none(), st.builds(pb.Identifiers, external_id=text, emails=texts, phones=texts)),
     default_region=text, fields=texts, view=text, explain=st.booleans(),
+    min_sequence=st.one_of(st.integers(0, 300), st.integers(0, (1 << 64) - 1)),
 )
 
 
@@ -93,7 +95,7 @@ def test_protobuf_serialized_requests(req: pb.ResolveRequest) -> None:
     want = decoded(data, must=True)
     ids = req.identifiers
     assert want == ResolveInput(RawIdentifiers(ids.external_id, tuple(ids.emails), tuple(ids.phones)),
-                                req.default_region, tuple(req.fields), req.view, req.explain)
+                                req.default_region, tuple(req.fields), req.view, req.explain, req.min_sequence)
     assert decoded(data, len(data), must=True) == want
     if data:
         assert decoded(data, len(data) - 1, must=True) is None
@@ -136,9 +138,10 @@ def laid_out(draw: st.DrawFn, valid_only: bool = True) -> bytes:
         chunks.append(_ld(1, b"".join(draw(st.permutations(inner)))))
     for field, most in ((2, 2), (3, 4), (4, 2)):
         chunks += [draw(string_field(field, valid_only)) for _ in range(draw(st.integers(0, most)))]
-    chunks += [varint(5 << 3) + varint(draw(st.sampled_from([0, 1, 2, 255, 1 << 32, (1 << 64) - 1])))
-               for _ in range(draw(st.integers(0, 2)))]
-    chunks += [draw(unknown_fields({1: 2, 2: 2, 3: 2, 4: 2, 5: 0})) for _ in range(draw(st.integers(0, 3)))]
+    for field in (5, 6):  # explain, min_sequence
+        chunks += [varint(field << 3) + varint(draw(st.sampled_from([0, 1, 2, 255, 1 << 32, (1 << 64) - 1])))
+                   for _ in range(draw(st.integers(0, 2)))]
+    chunks += [draw(unknown_fields({1: 2, 2: 2, 3: 2, 4: 2, 5: 0, 6: 0})) for _ in range(draw(st.integers(0, 3)))]
     return b"".join(draw(st.permutations(chunks)))
 
 
@@ -167,6 +170,10 @@ def test_repeated_fields_merge_and_overwrite() -> None:
             + varint(5 << 3) + b"\x00" + _ld(1, _ld(3, b"+2")) + _ld(3, b"g"))
     assert decoded(data, must=True) == ResolveInput(RawIdentifiers("A-2", ("a@x", "b@x"), ("+1", "+2")), "US",
                                                     ("f", "g"), "", False)
+    # min_sequence: the last occurrence counts, a 0 included
+    assert decoded(varint(6 << 3) + varint(41) + varint(6 << 3) + varint(42), must=True) == ResolveInput(
+        RawIdentifiers(), min_sequence=42)
+    assert decoded(varint(6 << 3) + varint(41) + varint(6 << 3) + varint(0), must=True) == ResolveInput(RawIdentifiers())
     # an explicitly empty external_id later on still overwrites (proto3 reads no presence into it)
     assert decoded(_ld(1, _ld(1, b"A-1")) + _ld(1, _ld(1, b"")), must=True) == ResolveInput(RawIdentifiers())
 
@@ -177,6 +184,9 @@ def test_repeated_fields_merge_and_overwrite() -> None:
     varint(5 << 3) + b"\x80" * 9 + b"\x7f",  # ... -> 1 << 63
     varint(5 << 3) + b"\x80\x00",  # a non-minimal 0
     varint(5 << 3) + varint(1 << 32),
+    varint(6 << 3) + b"\xff" * 9 + b"\x01",  # min_sequence: the largest uint64
+    varint(6 << 3) + b"\xff" * 9 + b"\x7f",  # ... bits past 64 dropped
+    _ld(6, b"\x01") + varint(6 << 3 | 5) + bytes(4),  # min_sequence with another wire type: unknown
     _ld(5, b"\x01") + varint(5 << 3) + b"\x01" + _ld(5, b""),  # explain with another wire type: unknown
     varint(1 << 3) + varint(7) + _ld(1, _ld(1, b"x")),  # identifiers as a varint: unknown
     _ld(1, varint(2 << 3) + varint(1) + _ld(1, b"x")),  # emails as a varint, inside Identifiers
@@ -210,6 +220,7 @@ def test_edges_protobuf_accepts(data: bytes) -> None:
     varint(9 << 3 | 6), varint(9 << 3 | 7),  # no such wire type
     varint(9 << 3 | 3) + varint(8 << 3 | 4),  # a group ended by another number
     varint(5 << 3),  # a tag and no value
+    varint(6 << 3) + b"\x80",  # a min_sequence cut short
     b"\x0a",
 ])
 def test_edges_protobuf_refuses(data: bytes) -> None:

@@ -10,6 +10,7 @@ wired in here once, not in each of them.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +175,7 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     service = build_service(settings)
     events = build_events(service) if settings.events.enabled else None
     limits = settings.limits
+    sys.setswitchinterval(settings.server.switch_interval_ms / 1000)  # the polling thread's turn (ServerSettings)
     pool = HandlerPool(settings.server.threads)  # knows its queue's wait: past the admission limit, refused at once
     server = grpc.server(
         pool,

@@ -40,6 +40,7 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "threads": {"type": "integer", "minimum": 1, "maximum": 256},
             "max_concurrent_rpcs": {"type": "integer", "minimum": 1},
             "max_queue_wait_ms": {"type": "number", "minimum": 1},
+            "switch_interval_ms": {"type": "number", "minimum": 0.05, "maximum": 100},
             "worker_port_base": {"type": "integer", "minimum": 0, "maximum": 65535},
             "grace_period_s": {"type": "number", "minimum": 0},
             "shutdown_notice_s": {"type": "number", "minimum": 0},

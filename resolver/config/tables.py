@@ -102,6 +102,11 @@ class ServerSettings:
     # has waited this long, that worker refuses new calls at once, RESOURCE_EXHAUSTED (OVERLOADED) with RetryInfo,
     # instead of queueing them until their deadlines. Health checks are never refused by it.
     max_queue_wait_ms: float = 50.0
+    # How long a worker thread may hold the GIL while another waits for it (sys.setswitchinterval; Python's default
+    # is 5 ms). grpcio's one polling thread needs the GIL between every step of every call (taking a call,
+    # handing it its request, finishing it); with the handler threads busy it waits a whole interval each time,
+    # so under overload a worker answered a small fraction of what it answers at its knee (bench/README.md).
+    switch_interval_ms: float = 0.5
     # Each of several workers also listens on a port of its own, so a client's one channel can spread its calls
     # over all of them (round_robin; GetServerInfo names the ports): worker i on worker_port_base + i, or on a
     # free port chosen at start when 0.

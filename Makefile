@@ -61,10 +61,13 @@ test: lint test-compiled test-pure
 test-compiled: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The reliability suite (tests/reliability) and the cluster suite (tests/cluster) are about processes, disks and the
-# wire, not the twins: they run once, in the compiled pass.
+# The pure pass proves the twins are the whole product in process: every unit test and every in-process server
+# test. What is about processes, disks, signals and the wire (tests/reliability, tests/cluster, tests marked
+# `process`) and the scale runs of paths it already covers (`scale`) run once, in the compiled pass: run again on
+# the twins they would test the same subprocess plumbing for twice the CI time.
 test-pure: build
-	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest --ignore=tests/reliability --ignore=tests/cluster $(PYTEST_ARGS)
+	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest --ignore=tests/reliability --ignore=tests/cluster \
+		-m "not process and not scale" $(PYTEST_ARGS)
 
 # Issue 18's suite at full scale (20 kills, a minute of overload, 10,000 model steps, fuzzing at scale): writes
 # tests/reliability/out/report.md. `make test` runs the same tests short.

@@ -12,6 +12,9 @@ import pytest
 from resolver.client import ResolverClient
 from resolver.v1 import resolver_pb2 as pb
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 import resolver
 from resolver.config import Settings
 from resolver.v1 import resolver_pb2 as pb
 from resolver.v1 import resolver_pb2_grpc
 from tests.integration.helpers import resolve_req, upsert_req
+
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITERS = 4

@@ -36,6 +36,9 @@ from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
 from tests.integration.serve import serving
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 PHONES = (phone(8801), phone(8802))
 EMAILS = ("canary.one@example.net", "canary.two@example.net")
 EXTERNAL_IDS = ("CANARY-EXT-8801", "CANARY-EXT-8802")

@@ -114,6 +114,7 @@ def forget(view: Txn, uid: bytes) -> None:
 # -- erasure end to end --------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_compact_leaves_no_byte_of_deleted_customers_and_keeps_every_other(make_server, settings: Settings,
                                                                            blueprint_file: Path) -> None:  # noqa: ANN001
     data = Path(settings.server.data_dir)
@@ -245,6 +246,7 @@ def test_many_deletions_in_shared_pages_leave_nothing(tmp_path: Path) -> None:
 # -- never under a process that has the store open -----------------------------------------------------------
 
 
+@pytest.mark.process
 def test_compact_refuses_while_a_server_process_serves_the_directory(tmp_path: Path, blueprint_file: Path) -> None:
     data = tmp_path / "data"
     with launched(blueprint_file, data, tmp_path / "serve.log", workers=1):
@@ -256,6 +258,7 @@ def test_compact_refuses_while_a_server_process_serves_the_directory(tmp_path: P
         assert not list(data.glob(compact.WORK_PREFIX + "*"))
 
 
+@pytest.mark.process
 def test_compact_refuses_while_any_process_has_the_store_open(make_server, settings: Settings,
                                                               blueprint_file: Path) -> None:  # noqa: ANN001
     """A server built in-process (no serve.lock) is seen through LMDB's own lock, from another process and from
@@ -275,6 +278,7 @@ def test_compact_refuses_while_any_process_has_the_store_open(make_server, setti
     run_compact(settings)  # once it is closed
 
 
+@pytest.mark.process
 def test_a_server_does_not_start_while_compact_holds_the_directory(tmp_path: Path, settings: Settings,
                                                                    blueprint_file: Path) -> None:
     Store(settings).close()
@@ -317,6 +321,7 @@ def test_a_copy_that_does_not_match_is_not_installed(settings: Settings, monkeyp
     assert not list(data.glob(compact.WORK_PREFIX + "*"))
 
 
+@pytest.mark.process
 def test_a_write_during_the_copy_is_not_lost(settings: Settings, blueprint_file: Path,
                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A process that opens the store, writes and closes while the copy is made (after the first check): the copy
@@ -350,6 +355,7 @@ def test_the_new_file_keeps_the_permissions_of_the_old(settings: Settings, capsy
     assert records(settings) == {}
 
 
+@pytest.mark.process
 def test_a_process_that_opens_the_store_during_the_swap_fails_instead_of_splitting_it(settings: Settings) -> None:
     """While `replacing` holds LMDB's lock, an opener waits inside LMDB's open; once released, the lock file it
     opened is empty, and its open fails rather than running beside the next process on another lock file."""

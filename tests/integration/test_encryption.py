@@ -291,6 +291,7 @@ def test_a_merge_moves_sensitive_values_to_the_survivor_and_unmerge_back(tmp_pat
 # -- rotation ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_rekey_online_then_the_old_key_can_go(tmp_path: Path, start: Callable[[Settings], Server]) -> None:
     # before ssn was declared sensitive: stored in clear
     srv = start(settings_for(tmp_path, blueprint(ssn_sensitive=False), "v0.toml"))
@@ -362,6 +363,7 @@ def test_rekey_online_then_the_old_key_can_go(tmp_path: Path, start: Callable[[S
     assert set(key_ids(srv.store)) == {"new"}  # ssn's values stay encrypted
 
 
+@pytest.mark.process
 def test_rekey_reports_what_it_cannot_decrypt(tmp_path: Path, start: Callable[[Settings], Server],
                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     for k, v in ENV.items():

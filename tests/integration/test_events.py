@@ -623,6 +623,7 @@ def stored_counters(config: Path, data: Path) -> tuple[dict[str, Any], list[str]
     return snap, ids
 
 
+@pytest.mark.process
 def test_serve_runs_webhooks_and_the_applier_in_an_idle_priority_events_process(tmp_path: Path) -> None:
     config = tmp_path / "ep.toml"
     config.write_text(blueprint().replace("[events]\n", "[events]\nprocess_nice = 7\n"))
@@ -662,6 +663,7 @@ def test_serve_runs_webhooks_and_the_applier_in_an_idle_priority_events_process(
     assert sorted(ids) == sorted(wids)  # each applied exactly once
 
 
+@pytest.mark.process
 def test_a_killed_events_process_is_restarted_and_later_events_apply(tmp_path: Path) -> None:
     config = tmp_path / "restart.toml"
     config.write_text(blueprint())
@@ -692,6 +694,7 @@ def test_a_killed_events_process_is_restarted_and_later_events_apply(tmp_path: P
     assert "died unexpectedly" in (tmp_path / "server.log").read_text()
 
 
+@pytest.mark.process
 def test_kill_9_mid_drain_applies_every_accepted_event_once(tmp_path: Path) -> None:
     config = tmp_path / "slow.toml"
     config.write_text(blueprint(rate=25, batch=5, high_water=100000))
@@ -739,6 +742,7 @@ def test_kill_9_mid_drain_applies_every_accepted_event_once(tmp_path: Path) -> N
     assert len(ids) == sent and len(set(ids)) == sent  # every event applied exactly once
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_multi_worker_server_serves_webhooks_on_one_port(tmp_path: Path) -> None:
     config = tmp_path / "mw.toml"
@@ -759,6 +763,7 @@ def test_multi_worker_server_serves_webhooks_on_one_port(tmp_path: Path) -> None
         srv.kill(signal.SIGTERM)
 
 
+@pytest.mark.process
 def test_serve_with_the_webhook_port_taken_is_a_clear_error(tmp_path: Path) -> None:
     import socket
 

@@ -21,12 +21,17 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from resolver.bootstrap import build_service
 from resolver.config import Settings, load_settings
 from resolver.events import counters
 from resolver.events.inbox import Ingestor
 from resolver.events.signatures import sign
 from tests.conftest import SERVER_TOML, TEST_ENCRYPTION_KEY
+
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = b"drain-test-secret"

@@ -35,6 +35,9 @@ from resolver.v1 import resolver_pb2_grpc
 from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 SF_SECRET = b"export-test-webhook-secret"
 SSN = {"A": "123-45-6789", "B": "987-65-4321", "F": "555-00-1111", "C": "111-22-3333"}

@@ -261,6 +261,7 @@ def assert_keeper_intact(stub: Any, keeper: str) -> None:
         (EXT_K, [EMAIL_K], [PHONE_K])
 
 
+@pytest.mark.process
 def test_forget_then_compact_leaves_no_byte_of_the_person(tmp_path: Path, receiver: Receiver,
                                                            start: Callable[..., Client]) -> None:
     s = make_settings(tmp_path, blueprint(receiver.url))
@@ -393,6 +394,7 @@ def test_forget_answers_not_found_for_an_unknown_uuid_and_lists_bad_fields(tmp_p
     assert outcome(c.stub, external_id="FORGET-ME-1") == pb.OUTCOME_NOT_FOUND
 
 
+@pytest.mark.process
 def test_cli_forget_and_audit_list(tmp_path: Path, receiver: Receiver, start: Callable[..., Client]) -> None:
     s = make_settings(tmp_path, blueprint(receiver.url))
     c = start(s)
@@ -417,6 +419,7 @@ def test_cli_forget_and_audit_list(tmp_path: Path, receiver: Receiver, start: Ca
 
 
 
+@pytest.mark.process
 def test_the_audit_entry_names_the_callers_token_and_forget_needs_admin(tmp_path: Path, receiver: Receiver,
                                                                         start: Callable[..., Client]) -> None:
     from resolver.auth import new_token

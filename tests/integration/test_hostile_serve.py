@@ -35,6 +35,9 @@ from tests.integration.test_hostile import (
     _upsert_with_attributes,
 )
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -199,6 +199,7 @@ def customers(n: int) -> Iterator[dict[str, Any]]:
 # -- 100,000 customers -----------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_import_100k_customers_with_a_progress_bar_then_check_then_reimport_changes_nothing(tmp_path: Path) -> None:
     n = 100_000
@@ -245,6 +246,7 @@ def test_import_100k_customers_with_a_progress_bar_then_check_then_reimport_chan
 # -- the progress bar ------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_the_progress_bar_shows_on_a_terminal_unless_no_progress(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "few.jsonl", [{"identifiers": {"externalId": f"P-{i}", "phones": [phone(i)]}}
                                                    for i in range(30)])
@@ -261,6 +263,7 @@ def test_the_progress_bar_shows_on_a_terminal_unless_no_progress(tmp_path: Path)
 # -- JSON lines ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_rejected_rows_go_to_the_rejects_file_with_reasons_and_the_rest_commits(tmp_path: Path, blueprint_file: Path) -> None:
     missing = "3f1c6f0e-1d3a-4a53-9a70-0c0a3ea52f00"
     rows: list[dict[str, Any] | str] = [
@@ -398,6 +401,7 @@ def test_invalid_json_rows_are_refused_with_the_parsers_reason(line: str) -> Non
     assert e.value.reasons[0]["reason"] == "INVALID_JSON" and "proto3 JSON" in e.value.reasons[0]["description"]
 
 
+@pytest.mark.process
 def test_a_large_file_is_prepared_by_workers_and_applied_in_file_order(tmp_path: Path) -> None:
     # past the size where the importer forks workers; the last write to each customer must win
     rows: list[dict[str, Any] | str] = [
@@ -513,6 +517,7 @@ def test_phone_cells_split_on_separators_but_keep_uri_parameters() -> None:
 # -- file and option errors ------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_file_and_option_errors_exit_2(tmp_path: Path) -> None:
     (tmp_path / "rows.txt").write_text("{}\n")
     r = resolver_cli("import", "rows.txt", "--data-dir", "data", cwd=tmp_path)
@@ -542,6 +547,7 @@ def damage(settings: Settings, fn: Any) -> None:
         fn(store, txn)
 
 
+@pytest.mark.process
 def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: Settings, blueprint_file: Path) -> None:
     records = records_by_external_id(populated)
     uid = uuid_bytes(records["K-3"].uuid)
@@ -553,6 +559,7 @@ def test_check_fails_when_an_index_entry_is_missing(tmp_path: Path, populated: S
     assert check_summary(r.stdout)["problems"] == 1 and "check: FAILED" in r.stdout
 
 
+@pytest.mark.process
 def test_check_fails_when_an_entry_points_to_a_customer_without_the_identifier(tmp_path: Path, populated: Settings,
                                                                                blueprint_file: Path) -> None:
     uid = uuid_bytes(records_by_external_id(populated)["K-1"].uuid)
@@ -619,6 +626,7 @@ def test_find_problems_reports_a_record_stored_under_another_uuid(populated: Set
     assert any(p.startswith("external_id ") and "is held by 2 customers" in p for p in problems)
 
 
+@pytest.mark.process
 def test_check_on_a_missing_data_dir_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     r = resolver_cli("check", "--data-dir", tmp_path / "nowhere", cwd=tmp_path)
     assert r.returncode == 2

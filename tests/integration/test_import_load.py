@@ -47,6 +47,7 @@ def big_rows(n: int) -> list[dict[str, Any] | str]:
              "attributes": {"name": f"Customer {i}", "tier": "gold"}} for i in range(n)]
 
 
+@pytest.mark.process
 def test_a_kill_9_during_an_initial_load_leaves_an_empty_store_and_the_load_runs_again(tmp_path: Path) -> None:
     n = 40_000
     source = write_jsonl(tmp_path / "big.jsonl", big_rows(n))

@@ -18,6 +18,9 @@ from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
 from tests.integration.serve import serving
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 PHONE = phone(7731)
 EMAIL = "canary.person@example.org"
 EXTERNAL_ID = "CANARY-EXT-7731"

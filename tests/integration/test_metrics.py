@@ -25,6 +25,9 @@ from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, post_webhook, resolve_req, upsert_req
 from tests.integration.serve import serving
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 WEBHOOK_KEY = b"metrics-test-webhook-key"
 WAIT_S = 30.0
 MATCHED_N, NOT_FOUND_M, CUSTOMERS_K = 6, 4, 4

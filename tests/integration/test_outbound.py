@@ -423,6 +423,7 @@ def test_interactions_merges_and_unmerges_are_sent(tmp_path: Path, receiver: Rec
 
 # -- dead letters ------------------------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_a_4xx_is_dead_lettered_the_customer_goes_on_and_replay_delivers_the_same_message(
         tmp_path: Path, receiver: Receiver, start: Callable[[Settings], Client]) -> None:
     refuse: set[int] = set()
@@ -468,6 +469,7 @@ def test_a_4xx_is_dead_lettered_the_customer_goes_on_and_replay_delivers_the_sam
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.process
 def test_past_max_age_is_dead_lettered_and_discard_keeps_the_counters(
         tmp_path: Path, receiver: Receiver, start: Callable[[Settings], Client]) -> None:
     receiver.plan = lambda wid, n, doc: 503  # the CRM is down for good
@@ -612,6 +614,7 @@ def assert_nothing_lost(receiver: Receiver, snap: dict[str, Any], expected: dict
     assert c["committed"] == c["delivered"] == len(expected)
 
 
+@pytest.mark.process
 def test_kill_9_of_the_deliverer_mid_delivery_loses_nothing(tmp_path: Path, receiver: Receiver) -> None:
     config = tmp_path / "k9.toml"
     config.write_text(blueprint(receiver.url, rate=40, concurrency=4))
@@ -637,6 +640,7 @@ def test_kill_9_of_the_deliverer_mid_delivery_loses_nothing(tmp_path: Path, rece
     assert re.search(r"the outbound process \(pid \d+\) died unexpectedly", (tmp_path / "server.log").read_text())
 
 
+@pytest.mark.process
 def test_kill_9_of_the_whole_server_mid_delivery_loses_nothing(tmp_path: Path, receiver: Receiver) -> None:
     config = tmp_path / "k9all.toml"
     config.write_text(blueprint(receiver.url, rate=40, concurrency=4))

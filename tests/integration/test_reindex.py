@@ -37,6 +37,9 @@ from tests.conftest import SERVER_TOML
 from tests.integration.helpers import phone, resolve_req, upsert_req
 from tests.integration.serve import launched
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 INDEX_DBS = [name.encode() for name in INDEX_NAMES.values()]
 KEYED_DBS = [*INDEX_DBS, b"ev_tomb_ext"]  # every database keyed by an identifier's hash

@@ -22,6 +22,9 @@ from tests.certs import make_pki
 from tests.conftest import SERVER_TOML
 from tests.integration.test_tls import ROOT, ServeProcess
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 MISSING = "RESOLVER_TEST_SECRET_NOBODY_SET"
 INSECURE = "[server] insecure = true"
 

@@ -25,6 +25,7 @@ from tests.integration.helpers import phone, resolve_req, upsert_req
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.process
 def test_health_reports_serving(channel):  # noqa: ANN001
     h = health_pb2_grpc.HealthStub(channel)
     for name in ("", "resolver.v1.IdentityResolver"):
@@ -113,6 +114,7 @@ def serve_process(data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Pope
         proc.stderr.close()
 
 
+@pytest.mark.process
 def test_sigterm_stops_gracefully(tmp_path):  # noqa: ANN001
     with serve_process(tmp_path / "data", "--workers", "1") as (proc, port):
         with ResolverClient(f"127.0.0.1:{port}") as c:
@@ -124,6 +126,7 @@ def test_sigterm_stops_gracefully(tmp_path):  # noqa: ANN001
             assert c.resolve(external_id="G-1").outcome == pb.OUTCOME_MATCHED
 
 
+@pytest.mark.process
 def test_workers_share_the_port_and_see_each_others_writes_at_once(tmp_path):  # noqa: ANN001
     with serve_process(tmp_path / "data", "--workers", "2") as (proc, port):
         # every channel is a new connection; the kernel spreads them over both workers, so with 24 write/read
@@ -140,6 +143,7 @@ def test_workers_share_the_port_and_see_each_others_writes_at_once(tmp_path):  #
         assert proc.wait(timeout=30) == 0
 
 
+@pytest.mark.process
 def test_one_client_channel_spreads_over_every_worker(tmp_path):  # noqa: ANN001
     with serve_process(tmp_path / "data", "--workers", "2") as (proc, port):
         def answering(client: ResolverClient) -> set[int]:
@@ -179,6 +183,7 @@ def _two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+@pytest.mark.process
 def test_worker_port_base_fixes_each_workers_port(tmp_path):  # noqa: ANN001
     base = _two_free_ports()
     blueprint = tmp_path / "b.toml"
@@ -191,6 +196,7 @@ def test_worker_port_base_fixes_each_workers_port(tmp_path):  # noqa: ANN001
         assert proc.wait(timeout=30) == 0
 
 
+@pytest.mark.process
 def test_a_spreading_client_finds_the_workers_again_after_a_restart(tmp_path):  # noqa: ANN001
     from resolver.server import reserve_port
 
@@ -225,6 +231,7 @@ def _is_worker(pid: str) -> bool:
         return False
 
 
+@pytest.mark.process
 def test_two_server_processes_on_one_data_dir_read_each_others_writes(tmp_path):  # noqa: ANN001
     data = tmp_path / "data"
     with serve_process(data, "--workers", "1") as (_, p1), serve_process(data, "--workers", "1") as (_, p2):
@@ -237,6 +244,7 @@ def test_two_server_processes_on_one_data_dir_read_each_others_writes(tmp_path):
                 assert a.resolve(external_id=f"X-{i}").version == w2.version == 2
 
 
+@pytest.mark.process
 def test_bad_blueprint_is_a_clear_error_exit_2(tmp_path):  # noqa: ANN001
     bad = tmp_path / "bad.toml"
     bad.write_text("[matching]\nmax_fanout = 1\n[views.default]\nfields = 3\n")

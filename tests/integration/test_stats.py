@@ -114,6 +114,7 @@ def test_exact_counts_and_lmdb_figures_of_a_store_with_known_content(server: Any
         assert any(line.split() == [*label.split(), *value.split()] for line in table.splitlines()), (label, table)
 
 
+@pytest.mark.process
 def test_stats_reads_a_directory_a_server_is_serving(server: Any, stub: Any, settings: Settings) -> None:
     for i in range(3):
         stub.Upsert(upsert_req(external_id=f"S-{i}", phones=(phone(10 + i),)), timeout=5)

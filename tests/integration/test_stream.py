@@ -40,6 +40,7 @@ def test_stream_answers_in_request_order_with_per_item_errors(stub):  # noqa: AN
             assert (resp.outcome, resp.customer_uuid) == (pb.OUTCOME_MATCHED, next(expected))
 
 
+@pytest.mark.scale
 @pytest.mark.slow
 def test_one_stream_of_100k_requests(stub):  # noqa: ANN001
     for i in range(50):
@@ -63,6 +64,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_client_that_stops_reading_does_not_grow_server_memory(tmp_path):  # noqa: ANN001
     proc = subprocess.Popen(

@@ -424,6 +424,7 @@ def test_reload_swaps_both_certificates_and_a_bad_file_keeps_them(make_server, t
 
 # -- a real `resolver serve`, SIGHUP -----------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_sighup_swaps_the_certificate_without_failing_a_call(tmp_path: Path, pki: Pki, other: Pki) -> None:
     cert_dir = tmp_path / "tls"
     cert_dir.mkdir()
@@ -466,6 +467,7 @@ def test_sighup_swaps_the_certificate_without_failing_a_call(tmp_path: Path, pki
         assert server.stop() == 0
 
 
+@pytest.mark.process
 def test_sighup_swaps_a_webhook_secret_and_certificate_in_every_process(tmp_path: Path, pki: Pki,
                                                                         other: Pki) -> None:
     cert_dir = tmp_path / "tls"

@@ -20,6 +20,9 @@ from tests.conftest import SERVER_TOML
 from tests.integration.helpers import resolve_req
 from tests.integration.serve import launched
 
+# tests of processes, signals and files: the pure pass runs the same code in process (Makefile test-pure)
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 LOAD_THREADS = 4  # two per worker
 

@@ -49,6 +49,12 @@ CLUSTER_ARGS ?=
 cluster: build
 	$(PY) scripts/cluster.py $(CLUSTER_ARGS)
 
+# Issue 19's figures: Resolve p99 on a cluster node while the cluster takes writes vs one machine in the same run,
+# write p99 end to end, reads over 1-3 nodes; report in bench/out/cluster/ (3 NATS + 3 nodes + 1 server, 127.0.0.1).
+.PHONY: bench-cluster
+bench-cluster: bench-deps
+	$(PY) -m bench.cluster $(BENCH_ARGS)
+
 # The cluster suite at the issue's scale (10,000 concurrent Upserts over 3 nodes); `make test` runs it at 1,000.
 .PHONY: cluster-test
 cluster-test: build

@@ -4,9 +4,10 @@ every process outside a run; how busy the machine was; TCP connections and which
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 TICK = os.sysconf("SC_CLK_TCK")
 ESTABLISHED, LISTEN = "01", "0A"  # socket states as /proc/net/tcp writes them
@@ -175,3 +176,18 @@ def socket_owners(pids: list[int]) -> dict[str, int]:
             if link.startswith("socket:["):
                 owner[link[8:-1]] = pid
     return owner
+
+
+class MachineWatch:
+    """How busy the machine was from its making until `figures()`: the load average before and after, the share of
+    all CPUs busy, the cores other processes (not this run's) kept busy, and what the machine is."""
+
+    def __init__(self) -> None:
+        self.load0, self.jiffies, self.foreign0 = os.getloadavg()[0], cpu_jiffies(), foreign_cpu()
+        self.t0 = time.monotonic()
+
+    def figures(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.t0
+        return {"loadavg_before": self.load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
+                "busy": busy_since(self.jiffies), "foreign_cores": foreign_cores(self.foreign0, elapsed),
+                "cpu_model": cpu_model()}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import random
 import statistics
 import subprocess
@@ -266,7 +265,7 @@ def ab_rounds(configs: tuple[str, str], count: int, measure: Callable[[str], dic
     """`count` rounds, each a measured window (`measure(name)`, a `window` result) of both configurations back to
     back, the order alternating each round so that drift on this shared machine hits both alike; the machine's
     load, how busy it was and what other processes took, over the rounds."""
-    load0, jiffies, foreign0, t0 = os.getloadavg()[0], procstat.cpu_jiffies(), procstat.foreign_cpu(), time.monotonic()
+    watch = procstat.MachineWatch()
     rounds: list[dict[str, Any]] = []
     for r in range(count):
         order = configs if r % 2 == 0 else configs[::-1]
@@ -274,11 +273,7 @@ def ab_rounds(configs: tuple[str, str], count: int, measure: Callable[[str], dic
         rounds.append(got)
         log(f"round {r + 1}/{count}: " + ", ".join(
             f"{n} {got[n]['cpu_us_per_resolve']:.0f} µs CPU per Resolve" for n in configs))
-    elapsed = time.monotonic() - t0
-    machine = {"loadavg_before": load0, "loadavg_after": os.getloadavg()[0], "cores": os.cpu_count(),
-               "busy": procstat.busy_since(jiffies), "foreign_cores": procstat.foreign_cores(foreign0, elapsed),
-               "cpu_model": procstat.cpu_model()}
-    return AbRounds(rounds, machine)
+    return AbRounds(rounds, watch.figures())
 
 
 def ab_table(res: dict[str, Any], labels: dict[str, str], what: str) -> list[str]:

@@ -72,6 +72,18 @@ def _writer(store: Store, settings: Settings) -> Writer:
     return cast(Writer, ReplicatedWriter(store, settings))  # Writer's interface: submit, submit_nowait, close
 
 
+def _cluster_deliverer(service: Service) -> Deliverer:
+    """A cluster node's deliverer: its decisions go through the replicated log (every node's outbox follows them),
+    and it sends only while this node holds the delivery lease (resolver.cluster.lease)."""
+    from resolver.cluster.lease import Lease
+    from resolver.cluster.writer import ReplicatedWriter
+    from resolver.outbound.deliverer import Deliverer
+
+    writer = cast(ReplicatedWriter, service.writer)
+    lease = Lease(writer.log, service.settings.cluster, lambda: writer.position)
+    return Deliverer(service.store, service.settings, writer=service.writer, turn=lease)
+
+
 def build_events(service: Service) -> Events:
     """The events subsystem over `service` (nothing started: `Events.start` says which parts run here)."""
     from resolver.events.runtime import Events
@@ -220,7 +232,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     if settings.outbound and (events_in_process and sweeper if deliverer is None else deliverer):
         from resolver.outbound.deliverer import Deliverer
 
-        outbound = Deliverer(service.store, settings)
+        outbound = (Deliverer(service.store, settings) if not settings.cluster.nats
+                    else _cluster_deliverer(service))
         outbound.start()
     server.start()
     for name in ("", service_name):

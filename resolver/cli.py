@@ -26,6 +26,10 @@ CLUSTER_REFUSED = {
               "then start every node from a `resolver backup` of it (README \"Past one machine\")",
     "forget": "a cluster node's store changes only through the replicated log: erase through the Forget RPC of any "
               "node",
+    "dlq": "a cluster node's store changes only through the replicated log: use the dead-letter RPCs of the node "
+           "that accepted the event (ListDeadLetters, ReplayDeadLetter, DiscardDeadLetter)",
+    "outbound": "a cluster node's store changes only through the replicated log: use the outbound RPCs of any node "
+                "(ListOutboundDeadLetters, ReplayOutboundDeadLetter, DiscardOutboundDeadLetter, GetOutboundCounters)",
 }
 
 

@@ -129,7 +129,8 @@ def apply(view: Txn, cmd: ForgetCommand, settings: Settings) -> ForgetResult:
                        changes_redacted=done.changes_redacted, ledger_redacted=done.ledger_redacted,
                        outbound_messages=done.outbound)
     bodies = scrub(view, marks, settings)
-    removed.update(inbox_events=bodies.inbox, event_dead_letters=bodies.dead_letters)
+    if not settings.cluster.nats:  # a cluster node's inbox is its own: the replicated audit and answer cannot count it
+        removed.update(inbox_events=bodies.inbox, event_dead_letters=bodies.dead_letters)
     entry = audit.append(view, at_us=cmd.now_us, who=cmd.who, action=ACTION, customer_uuid=uuid_text(target),
                          reason=cmd.reason, erased_uuids=erased, removed=removed)
     out = ForgetResult(uuid_text(target), entry.seq, removed)

@@ -7,7 +7,9 @@ one's LMDB reader slots.
 With events enabled, the webhook endpoint and the applier run in one more child, the events process
 (resolver.events.process, at a lowered CPU priority), so they never compete with Resolve for a GIL; the gRPC
 workers keep `IngestEvents` and the DLQ admin RPCs. With `[outbound]` destinations, the deliverer runs in one more
-child, the outbound process (resolver.outbound.process), supervised the same way.
+child, the outbound process (resolver.outbound.process), supervised the same way. A cluster node (`[cluster]`) has
+neither child: its events applier and deliverer write through its one applier, which answers only its own process,
+so they run as threads of its one worker.
 With `[metrics] listen`, every one of these processes records metrics into a directory made for the run, and the
 supervisor answers `GET /metrics` with their sum (resolver.metrics, resolver.metrics_endpoint).
 On SIGTERM/SIGINT (one sequence, `_shutdown`): webhook intake stops, each worker's health goes NOT_SERVING and
@@ -170,7 +172,8 @@ class _InProcess:
         self.running: Running | None = None
 
     def start(self) -> str | None:
-        self.running = build_server(self.settings, events_in_process=False)  # errors propagate: nothing started
+        # errors propagate: nothing started. A cluster node's events applier and deliverer run here (serve says why)
+        self.running = build_server(self.settings, events_in_process=bool(self.settings.cluster.nats))
         self.port = self.running.port
         settle()
         return None
@@ -381,7 +384,9 @@ def serve(settings: Settings, announce: Callable[[str], Any] = print) -> int:
             stack.callback(endpoint.stop)
         pinned, events, hooks = stack.enter_context(_events_process(settings, ctx))
         outbound = OutboundProcess(pinned, ctx) if settings.outbound else None
-        children = [child for child in (events, outbound) if child is not None]
+        # a cluster node applies the log in its one worker, which answers the writes of its events and deliveries
+        # too (a second applier would take some of their answers): they run there as threads, not as children
+        children = [child for child in (events, outbound) if child is not None and not settings.cluster.nats]
         workers: _Workers
         if settings.server.workers == 1:
             workers = _InProcess(pinned)

@@ -56,7 +56,7 @@ class OutboundRpcs:
     def ReplayOutboundDeadLetter(self, request: pb.ReplayOutboundDeadLetterRequest,
                                  context: grpc.ServicerContext) -> pb.ReplayOutboundDeadLetterResponse:
         def run() -> pb.ReplayOutboundDeadLetterResponse:
-            admin.replay(self.service.store, request.id)
+            admin.replay(self.service.store, request.id, self.service.writer)
             return pb.ReplayOutboundDeadLetterResponse(requeued=True)
 
         return self._call(context, "ReplayOutboundDeadLetter", run)
@@ -64,7 +64,7 @@ class OutboundRpcs:
     def DiscardOutboundDeadLetter(self, request: pb.DiscardOutboundDeadLetterRequest,
                                   context: grpc.ServicerContext) -> pb.DiscardOutboundDeadLetterResponse:
         def run() -> pb.DiscardOutboundDeadLetterResponse:
-            admin.discard(self.service.store, request.id)
+            admin.discard(self.service.store, request.id, self.service.writer)
             return pb.DiscardOutboundDeadLetterResponse()
 
         return self._call(context, "DiscardOutboundDeadLetter", run)

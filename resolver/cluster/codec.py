@@ -12,6 +12,7 @@ call these same functions (resolver.service, the RPC handlers) need no name of t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -22,8 +23,11 @@ import orjson
 from resolver import forget, interactions, merge, unmerge, upsert
 from resolver.config import Settings
 from resolver.errors import ClusterError
+from resolver.events import command as event_command
 from resolver.identifiers import Identifiers, Skipped
 from resolver.normalize import Kind
+from resolver.outbound import admin as outbound_admin
+from resolver.outbound import settle
 from resolver.store import Txn
 
 Apply = Callable[[Txn, Any, Settings], Any]
@@ -49,6 +53,7 @@ IDENTIFIERS = FieldCodec(_ids_plain, _ids_value)
 SKIPPED = FieldCodec(lambda s: [[int(x.kind), x.masked, x.reason, x.detail] for x in s],
                      lambda p: tuple(Skipped(Kind(k), m, r, d) for k, m, r, d in p))
 STRINGS = FieldCodec(list, tuple)
+BYTES = FieldCodec(lambda b: base64.b64encode(b).decode(), base64.b64decode)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ OPS: tuple[Op, ...] = (
     Op("interaction.v1", interactions.InteractionCommand, interactions.apply, "interaction_id",
        {"identifiers": IDENTIFIERS, "skipped": SKIPPED}),
     Op("forget.v1", forget.ForgetCommand, forget.apply, "idempotency_key", {}),
+    Op("event.v1", event_command.EventCommand, event_command.replicated_apply, "key", {"body": BYTES}),
+    Op("outbound.settle.v1", settle.Settle, settle.replicated_apply, "key", {}),
+    Op("outbound.requeue.v1", outbound_admin.Requeue, outbound_admin.replicated_apply, "key", {}),
 )
 _BY_TYPE = {op.type: op for op in OPS}
 _BY_NAME = {op.name: op for op in OPS}

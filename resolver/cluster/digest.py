@@ -7,8 +7,10 @@ and every value; the stream position (`meta`) is part of it, so equal digests al
 One exception: a sensitive attribute is sealed with a fresh random nonce (resolver.crypto), so two replicas hold
 different ciphertexts of the same value. Records are therefore hashed opened (their plaintext JSON), and, when the
 store seals anything, the change log's and merge journal's values (which carry such ciphertexts) are hashed by
-key only. And each node sweeps expired idempotency-ledger entries by its own clock (an expired entry answers nothing
-either way, so applies agree): two current nodes may differ by such entries for up to one `sweep_interval_s`.
+key only. The events inbox, its dead letters, its webhook-id dedupe and its counters are each node's own (a webhook
+is admitted by the node it reached; resolver.events.applier.drain_through_log): not hashed. And each node sweeps
+expired idempotency-ledger entries by its own clock (an expired entry answers nothing either way, so applies agree):
+two current nodes may differ by such entries for up to one `sweep_interval_s`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from resolver.records import encode_json
 from resolver.store import Store
 
 _SEALED_ELSEWHERE = ("changes", "merges")
+NODE_LOCAL = frozenset({"ev_inbox", "ev_dlq", "ev_ids", "ev_ids_exp", "ev_counters"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,7 @@ def store_digest(store: Store) -> Digest:
     with store.read() as txn:
         raw = txn.txn.get(POSITION_KEY, db=store.db["meta"])
         position = int.from_bytes(raw, "big") if raw is not None else 0
-        for name in sorted(store.db):
+        for name in sorted(store.db.keys() - NODE_LOCAL):
             h.update(b"\0db\0" + name.encode())
             keys_only = sealing and name in _SEALED_ELSEWHERE
             with txn.txn.cursor(db=store.db[name]) as cursor:

@@ -183,6 +183,24 @@ class CommandLog:
         info = self.call(self._js.stream_info(self.spec.stream), self.spec.connect_timeout_s + 1)
         return Bounds(int(info.state.first_seq), int(info.state.last_seq))
 
+    def key_value(self, bucket: str, ttl: float) -> Any:
+        """The JetStream key-value bucket `bucket` (nats.js.kv.KeyValue: its coroutines run through `call`), created
+        if missing with `ttl` (a key not written again for `ttl` s is gone), the stream's replica count and one
+        revision per key; a bucket that exists is used as it is."""
+
+        async def open_bucket() -> Any:
+            try:
+                return await self._js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            try:
+                return await self._js.create_key_value(bucket=bucket, ttl=ttl, history=1,
+                                                       replicas=self.spec.replicas, storage=api.StorageType.FILE)
+            except nats.js.errors.BadRequestError:  # created meanwhile by another node (else the lookup says why)
+                return await self._js.key_value(bucket)
+
+        return self.call(open_bucket(), self.spec.connect_timeout_s * 2 + 1)
+
     def reader(self, start: int) -> Reader:
         """Read the stream in order from sequence `start`."""
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,

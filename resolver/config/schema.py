@@ -203,6 +203,7 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "read_wait_s": {"type": "number", "minimum": 0, "maximum": 600},
             "max_lag": {"type": "integer", "minimum": 0},
             "max_silence_s": {"type": "number", "minimum": 0},
+            "lease_s": {"type": "number", "minimum": 1, "maximum": 600},
         }),
         "metrics": _table({
             "listen": {"type": "string", "pattern": r"^$|^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"},

@@ -91,7 +91,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "min_rate_per_s": float, "idle_cpu": float, "busy_cpu": float,
     "retention_days": float, "stall_timeout_s": float,
     "nats": tuple, "stream_max_age_s": float, "dedupe_window_s": float, "apply_timeout_s": float,
-    "connect_timeout_s": float,
+    "connect_timeout_s": float, "lease_s": float,
 }
 assert _CONVERT.keys() <= TABLE_OF.keys()
 
@@ -176,18 +176,14 @@ MIN_SILENCE_S = 2.0
 
 
 def _check_cluster(s: Settings) -> list[str]:
-    """`[cluster]`: NATS URLs; and, for now, only what the replicated log carries may write (resolver.cluster)."""
+    """`[cluster]`: NATS URLs; and, for now, only what the replicated log carries may write (resolver.cluster:
+    writes, change events and outbound decisions do; change-log retention does not yet)."""
     if not s.cluster.nats:
         return []
     problems = [f"cluster.nats: {url!r} is not a nats:// URL" for url in s.cluster.nats if not url.startswith("nats://")]
     # one applier per data directory, in the serving process: its answers reach only that process's handlers
     if s.server.workers != 1:
         problems.append("server.workers: a cluster node serves with one worker (the applier answers its own writes)")
-    # change events and outbound delivery write node-local state outside the log: not replicated yet
-    if s.events.enabled:
-        problems.append("events.enabled: CRM change events are not replicated through [cluster] yet")
-    if s.outbound:
-        problems.append("outbound: outbound delivery is not replicated through [cluster] yet")
     # retention deletes change-log entries by each node's clock, and Unmerge reads them: nodes would disagree
     if s.changes.retention_days is not None or s.changes.retention_count is not None:
         problems.append("changes: change-log retention is per node, not replicated through [cluster] yet")

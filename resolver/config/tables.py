@@ -279,7 +279,11 @@ class ClusterSettings:
 
     Reads (resolver.cluster.reads): a read with `min_sequence` waits for this node to apply it at most `read_wait_s`
     (and within its deadline); a node more than `max_lag` commands behind the stream's last sequence, or whose
-    applier has not heard from the stream for `max_silence_s` (0: no such limit), refuses reads (NODE_BEHIND)."""
+    applier has not heard from the stream for `max_silence_s` (0: no such limit), refuses reads (NODE_BEHIND).
+
+    Outbound delivery (resolver.cluster.lease): one node at a time delivers, the one holding a lease of `lease_s`
+    seconds in the JetStream key-value bucket `<stream>-leases`; it renews it four times per `lease_s` and stops
+    sending once half of it passed without a renewal, so it stops before another node can take the lease over."""
 
     nats: tuple[str, ...] = ()
     stream: str = "resolver"
@@ -292,6 +296,7 @@ class ClusterSettings:
     read_wait_s: float = 2.0
     max_lag: int = 1000
     max_silence_s: float = 10.0
+    lease_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

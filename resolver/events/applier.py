@@ -20,16 +20,14 @@ from typing import Any
 
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
-from resolver.errors import EventRejected, StorageFull
-from resolver.events import counters, dlq, envelope
-from resolver.events.apply import Applied, apply_event
-from resolver.events.format import interpret
+from resolver.errors import ClusterError, DeadlineExceeded, EventRejected, StorageFull, Unavailable
+from resolver.events import command, counters, dlq, envelope
+from resolver.events.apply import Applied
 from resolver.events.inbox import dedupe_key, remember, sweep_ids
 from resolver.events.pace import SAMPLE_S, CpuSource, Pacer, ProcessButThread
 from resolver.redact import redact
 from resolver.store import Store, Txn
-from resolver.uuids import new_customer_uuid
-from resolver.writer import apply_nested
+from resolver.writer import Writer, apply_nested
 
 log = logging.getLogger("resolver.events")
 EMPTY_POLL_S = 0.05  # an empty inbox is looked at this often
@@ -53,58 +51,117 @@ def _now_us() -> int:
 def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settings: Settings,
             schema: AttributeSchema, now_us: int) -> Applied:
     """Interpret and apply one stored event in a transaction nested in `parent`; EventRejected if it cannot be."""
-    ev = interpret(meta["source"], meta["webhook_id"], body, settings, schema)
-    new_uuid = new_customer_uuid()  # fixed before the apply step (contract §10)
-    limits, matching = settings.limits, settings.matching
-    return apply_nested(store, Txn(store, parent), lambda view, e: apply_event(
-        view, e, schema, now_us=now_us, new_uuid=new_uuid, identifiers_per_customer=limits.identifiers_per_customer,
-        max_fanout=matching.max_fanout), ev)
+    cmd = command.command_for(meta, body, now_us)  # the new uuid fixed before the apply step (contract §10)
+    return apply_nested(store, Txn(store, parent), lambda view, c: command.apply(view, c, settings, schema), cmd)
+
+
+def _inbox_head(txn: Any, store: Store, limit: int) -> list[tuple[bytes, bytes]]:
+    """The first `limit` inbox entries (key, stored value), in inbox order."""
+    batch: list[tuple[bytes, bytes]] = []
+    with txn.cursor(db=store.db["ev_inbox"]) as cur:
+        if cur.first():
+            for k, v in cur:
+                batch.append((bytes(k), bytes(v)))
+                if len(batch) >= limit:
+                    break
+    return batch
+
+
+def _settle(txn: Any, store: Store, key: bytes, meta: dict[str, Any], body: bytes, outcome: Applied | Exception,
+            deltas: Counter[str], now_us: int) -> None:
+    """An event's application is over (`outcome`: what it returned, or what it raised): counted, dead-lettered if
+    it was refused or failed, and removed from the inbox, in the caller's write transaction."""
+    db, ring = store.db, store.sealer.ring
+    if isinstance(outcome, Applied):
+        deltas["applied"] += 1
+        deltas["conflicts"] += len(outcome.conflicts)
+        deltas["stale_fields"] += len(outcome.stale)
+    else:
+        rejection = outcome if isinstance(outcome, EventRejected) else None
+        if rejection is None:  # a bug must not wedge the inbox: the event waits in the DLQ instead
+            log.error("event from %s failed to apply", meta["source"], exc_info=outcome)
+            rejection = EventRejected(f"internal error while applying: {type(outcome).__name__}", reason="APPLY_FAILED")
+        rejection.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rejection, origin="apply", now_us=now_us, ring=ring,
+                                   counters_db=db["ev_counters"])
+        deltas["dead_lettered"] += 1
+        if rejection is outcome:
+            log.info("event %s from %s dead-lettered (%s) as #%d", meta["webhook_id"][:64], meta["source"],
+                     rejection.reason, rejection.dlq_id)
+    txn.delete(key, db=db["ev_inbox"])
 
 
 def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit: int) -> int:
     """Apply up to `limit` inbox events in one write transaction; how many left the inbox."""
-    db = store.db
     ring = store.sealer.ring
     now_us = _now_us()
     with store.write() as view:
         txn = view.txn
-        with txn.cursor(db=db["ev_inbox"]) as cur:
-            batch: list[tuple[bytes, bytes]] = []
-            if cur.first():
-                for k, v in cur:
-                    batch.append((bytes(k), bytes(v)))
-                    if len(batch) >= limit:
-                        break
         deltas: Counter[str] = Counter()
+        batch = _inbox_head(txn, store, limit)
         for key, raw in batch:
             meta, body = envelope.decode(raw, ring)
+            outcome: Applied | Exception
             try:
-                result = run_one(store, txn, meta, body, settings, schema, now_us)
-                deltas["applied"] += 1
-                deltas["conflicts"] += len(result.conflicts)
-                deltas["stale_fields"] += len(result.stale)
-            except EventRejected as exc:
-                exc.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, exc, origin="apply", now_us=now_us, ring=ring,
-                                     counters_db=db["ev_counters"])
-                deltas["dead_lettered"] += 1
-                log.info("event %s from %s dead-lettered (%s) as #%d", meta["webhook_id"][:64], meta["source"],
-                         exc.reason, exc.dlq_id)
+                outcome = run_one(store, txn, meta, body, settings, schema, now_us)
             except StorageFull:
                 raise  # not the event's fault: the batch is not stored, its events stay in the inbox
-            except Exception as exc:  # a bug must not wedge the inbox: the event waits in the DLQ instead
-                log.exception("event from %s failed to apply", meta["source"])
-                rej = EventRejected(f"internal error while applying: {type(exc).__name__}", reason="APPLY_FAILED")
-                rej.dlq_id = dlq.put(txn, db["ev_dlq"], meta, body, rej, origin="apply", now_us=now_us, ring=ring,
-                                     counters_db=db["ev_counters"])
-                deltas["dead_lettered"] += 1
-            txn.delete(key, db=db["ev_inbox"])
+            except Exception as exc:
+                outcome = exc
+            _settle(txn, store, key, meta, body, outcome, deltas, now_us)
             time.sleep(0)  # yield the GIL between events: Resolve threads wait at most one event, not a batch
-        counters.add(txn, db["ev_counters"], deltas)
+        counters.add(txn, store.db["ev_counters"], deltas)
     return len(batch)
 
 
-def replay(store: Store, settings: Settings, schema: AttributeSchema, dlq_id: int) -> ReplayResult:
-    """Re-run validation, mapping and apply of a dead letter with the current configuration.
+def _through(writer: Writer, settings: Settings, schema: AttributeSchema, cmd: command.EventCommand
+             ) -> Applied | Exception:
+    """Apply `cmd` through `writer`: what it returned, or the error it was refused with (the same on every node);
+    ClusterError, Unavailable or DeadlineExceeded (this node could not get it applied now) propagate."""
+    try:
+        return writer.submit(lambda view, c: command.apply(view, c, settings, schema), cmd)
+    except (ClusterError, Unavailable, DeadlineExceeded, StorageFull):
+        raise
+    except Exception as exc:
+        return exc
+
+
+def drain_through_log(store: Store, settings: Settings, schema: AttributeSchema, writer: Writer, limit: int) -> int:
+    """A cluster node (contract §10): apply up to `limit` inbox events through the replicated log, in inbox order;
+    how many left the inbox.
+
+    Each event's application is published as a command and waited for until this node applied it; only then is
+    the event removed from this node's inbox (dead-lettered here if it was refused), in a local transaction. A
+    crash in between leaves it in the inbox, and it is published again: under the same message id the stream
+    drops it within its de-duplication window, and past it the second application changes nothing (newer-wins
+    per field and slot, resolver.events.command). The inbox, the DLQ and the event counters are this node's own.
+    A node that cannot get an event applied now (NATS away, past `apply_timeout_s`) stops the batch there: that
+    event and those after it wait in the inbox, in order.
+    """
+    ring = store.sealer.ring
+    with store.read() as view:
+        batch = _inbox_head(view.txn, store, limit)
+    done = 0
+    for key, raw in batch:
+        meta, body = envelope.decode(raw, ring)
+        now_us = _now_us()
+        try:
+            outcome = _through(writer, settings, schema, command.command_for(meta, body, now_us))
+        except (ClusterError, Unavailable, DeadlineExceeded) as exc:
+            log.warning("event applier: %s; the event waits in the inbox", exc)
+            break
+        with store.write() as view:
+            deltas: Counter[str] = Counter()
+            if view.txn.get(key, db=store.db["ev_inbox"]) is not None:  # else: forgotten meanwhile (erasure)
+                _settle(view.txn, store, key, meta, body, outcome, deltas, now_us)
+            counters.add(view.txn, store.db["ev_counters"], deltas)
+        done += 1
+    return done
+
+
+def replay(store: Store, settings: Settings, schema: AttributeSchema, dlq_id: int,
+           writer: Writer | None = None) -> ReplayResult:
+    """Re-run validation, mapping and apply of a dead letter with the current configuration (`writer`: a cluster
+    node's, the apply goes through the replicated log; the DLQ stays this node's).
 
     Applied: the entry leaves the DLQ (dead_lettered -1, applied +1). Failed again: it stays with the new
     reason. Idempotent: a second replay of an applied entry finds nothing (DeadLetterNotFound), and
@@ -112,20 +169,39 @@ def replay(store: Store, settings: Settings, schema: AttributeSchema, dlq_id: in
     """
     db = store.db
     now_us = _now_us()
+    ring = store.sealer.ring
+    if writer is not None:  # a cluster node: applied through the log first, then the dead letter settled here
+        with store.read() as view:
+            meta, body = dlq.get(view.txn, db["ev_dlq"], dlq_id, ring=ring)
+        replay_of = f"dead letter {dlq_id} at {now_us}"  # an application of its own, not a retry of the first
+        outcome = _through(writer, settings, schema, command.command_for(meta, body, now_us, replay_of))
+        if isinstance(outcome, Exception) and not isinstance(outcome, EventRejected):
+            raise outcome
+        with store.write() as view:
+            dlq.get(view.txn, db["ev_dlq"], dlq_id, ring=ring)  # DeadLetterNotFound: replayed meanwhile
+            return _replayed(view.txn, store, dlq_id, meta, body, outcome, now_us)
     with store.write() as view:
-        txn = view.txn
-        meta, body = dlq.get(txn, db["ev_dlq"], dlq_id, ring=store.sealer.ring)
+        meta, body = dlq.get(view.txn, db["ev_dlq"], dlq_id, ring=ring)
         try:
-            result = run_one(store, txn, meta, body, settings, schema, now_us)
+            outcome = run_one(store, view.txn, meta, body, settings, schema, now_us)
         except EventRejected as exc:
-            dlq.update(txn, db["ev_dlq"], dlq_id, meta, body, exc, now_us, ring=store.sealer.ring)
-            return ReplayResult(False, exc.reason, redact(exc.message))  # shown to operators: the choke point
-        txn.delete(dlq.key(dlq_id), db=db["ev_dlq"])
-        remember(txn, db, dedupe_key(meta["source"], meta["webhook_id"]),
-                 {"status": 202, "at_us": now_us, "replayed_from": dlq_id})
-        counters.add(txn, db["ev_counters"], {"applied": 1, "dead_lettered": -1, "conflicts": len(result.conflicts),
-                                              "stale_fields": len(result.stale)})
-        return ReplayResult(True, customer_uuid=result.customer_uuid)
+            outcome = exc
+        return _replayed(view.txn, store, dlq_id, meta, body, outcome, now_us)
+
+
+def _replayed(txn: Any, store: Store, dlq_id: int, meta: dict[str, Any], body: bytes,
+              outcome: Applied | EventRejected, now_us: int) -> ReplayResult:
+    """A dead letter's replay is over: it leaves the DLQ (applied), or stays with its new reason."""
+    db = store.db
+    if isinstance(outcome, EventRejected):
+        dlq.update(txn, db["ev_dlq"], dlq_id, meta, body, outcome, now_us, ring=store.sealer.ring)
+        return ReplayResult(False, outcome.reason, redact(outcome.message))  # shown to operators: the choke point
+    txn.delete(dlq.key(dlq_id), db=db["ev_dlq"])
+    remember(txn, db, dedupe_key(meta["source"], meta["webhook_id"]),
+             {"status": 202, "at_us": now_us, "replayed_from": dlq_id})
+    counters.add(txn, db["ev_counters"], {"applied": 1, "dead_lettered": -1, "conflicts": len(outcome.conflicts),
+                                          "stale_fields": len(outcome.stale)})
+    return ReplayResult(True, customer_uuid=outcome.customer_uuid)
 
 
 class _Stretch:
@@ -154,18 +230,20 @@ class _Stretch:
 
 
 class Applier:
-    """A daemon thread draining the inbox, `events.batch` events per write transaction, at the pace of
+    """A daemon thread draining the inbox, `events.batch` events per write transaction (with a cluster node's
+    `writer`: per event, through the replicated log), at the pace of
     resolver.events.pace: up to `rate_per_s` while the serving processes are idle, down to `min_rate_per_s` while
     they are busy. By default it watches the CPU of its own process but its own thread (the applier as a thread of
     a serving process); the events process points it at the serving processes with `watch()`. While it drains a
     backlog (it took a full batch) it logs its pace every REPORT_S, and once the inbox has stayed empty for QUIET_S."""
 
     def __init__(self, store: Store, settings: Settings, schema: AttributeSchema,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None, writer: Writer | None = None) -> None:
         self.store = store
         self.settings = settings
         self.schema = schema
         self.on_idle = on_idle
+        self.writer = writer  # a cluster node's: events are applied through the replicated log (drain_through_log)
         self.pacer = Pacer(settings.events)
         self._watching = False
         self._lock = threading.Lock()
@@ -207,7 +285,8 @@ class Applier:
                     log.exception("event dedupe sweep failed")
             self.pacer.rate()  # read the serving CPU even while the inbox is empty: a burst starts from a fresh figure
             try:
-                n = drain_once(self.store, self.settings, self.schema, ev.batch)
+                n = (drain_once(self.store, self.settings, self.schema, ev.batch) if self.writer is None
+                     else drain_through_log(self.store, self.settings, self.schema, self.writer, ev.batch))
                 if self.on_idle is not None and n < ev.batch:
                     self.on_idle()
             except StorageFull as exc:

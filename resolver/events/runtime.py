@@ -2,7 +2,8 @@
 
 Which parts run where is the caller's choice (`start(applier=..., http=...)`): `resolver serve` runs the webhook
 endpoint and the applier in the events process (resolver.events.process) and only gRPC admission and the DLQ
-RPCs in the serving workers; `resolver.bootstrap.build_server()` can run everything as threads of one process (tests).
+RPCs in the serving workers; `resolver.bootstrap.build_server()` can run everything as threads of one process (tests,
+and a cluster node, whose applier goes through the replicated log: resolver.events.applier.drain_through_log).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from resolver.events.http import COUNTER_FLUSH_S, HttpEndpoint
 from resolver.events.inbox import Admission, Ingestor
 from resolver.reload import Reloadable
 from resolver.service import Service
+from resolver.writer import Writer
 
 log = logging.getLogger("resolver.events")
 
@@ -65,7 +67,8 @@ class Events:
             self._flusher = threading.Thread(target=self._flush_loop, name="event-counters", daemon=True)
             self._flusher.start()
         if applier:
-            self.applier = Applier(self.store, self.settings, self.service.schema, on_idle=self.ingestor.flush)
+            self.applier = Applier(self.store, self.settings, self.service.schema, on_idle=self.ingestor.flush,
+                                   writer=self._log_writer)
             self.applier.start()
 
     def _flush_loop(self) -> None:
@@ -95,8 +98,13 @@ class Events:
     def admit(self, source: str, headers: dict[str, str], body: bytes) -> Admission:
         return self.ingestor.admit(source, headers, body)
 
+    @property
+    def _log_writer(self) -> Writer | None:
+        """A cluster node's writer (events are applied through the replicated log); None on one machine."""
+        return self.service.writer if self.settings.cluster.nats else None
+
     def replay(self, dlq_id: int) -> ReplayResult:
-        return replay(self.store, self.settings, self.service.schema, dlq_id)
+        return replay(self.store, self.settings, self.service.schema, dlq_id, self._log_writer)
 
     def discard(self, dlq_id: int) -> None:
         with self.store.write() as view:

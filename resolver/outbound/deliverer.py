@@ -19,6 +19,9 @@ One per data directory (under `resolver serve`, in a process of its own: resolve
   retried (attempts, last error and the earliest next attempt kept with the message, so a restarted deliverer
   waits as long), dead (to `ob_dlq`). A kill -9 loses nothing; what was in flight is sent again, with the same
   webhook-id and body.
+- **A cluster node** (resolver.bootstrap): its decisions (resolver.outbound.settle) go through the node's
+  replicated writer, so every node's outbox follows them, and it sends only while its `turn` (the delivery lease,
+  resolver.cluster.lease) is held: checked before each message and again right before its attempt.
 - The verdict on each answer and the back-off: resolver.outbound.policy.
 """
 
@@ -30,16 +33,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
 from resolver.config import OutboundSpec, Settings
 from resolver.events.pace import CpuSource, Pacer, ProcessButThread
 from resolver.events.signatures import sign
-from resolver.outbound import outbox, policy
-from resolver.store import Store, Txn
+from resolver.outbound import outbox, policy, settle
+from resolver.outbound.settle import Settle
+from resolver.store import Store
 from resolver.writer import Writer
 
 _new_loop: Callable[[], asyncio.AbstractEventLoop]
@@ -55,11 +60,22 @@ T = TypeVar("T")
 POLL_S = 0.05  # the queue is looked at for new messages this often
 WINDOW = 10_000  # messages read ahead of delivery at most (ids and lanes in memory)
 STOP_GRACE_S = 5.0  # on stop, attempts in flight get this long to be answered (else they are sent again later)
+TURN_WAIT_S = 0.2  # while another node delivers, the workers look this often whether this one's turn came
 NO_SECRET_WAIT_S = 60.0  # a destination without a usable secret sends nothing; its lanes look again this often
 REPORT_S = 10.0  # while messages flow, a line in the log this often
 MAX_ANSWER_BYTES = 64 * 1024  # of an answer's body, read (and dropped); beyond it the connection is closed
 USER_AGENT = "resolver-outbound/1"
 PACE_WINDOW_S = 0.1  # the pace's slots are handed out per window: rate x this many at its start, together
+
+
+class Turn(Protocol):
+    """Whether this deliverer may send now: in a cluster exactly one node's may (resolver.cluster.lease)."""
+
+    def held(self) -> bool:
+        """True while this node holds the turn (checked before every attempt)."""
+
+    def close(self) -> None:
+        """Give the turn up (the deliverer stopped)."""
 
 
 @dataclass(eq=False)
@@ -98,12 +114,15 @@ class _Destination:
 class Deliverer:
     """`start()` the delivery thread, `stop()` it (attempts in flight get STOP_GRACE_S to finish)."""
 
-    def __init__(self, store: Store, settings: Settings, *, poll_s: float = POLL_S, window: int = WINDOW) -> None:
+    def __init__(self, store: Store, settings: Settings, *, poll_s: float = POLL_S, window: int = WINDOW,
+                 writer: Writer | None = None, turn: Turn | None = None) -> None:
         self.store = store
         self.settings = settings
         self.poll_s = poll_s
         self.window = window
-        self.writer: Writer | None = None
+        self.writer: Writer | None = writer  # given (a cluster node's, not closed here), or made by start()
+        self._own_writer = writer is None
+        self.turn = turn  # whether this deliverer may send now (a cluster's lease); None: always
         self.stats: dict[str, int] = dict.fromkeys(("delivered", "retried", "dead", "skipped"), 0)
         self._dests: dict[str, _Destination] = {}
         self._cursor = 0  # the highest message id read so far
@@ -127,7 +146,8 @@ class Deliverer:
 
     # -- the thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.writer = Writer(self.store)
+        if self.writer is None:
+            self.writer = Writer(self.store)
         self._thread = threading.Thread(target=self._run, name="outbound-deliverer", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -159,8 +179,10 @@ class Deliverer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("the outbound deliverer did not stop within %gs", timeout)
-        if self.writer is not None:
+        if self.writer is not None and self._own_writer:
             self.writer.close()
+        if self.turn is not None:
+            self.turn.close()
 
     # -- the loop -----------------------------------------------------------------------------------------------
     async def _main(self) -> None:
@@ -238,15 +260,16 @@ class Deliverer:
                 self._loaded += 1
                 if self._loaded >= self.window:
                     break
-        for message_id in unknown:  # a destination no longer in the blueprint: visible to operators, not stuck
-            self._submit(lambda txn, mid: outbox.kill(txn.txn, self.store, mid, attempts=0, reason="UNKNOWN_DESTINATION",
-                                                       error="its [outbound] destination is not in the blueprint",
-                                                       now_us=_now_us()), message_id)
+        for message_id in unknown if self._turn() else ():  # a destination not in the blueprint: shown, not stuck
+            self._submit(Settle(message_id, "dead", 0, error="its [outbound] destination is not in the blueprint",
+                                reason="UNKNOWN_DESTINATION", now_us=_now_us()))
 
     async def _worker(self, dest: _Destination) -> None:
         task = asyncio.current_task()
         assert task is not None
         while True:
+            while not self._turn():  # another node delivers: no lane is taken (and none spins) meanwhile
+                await asyncio.sleep(TURN_WAIT_S)
             lane = await dest.ready.get()
             self._busy.add(task)
             try:
@@ -272,6 +295,9 @@ class Deliverer:
         else:
             dest.ready.put_nowait(lane)
 
+    def _turn(self) -> bool:
+        return self.turn is None or self.turn.held()
+
     def _done(self, lane: _Lane, stat: str) -> None:
         lane.ids.popleft()
         self._loaded -= 1
@@ -280,6 +306,8 @@ class Deliverer:
     async def _serve(self, dest: _Destination, lane: _Lane) -> float | None:
         """Try the head message of `lane` once; the delay before the lane may go again (None: at once)."""
         spec = dest.spec
+        if not self._turn():
+            return TURN_WAIT_S
         message_id = lane.ids[0]
         with self.store.read() as view:
             found = outbox.pending(view.txn, self.store, message_id)
@@ -290,8 +318,7 @@ class Deliverer:
         now_us = _now_us()
         if now_us - meta["queued_us"] > spec.max_age_s * 1e6:
             error = f"older than max_age_s ({spec.max_age_s:g}s); last error: {meta['last_error'] or '(never tried)'}"
-            await self._commit(lambda txn, mid: outbox.kill(txn.txn, self.store, mid, attempts=0, error=error,
-                                                            reason="EXPIRED", now_us=now_us), message_id)
+            await self._commit(Settle(message_id, "dead", 0, error=error, reason="EXPIRED", now_us=now_us))
             self._dead(spec, meta, "EXPIRED", error)
             self._done(lane, "dead")
             return None
@@ -301,15 +328,16 @@ class Deliverer:
             return min(NO_SECRET_WAIT_S, max(0.0, meta["queued_us"] / 1e6 + spec.max_age_s - now_us / 1e6) + 0.01)
         await self._paced()
         await dest.gate()
+        if not self._turn():  # the node lost its turn while it waited: what it has not sent, it does not send
+            return TURN_WAIT_S
         verdict = await self._attempt(dest, meta, body)
         now_us = _now_us()
         if verdict.outcome == policy.ACK:
-            await self._commit(lambda txn, mid: outbox.acknowledge(txn.txn, self.store, mid, 1), message_id)
+            await self._commit(Settle(message_id, "ack", 1))
             self._done(lane, "delivered")
             return None
         if verdict.outcome == policy.DEAD:
-            await self._commit(lambda txn, mid: outbox.kill(txn.txn, self.store, mid, attempts=1, error=verdict.error,
-                                                            reason="REJECTED", now_us=now_us), message_id)
+            await self._commit(Settle(message_id, "dead", 1, error=verdict.error, reason="REJECTED", now_us=now_us))
             self._dead(spec, meta, "REJECTED", verdict.error)
             self._done(lane, "dead")
             return None
@@ -318,9 +346,8 @@ class Deliverer:
         if verdict.throttled:
             dest.paused_until = max(dest.paused_until, time.monotonic() + delay)
         next_us = now_us + int(delay * 1e6)
-        await self._commit(lambda txn, mid: outbox.retry_later(txn.txn, self.store, mid, attempts=1,
-                                                               error=verdict.error, next_us=next_us,
-                                                               throttled=verdict.throttled), message_id)
+        await self._commit(Settle(message_id, "retry", 1, error=verdict.error, next_us=next_us,
+                                  throttled=verdict.throttled))
         self.stats["retried"] += 1
         return delay
 
@@ -360,13 +387,14 @@ class Deliverer:
         log.info("outbound message %d (%s, %s) to %s dead-lettered (%s): %s", meta["id"], meta["event_type"],
                  meta["webhook_id"], spec.name, reason, error)
 
-    def _submit(self, fn: Callable[[Txn, int], T], message_id: int) -> Any:
+    def _submit(self, decision: Settle) -> Future[bool]:
         assert self.writer is not None
-        return self.writer.submit_nowait(fn, message_id)
+        return self.writer.submit_nowait(settle.apply, decision)
 
-    async def _commit(self, fn: Callable[[Txn, int], T], message_id: int) -> T:
-        """Apply `fn` to the message in the writer's next group commit; once it is durable, its result."""
-        return await asyncio.wrap_future(self._submit(fn, message_id))
+    async def _commit(self, decision: Settle) -> bool:
+        """Apply `decision` in the writer's next group commit (a cluster node's: through the replicated log); once
+        it is durable (here), whether the message was still queued."""
+        return await asyncio.wrap_future(self._submit(decision))
 
 
 def _now_us() -> int:

@@ -14,11 +14,14 @@ from resolver.attributes import AttributeSchema
 from resolver.cluster import codec
 from resolver.config import settings_from_document
 from resolver.errors import ClusterError
+from resolver.events.command import EventCommand
 from resolver.forget import prepare as prepare_forget
 from resolver.identifiers import RawIdentifiers, policy_from
 from resolver.interactions import InteractionInput
 from resolver.interactions import prepare as prepare_interaction
 from resolver.merge import prepare as prepare_merge
+from resolver.outbound.admin import Requeue
+from resolver.outbound.settle import Settle
 from resolver.unmerge import prepare as prepare_unmerge
 from resolver.upsert import UpsertInput
 from resolver.upsert import prepare as prepare_upsert
@@ -42,7 +45,10 @@ def commands() -> list[Any]:
     return [upsert, interaction,
             prepare_merge("m1", A, [B], "CRM", SETTINGS, now_us=NOW),
             prepare_unmerge("u1", A, B, SETTINGS, now_us=NOW),
-            prepare_forget("f1", A, "erasure request", "ops", SETTINGS, now_us=NOW)]
+            prepare_forget("f1", A, "erasure request", "ops", SETTINGS, now_us=NOW),
+            EventCommand("salesforce", "wh-1", b'{"id": "wh-1", "caf\xc3\xa9": "\xff"}', NOW, A),
+            Settle(7, "retry", 1, error="HTTP 503", next_us=NOW + 1, throttled=True),
+            Requeue(8, "replay", NOW)]
 
 
 @pytest.mark.parametrize("command", commands(), ids=lambda c: type(c).__name__)
@@ -66,7 +72,8 @@ def test_bytes_do_not_depend_on_the_process() -> None:
 
 def test_names_are_stable_and_unique() -> None:
     names = [op.name for op in codec.OPS]
-    assert names == ["upsert.v1", "merge.v1", "unmerge.v1", "interaction.v1", "forget.v1"]
+    assert names == ["upsert.v1", "merge.v1", "unmerge.v1", "interaction.v1", "forget.v1", "event.v1",
+                     "outbound.settle.v1", "outbound.requeue.v1"]
     assert len({op.type for op in codec.OPS}) == len(codec.OPS)
 
 
@@ -78,6 +85,24 @@ def test_message_id_deduplicates_retries_only() -> None:
     assert codec.message_id(reused) != codec.message_id(upsert)
     merge = commands()[2]
     assert codec.message_id(replace(merge, idempotency_key="k1")) != codec.message_id(upsert)
+
+
+def test_an_event_is_one_message_whichever_node_applies_it_and_when() -> None:
+    """The same webhook accepted by two nodes (each fixing its own time and uuid) is one message for the stream;
+    the same webhook-id with another body is not a retry of it."""
+    event = next(c for c in commands() if isinstance(c, EventCommand))
+    elsewhere = replace(event, now_us=event.now_us + 3_000_000, new_uuid=B)
+    assert codec.message_id(elsewhere) == codec.message_id(event)
+    assert codec.message_id(replace(event, body=b"{}")) != codec.message_id(event)
+    assert codec.message_id(replace(event, source="hubspot")) != codec.message_id(event)
+    assert codec.message_id(replace(event, replay="dead letter 3 at 1")) != codec.message_id(event)  # a new apply
+
+
+def test_each_outbound_decision_is_its_own_message() -> None:
+    ack = Settle(7, "ack", 1)
+    assert codec.message_id(ack) == codec.message_id(Settle(7, "ack", 1))  # two deliverers around a takeover
+    later = [Settle(7, "retry", 1, next_us=NOW + i) for i in (1, 2)]  # each planned retry is kept
+    assert len({codec.message_id(c) for c in [ack, *later, Settle(8, "ack", 1)]}) == 4
 
 
 def test_unknown_commands_and_bytes_are_refused() -> None:

@@ -69,11 +69,12 @@ test-compiled: build
 
 # The pure pass proves the twins are the whole product in process: every unit test and every in-process server
 # test. What is about processes, disks, signals and the wire (tests/reliability, tests/cluster, tests marked
-# `process`) and the scale runs of paths it already covers (`scale`) run once, in the compiled pass: run again on
-# the twins they would test the same subprocess plumbing for twice the CI time.
+# `process`), the scale runs of paths it already covers (`scale`) and the differential tests, which load both
+# implementations themselves (`differential`), run once, in the compiled pass: run again they would repeat the
+# same work for twice the CI time. tests/unit/test_selection.py checks the switch picks the twins here.
 test-pure: build
 	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest --ignore=tests/reliability --ignore=tests/cluster \
-		-m "not process and not scale" $(PYTEST_ARGS)
+		-m "not process and not scale and not differential" $(PYTEST_ARGS)
 
 # Issue 18's suite at full scale (20 kills, a minute of overload, 10,000 model steps, fuzzing at scale): writes
 # tests/reliability/out/report.md. `make test` runs the same tests short.

@@ -8,10 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _email_c, _email_py, _hotpath
+from resolver import _email_c, _email_py
 from resolver import normalize as reference
 from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
+
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
 
 CONFIGURED = Policy(blocked_values=frozenset({"Shared@Example.com", "x@y"}), blocked_patterns=(re.compile(r".*@test\.invalid"),))
 POLICIES = [DEFAULT_POLICY, CONFIGURED]
@@ -30,12 +34,6 @@ def assert_same(raw: str, policy: Policy = DEFAULT_POLICY) -> None:
     expected = outcome(reference.normalize_email, raw, policy)
     assert outcome(_email_py.normalize_email, raw, policy) == expected, raw
     assert outcome(_email_c.normalize_email, raw, policy) == expected, raw
-
-
-def test_selector_loads_the_implementation_the_switch_asks_for() -> None:
-    impl = _email_py if _hotpath.NO_EXTENSIONS else _email_c
-    assert _hotpath.normalize_email is impl.normalize_email
-    assert _hotpath.email_stats is impl.email_stats
 
 
 CASES = [

@@ -7,7 +7,6 @@ store, byte for byte, by the compiled fast path, by its twin and with no fast pa
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import types
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from resolver import _hotpath, _load_c, _load_py, bulk, crypto
+from resolver import _load_c, _load_py, bulk, crypto
 from resolver.config import Settings, load_settings
 from resolver.importer import commit, prepare
 from resolver.importer.jsonl import JsonParser, jsonl_row
@@ -362,10 +361,3 @@ def test_a_file_imports_to_the_same_store_by_every_path(tmp_path_factory: pytest
     results = list(stores(tmp, monkeypatch, source, blueprint))
     assert results[0] == results[1] == results[2]
 
-
-def test_the_selector_picks_the_load_path_the_switch_says() -> None:
-    if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
-        assert _hotpath.RowPlanner is _load_py.RowPlanner and _hotpath.CreateQueue is _load_py.CreateQueue
-    else:
-        assert _hotpath.RowPlanner is _load_c.RowPlanner and _hotpath.CreateQueue is _load_c.CreateQueue
-        assert _hotpath.KeyFilter is _load_c.KeyFilter

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import pytest
 import xxhash
@@ -11,19 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # The compiled module is built by `make build` in every mode; the switch only decides which one serves.
-from resolver import _hotpath, _keys_c, _keys_py
+from resolver import _keys_c, _keys_py
+
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
 
 IMPLEMENTATIONS = [pytest.param(_keys_py, id="pure"), pytest.param(_keys_c, id="compiled")]
-
-
-def test_selector_loads_what_the_switch_says() -> None:
-    if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
-        assert _hotpath.IMPLEMENTATION == "pure"
-        assert _hotpath.KeyHasher is _keys_py.KeyHasher
-    else:
-        assert _hotpath.IMPLEMENTATION == "compiled"
-        assert _hotpath.KeyHasher.__module__ == "resolver._keys_c"
-        assert type(_hotpath.KeyHasher("xxh3-128")).__module__ == "resolver._keys_c"
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -21,6 +21,10 @@ from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
 from tests.unit.test_normalize import example_numbers  # one corpus definition for both suites
 
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
+
 POSSIBLE = Policy(phone_acceptance="possible")
 GB_DEFAULT = Policy(default_region="GB")
 CONFIGURED = Policy(blocked_values=frozenset({"+16502530099", "555"}), blocked_patterns=(re.compile(r"\+1900\d+"),))
@@ -48,17 +52,6 @@ def assert_same(raw: str, region: str | None, policy: Policy = DEFAULT_POLICY) -
 
 
 # --- the selector ------------------------------------------------------------------------------------------
-
-
-def test_selector_loads_the_implementation_the_switch_asks_for() -> None:
-    if _hotpath.NO_EXTENSIONS:
-        assert _hotpath.IMPLEMENTATION == "pure"
-        assert _hotpath.normalize_phone is _phone_py.normalize_phone
-        assert _hotpath.phone_stats is _phone_py.phone_stats
-    else:
-        assert _hotpath.IMPLEMENTATION == "compiled"
-        assert _hotpath.normalize_phone is _phone_c.normalize_phone
-        assert _hotpath.phone_stats is _phone_c.phone_stats
 
 
 def test_limits_are_phonenumbers_own() -> None:

@@ -22,6 +22,10 @@ from resolver.errors import IdentifierError
 from resolver.normalize import DEFAULT_POLICY, Policy
 from tests.unit.test_normalize import example_numbers, read_once, settle
 
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
+
 POSSIBLE = Policy(phone_acceptance="possible")
 POLICIES = {"valid": DEFAULT_POLICY, "possible": POSSIBLE}
 # blocks every number whose national number starts with 0 after a 2-digit calling code: intermediate forms

@@ -9,7 +9,6 @@ Prober is compared on a real LMDB store written through the Upsert path, with sh
 from __future__ import annotations
 
 import json
-import os
 import random
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _hotpath, _probe_c, _probe_py
+from resolver import _probe_c, _probe_py
 from resolver._probe_types import Decision, Fanned, Probed, ProbeRow
 from resolver.bootstrap import build_service
 from resolver.config import load_settings
@@ -29,6 +28,10 @@ from resolver.records import Record
 from resolver.service import Service
 from resolver.store import uuid_bytes, uuid_text
 from resolver.upsert import UpsertInput
+
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
 
 text = st.text(st.characters(codec="utf-8"), max_size=12)
 awkward = st.one_of(text, st.sampled_from(['a"b', "a\\b", "x\ny", "\u2028", "é@example.com", "+15550100", "", "]", ",\"x"]))
@@ -52,13 +55,6 @@ records = st.builds(
 )
 FIELDS = ("uuid", "external_id", "emails", "phones", "attributes", "version", "created_us", "updated_us", "field_us",
           "merged_external_ids", "absent")
-
-
-def test_selector_loads_what_the_switch_says() -> None:
-    if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
-        assert _hotpath.Prober is _probe_py.Prober
-    else:
-        assert _hotpath.Prober is _probe_c.Prober
 
 
 def _layouts(rec: Record) -> list[bytes]:

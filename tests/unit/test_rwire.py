@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import decimal
 import math
-import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,26 +24,21 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import _rwire, _rwire_c, _rwire_py
+from resolver import _rwire_c, _rwire_py
 from resolver.identifiers import RawIdentifiers, Skipped
 from resolver.normalize import Kind
 from resolver.resolve import Candidate, Probe, ResolveInput, ResolveResult
 from resolver.v1 import resolver_pb2 as pb
 from tests.rawproto import varint
 
+# compiled module against twin (and the reference library), both loaded here: the same test in either pass, run once
+# (tests/unit/test_selection.py checks which one the switch picks)
+pytestmark = pytest.mark.differential
+
 FAST = settings(max_examples=400, deadline=None, database=None)
 ANY_SIZE = 1 << 30  # a size bound no test input reaches
 text = st.text(st.characters(codec="utf-8"), max_size=12)  # non-ASCII and astral-plane characters, "" too
 texts = st.lists(text, max_size=4)
-
-
-def test_selector_loads_what_the_switch_says() -> None:
-    if os.environ.get("RESOLVER_NO_EXTENSIONS", "") not in ("", "0"):
-        assert _rwire.IMPLEMENTATION == "pure"
-        assert (_rwire.decode_resolve, _rwire.encode_resolve) == (_rwire_py.decode_resolve, _rwire_py.encode_resolve)
-    else:
-        assert _rwire.IMPLEMENTATION == "compiled"
-        assert (_rwire.decode_resolve, _rwire.encode_resolve) == (_rwire_c.decode_resolve, _rwire_c.encode_resolve)
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------

@@ -229,19 +229,21 @@ def test_resolve_at_twice_the_knee_is_refused_fast_and_goodput_holds(tmp_path: P
                f"per {WINDOW_S} s window {[_p99(w) for w in after]} ms, back to normal after "
                f"{'never' if recovery is None else f'{recovery:g} s'}; server RSS {min(mib)}-{max(mib)} MiB during "
                f"the overload")
-    if FULL:
-        assert refused > 0, figures
-        assert goodput >= 0.9 * knee, figures
-        assert recovery is not None and recovery <= 2.0, figures
-
+    # the row first: a run that misses a timing target still reports what it measured
     reliability_report(
         tried=f"Resolve knee ladder of {len(LADDER)} steps x {STEP_S} s ({CLIENTS} open-loop client processes, "
               f"{DEADLINE_S:g} s deadline, 1 worker x 8 threads, {placement}); then {2 * knee:g}/s (2 x the knee) "
               f"for {OVERLOAD_S} s between windows at {normal:g}/s; {overload.sent} calls sent in the overload",
         held="excess refused RESOURCE_EXHAUSTED; no UNKNOWN; server RSS flat during the overload; still serving "
-             "afterwards" + ("; goodput >= 90% of the knee; p99 back to normal within 2 s" if FULL else ""),
+             "afterwards" + ("; asserted next (the outcome column says whether they held): some refused, goodput "
+                             ">= 90% of the knee, p99 back to normal within 2 s" if FULL else ""),
         figures=figures,
     )
+
+    if FULL:
+        assert refused > 0, figures
+        assert goodput >= 0.9 * knee, figures
+        assert recovery is not None and recovery <= 2.0, figures
 
 
 def test_a_worker_past_its_queue_wait_refuses_at_once_with_retry_info(make_server, settings) -> None:  # noqa: ANN001

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import grpc
     from grpc_health.v1 import health
 
+    from resolver.cluster.lease import Lease
+    from resolver.cluster.retention_publisher import RetentionPublisher
     from resolver.events.runtime import Events
     from resolver.outbound.deliverer import Deliverer
 
@@ -72,16 +74,37 @@ def _writer(store: Store, settings: Settings) -> Writer:
     return cast(Writer, ReplicatedWriter(store, settings))  # Writer's interface: submit, submit_nowait, close
 
 
-def _cluster_deliverer(service: Service) -> Deliverer:
-    """A cluster node's deliverer: its decisions go through the replicated log (every node's outbox follows them),
-    and it sends only while this node holds the delivery lease (resolver.cluster.lease)."""
+def _cluster_lease(service: Service) -> Lease:
+    """A cluster node's one election (resolver.cluster.lease): its holder delivers the outbound messages and
+    publishes change-log retention."""
     from resolver.cluster.lease import Lease
     from resolver.cluster.writer import ReplicatedWriter
-    from resolver.outbound.deliverer import Deliverer
 
     writer = cast(ReplicatedWriter, service.writer)
-    lease = Lease(writer.log, service.settings.cluster, lambda: writer.position)
+    return Lease(writer.log, service.settings.cluster, lambda: writer.position)
+
+
+def _cluster_deliverer(service: Service, lease: Lease) -> Deliverer:
+    """A cluster node's deliverer: its decisions go through the replicated log (every node's outbox follows them),
+    and it sends only while this node holds `lease`."""
+    from resolver.outbound.deliverer import Deliverer
+
     return Deliverer(service.store, service.settings, writer=service.writer, turn=lease)
+
+
+def _cluster_retention(service: Service, lease: Lease | None) -> RetentionPublisher | None:
+    """With `[changes]` retention, a cluster node's publisher of its cutoffs (resolver.cluster.retention), started,
+    sharing `lease` with the deliverer (a lease of its own if None); None without retention."""
+    from resolver.cluster.retention_publisher import RetentionPublisher
+    from resolver.cluster.writer import ReplicatedWriter
+    from resolver.retention import configured
+
+    if not configured(service.settings.changes):
+        return None
+    writer = cast(ReplicatedWriter, service.writer)
+    publisher = RetentionPublisher(service.store, service.settings, writer, lease or _cluster_lease(service))
+    publisher.start()
+    return publisher
 
 
 def build_events(service: Service) -> Events:
@@ -110,6 +133,7 @@ class Running:
     port: int
     events: Events | None = None
     deliverer: Deliverer | None = None  # outbound delivery, when it runs in this process (tests, embedding)
+    retention: RetentionPublisher | None = None  # a cluster node's change-log retention (where the sweeper runs)
     end_streams: Callable[[], None] | None = None  # ends the calls that never finish by themselves (WatchChanges)
     reloadables: list[Reloadable] = field(default_factory=list)  # what SIGHUP re-reads here (resolver.reload)
 
@@ -144,6 +168,8 @@ class Running:
             self.events.stop()
         if self.deliverer is not None:
             self.deliverer.stop()
+        if self.retention is not None:  # after the deliverer: it gave up the lease they share (closing it again is nothing)
+            self.retention.stop()
         self.service.close()
 
 
@@ -229,11 +255,12 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
             service.close()
             raise
     outbound = None
+    lease = None
     if settings.outbound and (events_in_process and sweeper if deliverer is None else deliverer):
         from resolver.outbound.deliverer import Deliverer
 
-        outbound = (Deliverer(service.store, settings) if not settings.cluster.nats
-                    else _cluster_deliverer(service))
+        lease = _cluster_lease(service) if settings.cluster.nats else None
+        outbound = Deliverer(service.store, settings) if lease is None else _cluster_deliverer(service, lease)
         outbound.start()
     server.start()
     for name in ("", service_name):
@@ -246,9 +273,12 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
                 health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         on_behind(service.writer, not_serving)
+    retention = None
     if sweeper:
         service.start_sweeper()
+        if settings.cluster.nats:  # a cluster's change-log retention is a replicated command, not the sweeper's
+            retention = _cluster_retention(service, lease)
     if events is not None:
         reloadables.extend(events.reloadables)
-    return Running(server, service, health_servicer, port, events, outbound, end_streams=servicer.end_streams,
-                   reloadables=reloadables)
+    return Running(server, service, health_servicer, port, events, outbound, retention,
+                   end_streams=servicer.end_streams, reloadables=reloadables)

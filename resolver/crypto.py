@@ -4,9 +4,11 @@ Key ring (`[encryption] keys`): the first key encrypts, every key decrypts; each
 key it was made with, so a rotation is: put the new key first (servers restarted), `resolver rekey`
 (resolver.rekey), then drop the old key.
 
-A ciphertext is a fresh random 96-bit nonce, then the AES-GCM ciphertext and its 16-byte tag. Its associated
-data binds it to its place: a value moved to another customer or attribute, or a body moved to another event,
-fails its tag check and is refused (DecryptionFailed), never decrypted to something else:
+A ciphertext is a 96-bit nonce, then the AES-GCM ciphertext and its 16-byte tag. The nonce is random, except for
+the values sealed while a replicated command is applied: there it is derived from the command, the value and its
+place (resolver.nonces), so that every node stores the same bytes. Its associated data binds it to its place: a
+value moved to another customer or attribute, or a body moved to another event, fails its tag check and is refused
+(DecryptionFailed), never decrypted to something else:
 
 | what                           | associated data                                      |
 | ------------------------------ | ---------------------------------------------------- |
@@ -21,7 +23,9 @@ sensitive, or under `[server] insecure` without keys) stay readable, and `resolv
 
 `Sealer` applies this to what the store keeps: records, change-log entries and merge journal entries seal the
 blueprint's sensitive attributes (resolver.store calls it at its encode/decode points, the one place each kind of
-data is written); reads open them, or leave them out for callers without the `sensitive` scope (`reveal`).
+data is written: each transaction holds the sealer it seals with, the store's own, or in the transaction of a
+replicated command's apply `for_command`'s); reads open them, or leave them out for callers without the
+`sensitive` scope (`reveal`).
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from resolver.config import Settings
 from resolver.config.tables import EncryptionKey
 from resolver.errors import DecryptionFailed
+from resolver.nonces import NONCE_BYTES, CommandNonces, nonce_key
 from resolver.records import Record, encode_json
 
 FORMAT = "v1"
 SEALED = "enc"  # the one key of a sealed value's object
-NONCE_BYTES = 12
 KEY_BYTES = 32
 
 
@@ -72,10 +76,11 @@ class KeyRing:
     """AES-256-GCM keys by id: the first encrypts, all decrypt. With no key (`enabled` False) nothing is sealed
     and a sealed payload cannot be opened."""
 
-    __slots__ = ("_aead", "current", "ids")
+    __slots__ = ("_aead", "_nonce_keys", "current", "ids")
 
     def __init__(self, keys: Sequence[EncryptionKey]) -> None:
         self._aead = {k.id: AESGCM(k.key) for k in keys}
+        self._nonce_keys = {k.id: nonce_key(k.key) for k in keys}
         self.ids = tuple(k.id for k in keys)
         self.current = self.ids[0] if self.ids else ""
 
@@ -83,12 +88,18 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self.ids)
 
-    def seal(self, plaintext: bytes, aad: bytes) -> Ciphertext:
-        """`plaintext` encrypted under the first key with a fresh nonce (RuntimeError without a key)."""
+    def seal(self, plaintext: bytes, aad: bytes, nonces: CommandNonces | None = None) -> Ciphertext:
+        """`plaintext` encrypted under the first key (RuntimeError without a key), with a random nonce, or with the
+        one `nonces` derives (a replicated command's apply: resolver.nonces)."""
         if not self.current:
             raise RuntimeError("no [encryption] key to encrypt with")
-        nonce = os.urandom(NONCE_BYTES)
-        return Ciphertext(self.current, nonce + self._aead[self.current].encrypt(nonce, plaintext, aad))
+        key_id = self.current
+        nonce = os.urandom(NONCE_BYTES) if nonces is None else nonces.derive(key_id, plaintext, aad)
+        return Ciphertext(key_id, nonce + self._aead[key_id].encrypt(nonce, plaintext, aad))
+
+    def command_nonces(self, identity: bytes) -> CommandNonces:
+        """The nonces of the apply of the command `identity` (resolver.nonces.command_identity)."""
+        return CommandNonces(self._nonce_keys, identity)
 
     def open(self, ct: Ciphertext, aad: bytes, what: str) -> bytes:
         """The plaintext of `ct`; DecryptionFailed (naming `what`, never a value) when its key is not in the ring,
@@ -105,9 +116,9 @@ class KeyRing:
             raise DecryptionFailed(f"{what} cannot be decrypted: its ciphertext was altered, or belongs to another "
                                    "customer, attribute or event") from None
 
-    def seal_token(self, plaintext: bytes, aad: bytes) -> str:
+    def seal_token(self, plaintext: bytes, aad: bytes, nonces: CommandNonces | None = None) -> str:
         """`seal` as the text "v1:KEYID:BASE64"."""
-        ct = self.seal(plaintext, aad)
+        ct = self.seal(plaintext, aad, nonces)
         return f"{FORMAT}:{ct.key_id}:{base64.b64encode(ct.blob).decode('ascii')}"
 
     def open_token(self, token: Any, aad: bytes, what: str) -> bytes:
@@ -148,16 +159,18 @@ class Sealer:
     """The blueprint's sensitive attributes under one key ring: how the store seals them and reads them back.
 
     `names`: the attributes declared `sensitive = true`. `active`: there is something to seal (a key and a
-    sensitive attribute); without a key (`[server] insecure`), values are stored in clear.
+    sensitive attribute); without a key (`[server] insecure`), values are stored in clear. `nonces`: None, random
+    nonces; else this sealer belongs to one replicated command's apply (`for_command`) and derives them.
     """
 
-    __slots__ = ("ring", "names", "_names", "active")
+    __slots__ = ("ring", "names", "_names", "active", "nonces")
 
-    def __init__(self, ring: KeyRing, sensitive: Iterable[str]) -> None:
+    def __init__(self, ring: KeyRing, sensitive: Iterable[str], nonces: CommandNonces | None = None) -> None:
         self.ring = ring
         self.names = tuple(sorted(sensitive))
         self._names = frozenset(self.names)
         self.active = ring.enabled and bool(self.names)
+        self.nonces = nonces
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Sealer:
@@ -167,12 +180,19 @@ class Sealer:
     def sensitive(self, name: str) -> bool:
         return name in self._names
 
+    def for_command(self, identity: bytes) -> Sealer:
+        """This sealer for the apply of one replicated command (resolver.nonces.command_identity): what it seals
+        is the same bytes on every node that applies the command. Itself when there is nothing to seal."""
+        if not self.active:
+            return self
+        return Sealer(self.ring, self.names, self.ring.command_nonces(identity))
+
     # -- one value -------------------------------------------------------------------------------------------
     def seal_value(self, customer_uuid: str, name: str, value: Any) -> Any:
         """The stored form of a sensitive attribute's value (None and sealed values are kept as they are)."""
         if value is None or type(value) is dict or not self.ring.enabled:
             return value
-        return {SEALED: self.ring.seal_token(orjson.dumps(value), attribute_aad(customer_uuid, name))}
+        return {SEALED: self.ring.seal_token(orjson.dumps(value), attribute_aad(customer_uuid, name), self.nonces)}
 
     def open_value(self, customer_uuid: str, name: str, value: Any) -> Any:
         """The plaintext of a stored value (a clear one as it is); DecryptionFailed when it cannot be opened."""

@@ -32,9 +32,6 @@ class _Storage(Protocol):
     @property
     def db(self) -> dict[str, Any]: ...
 
-    @property
-    def sealer(self) -> Sealer: ...
-
 
 class MergeJournal:
     """The merge journal of one transaction (`store` and `txn` are the transaction's: resolver.store.Txn)."""
@@ -42,10 +39,11 @@ class MergeJournal:
     __slots__ = ()
     store: _Storage
     txn: lmdb.Transaction[bytes]
+    sealer: Sealer  # what the transaction seals with (resolver.store.Txn)
 
     def journal_put(self, survivor: bytes, seq: int, entry: dict[str, Any]) -> None:
         """Record a merge (the records as they were before it) under its survivor and change sequence."""
-        self.txn.put(survivor + _U64.pack(seq), encode_json(self.store.sealer.seal_journal(entry)),
+        self.txn.put(survivor + _U64.pack(seq), encode_json(self.sealer.seal_journal(entry)),
                      db=self.store.db["merges"])
 
     def journal(self, survivor: bytes) -> list[dict[str, Any]]:

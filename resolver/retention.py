@@ -14,11 +14,17 @@ back the survivor's pre-merge values over later writes. So before an entry of cu
 wrote are added to the `written_since` of every merge journal entry of S older than it (S's merges that can still
 be undone), and Unmerge reads both: the journal keeps exactly what the deleted entries said, and a merge that is
 never undone pins nothing. (One B-tree lookup per deleted entry: most customers have no journal entry.)
+
+What goes is fixed by a `Cutoff` (`cutoff`: the blueprint's limits, a clock reading and the newest sequence), and
+`remove` deletes what a cutoff names. One machine's sweeper (`sweep_changes`) computes the cutoff in each of its
+transactions; in a cluster the node holding the lease fixes it once, in a replicated command, and every node's
+apply calls the same `remove` with it (resolver.cluster.retention): the same log, the same entries deleted.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from resolver.config.tables import ChangeSettings
@@ -30,36 +36,59 @@ _U64 = struct.Struct(">Q")
 DAY_US = 86_400 * 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class Cutoff:
+    """What retention deletes, oldest first: entries up to sequence `through_seq` (the count limit; 0: none by
+    count) and entries written before `before_us` (the age limit; 0: none by age), whichever removes more, and
+    never the newest entry. Nothing in it depends on when or where it is applied."""
+
+    through_seq: int
+    before_us: int
+
+
+def configured(settings: ChangeSettings) -> bool:
+    """Whether `[changes]` sets a retention limit (else the log is kept whole)."""
+    return settings.retention_days is not None or settings.retention_count is not None
+
+
+def cutoff(settings: ChangeSettings, now_us: int, last_seq: int) -> Cutoff | None:
+    """The cutoff of `[changes]` retention at `now_us` for a log whose newest entry is `last_seq` (None: no limit
+    is set). The log holds one gap-free run of sequences, so keeping the newest `retention_count` entries is
+    deleting those up to `last_seq - retention_count`."""
+    if not configured(settings):
+        return None
+    through = max(0, last_seq - settings.retention_count) if settings.retention_count is not None else 0
+    before = max(0, now_us - int(settings.retention_days * DAY_US)) if settings.retention_days is not None else 0
+    return Cutoff(through, before)
+
+
 def sweep_changes(store: Store, settings: ChangeSettings, now_us: int, batch: int = 1000) -> int:
     """Delete the entries past retention in write transactions of up to `batch` entries; how many were deleted."""
-    if settings.retention_days is None and settings.retention_count is None:
-        return 0
-    cutoff_us = now_us - int(settings.retention_days * DAY_US) if settings.retention_days is not None else None
     total = 0
     while True:
         with store.write() as view:
-            n = _sweep(view, cutoff_us, settings.retention_count, batch)
+            cut = cutoff(settings, now_us, view.last_change_seq())
+            n = remove(view, cut, batch) if cut is not None else 0
         total += n
         if n < batch:
             return total
 
 
-def _sweep(view: Txn, cutoff_us: int | None, keep: int | None, batch: int) -> int:
-    excess = view.count("changes") - keep if keep is not None else 0
+def remove(view: Txn, cut: Cutoff, limit: int) -> int:
+    """Delete, in `view`'s transaction, the oldest entries that `cut` names, at most `limit` of them (with their
+    pii_refs, their attributes folded into the merge journal first); how many were deleted. Deterministic: the
+    same log and the same arguments delete the same entries."""
     last = view.last_change_seq()
     deleted = 0
     with view.txn.cursor(db=view.store.db["changes"]) as cur:
         if not cur.first():
             return 0
-        while deleted < batch:
+        while deleted < limit:
             key = cur.key()
             if not key:
                 break
-            seq = _U64.unpack(key)[0]
-            if seq >= last:
-                break
             entry = decode_json(cur.value())
-            if deleted >= excess and (cutoff_us is None or entry.get("at_us", 0) >= cutoff_us):
+            if not _goes(cut, _U64.unpack(key)[0], last, entry):
                 break
             _keep_for_unmerge(view, entry)
             _drop_refs(view, entry)
@@ -67,6 +96,19 @@ def _sweep(view: Txn, cutoff_us: int | None, keep: int | None, batch: int) -> in
             if not cur.delete():  # moves to the next entry
                 break
     return deleted
+
+
+def due(view: Txn, cut: Cutoff) -> bool:
+    """Whether `remove` would delete anything from the log as `view` sees it (its oldest entry goes)."""
+    with view.txn.cursor(db=view.store.db["changes"]) as cur:
+        if not cur.first():
+            return False
+        return _goes(cut, _U64.unpack(cur.key())[0], view.last_change_seq(), decode_json(cur.value()))
+
+
+def _goes(cut: Cutoff, seq: int, last: int, entry: dict[str, Any]) -> bool:
+    """Entry `seq` is past `cut` (by count or by age) and is not the newest, `last`."""
+    return seq < last and (seq <= cut.through_seq or entry.get("at_us", 0) < cut.before_us)
 
 
 def _drop_refs(view: Txn, entry: dict[str, Any]) -> None:

@@ -96,7 +96,9 @@ class Service:
         return retention.sweep_changes(self.store, self.settings.changes, now if now is not None else now_us(), batch)
 
     def start_sweeper(self) -> None:
-        """Sweep the ledger and the change log now and every `storage.sweep_interval_s` in a daemon thread."""
+        """Sweep the ledger and the change log now and every `storage.sweep_interval_s` in a daemon thread (a
+        cluster node's change log is not swept by its clock: its retention is a command, resolver.cluster.retention)."""
+        own_changes = not self.settings.cluster.nats
 
         def run() -> None:
             while not self._stop.is_set():
@@ -107,7 +109,7 @@ class Service:
                 except Exception:  # the sweeper must never take the server down; it retries next round
                     log.exception("ledger sweep failed")
                 try:
-                    n = self.sweep_changes()
+                    n = self.sweep_changes() if own_changes else 0
                     if n:
                         log.info("change-log retention removed %d entries", n)
                 except Exception:

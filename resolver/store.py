@@ -207,8 +207,11 @@ class Store:
     def nested(self, parent: Txn) -> Txn:
         """A write transaction inside `parent` (`with store.nested(parent) as txn`): merged into the parent when
         the block ends normally, rolled back alone on any error (the parent goes on); a full map raises
-        StorageFull, as in `write`."""
-        return _NestedTxn(self, self.env.begin(write=True, parent=parent.txn))
+        StorageFull, as in `write`. It seals with `parent`'s sealer: a nested transaction is part of its parent's
+        command."""
+        nested = _NestedTxn(self, self.env.begin(write=True, parent=parent.txn))
+        nested.sealer = parent.sealer
+        return nested
 
     def close(self) -> None:
         self.env.close()
@@ -220,14 +223,18 @@ class Txn(MergeJournal, PiiRefs):
 
     As a context manager it owns the transaction: commit on a normal exit, abort on an exception (a plain
     class, not contextlib: this sits on the Resolve path).
+
+    `sealer` seals what the transaction writes (resolver.crypto): the store's, or, set by the cluster applier
+    around one replicated command, that command's (`Sealer.for_command`: nonces derived, the same on every node).
     """
 
-    __slots__ = ("store", "txn", "_records", "_prober")
+    __slots__ = ("store", "txn", "sealer", "_records", "_prober")
     store: Store  # the whole store (the inherited parts name only what they use of it)
 
     def __init__(self, store: Store, txn: lmdb.Transaction[bytes]) -> None:
         self.store = store
         self.txn = txn
+        self.sealer = store.sealer
         self._records: dict[bytes, Record | None] = {}
         self._prober: Prober | None = None
 
@@ -259,7 +266,7 @@ class Txn(MergeJournal, PiiRefs):
 
     def put_record(self, rec: Record) -> None:
         uid = uuid_bytes(rec.uuid)
-        self.txn.put(uid, self.store.sealer.encode_record(rec), db=self.store.db["records"])
+        self.txn.put(uid, self.sealer.encode_record(rec), db=self.store.db["records"])
         self._records[uid] = rec
 
     def delete_record(self, uid: bytes) -> None:
@@ -363,7 +370,7 @@ class Txn(MergeJournal, PiiRefs):
         """Append a change with the next sequence number (1, 2, ...) and return that number. `pii`: the entry
         copies identifiers or attributes of its customer (and of those in `pii_of`): erasure redacts it.
         Sensitive attribute values are sealed (resolver.crypto): as stored, so are they passed to the listeners."""
-        change = self.store.sealer.seal_change(change)
+        change = self.sealer.seal_change(change)
         with self.txn.cursor(db=self.store.db["changes"]) as cur:
             seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
         packed = _U64.pack(seq)
@@ -380,7 +387,7 @@ class Txn(MergeJournal, PiiRefs):
 
     def replace_change(self, seq: int, change: dict[str, Any]) -> None:
         """Overwrite the change-log entry `seq` (erasure redacts entries in place; the sequence stays)."""
-        self.txn.put(_U64.pack(seq), encode_json(self.store.sealer.seal_change({**change, "seq": seq})),
+        self.txn.put(_U64.pack(seq), encode_json(self.sealer.seal_change({**change, "seq": seq})),
                      db=self.store.db["changes"])
 
     def change(self, seq: int) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@
 Modules: codec (command <-> bytes, apply by name), log (the NATS connection and the stream), applier (one per
 data directory), outcomes (what each recent sequence returned), horizon (how far the stream goes, as last seen),
 reads (ReadGate: which reads this node may answer), written (a call's write sequence, for its answer), writer
-(ReplicatedWriter), lease (which node delivers outbound messages), local (a loopback NATS cluster for tests and
-`make cluster`). Change events and outbound decisions are commands too (resolver.events.command,
+(ReplicatedWriter), lease (which node delivers outbound messages and publishes retention), retention (change-log
+retention as a command), retention_publisher (the lease holder publishing it), local (a loopback NATS cluster for
+tests and `make cluster`). Change events and outbound decisions are commands too (resolver.events.command,
 resolver.outbound.settle, resolver.outbound.admin).
 """

@@ -11,6 +11,9 @@ A store that applied one stream refuses another (its name is stored beside the p
 longer holds the sequence this node needs (retention removed it while the node was away), the applier stops and
 says so (`behind`): the node must start again from a `resolver backup` taken from a node that is current. It also
 stops before a command this version cannot read (written by a newer one): skipping it would part the replicas.
+
+A command's apply seals sensitive values with nonces derived from its stream sequence (resolver.nonces), not drawn
+at random: every node stores the same bytes, and replicas can be compared byte for byte (resolver.cluster.digest).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from resolver.cluster.log import CommandLog, Reader
 from resolver.cluster.outcomes import Outcome, Outcomes
 from resolver.config import Settings
 from resolver.errors import ClusterError, ResolverError, StorageFull
+from resolver.nonces import command_identity
 from resolver.store import Store, Txn
 from resolver.writer import apply_nested
 
@@ -166,7 +170,7 @@ class Applier:
                 except ClusterError as exc:  # skipping it would part this store from the others: stop before it
                     step, unreadable = "stop", f"stream sequence {seq}: {exc}; upgrade this node"
                     break
-                outcomes.append((seq, self._apply_one(txn, op, command)))
+                outcomes.append((seq, self._apply_one(txn, seq, op, command)))
                 position = seq
             meta = self.store.db["meta"]
             txn.txn.put(POSITION_KEY, _U64.pack(position), db=meta)
@@ -177,12 +181,20 @@ class Applier:
             self._give_up(unreadable)
         return step
 
-    def _apply_one(self, txn: Txn, op: Op, command: object) -> Outcome:
-        """Apply one command, nested: its result, or the error it failed with (the same on every node). What
-        fails because of this node (its disk, its memory) is raised instead: the batch is retried, never skipped."""
+    def _apply_one(self, txn: Txn, seq: int, op: Op, command: object) -> Outcome:
+        """Apply the command at `seq`, nested: its result, or the error it failed with (the same on every node).
+        What fails because of this node (its disk, its memory) is raised instead: the batch is retried, never
+        skipped. What it seals, it seals with nonces derived from `seq` (resolver.nonces): the same bytes on
+        every node."""
         settings = self.settings
+        sealer = self.store.sealer.for_command(command_identity(self.stream, seq))
+
+        def run(t: Txn, c: object) -> object:
+            t.sealer = sealer
+            return op.apply(t, c, settings)
+
         try:
-            return Outcome(True, apply_nested(self.store, txn, lambda t, c: op.apply(t, c, settings), command))
+            return Outcome(True, apply_nested(self.store, txn, run, command))
         except (StorageFull, lmdb.Error, OSError, MemoryError):
             raise
         except ResolverError as exc:

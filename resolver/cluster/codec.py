@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from resolver import forget, interactions, merge, unmerge, upsert
+from resolver.cluster import retention
 from resolver.config import Settings
 from resolver.errors import ClusterError
 from resolver.events import command as event_command
@@ -92,6 +93,7 @@ OPS: tuple[Op, ...] = (
     Op("event.v1", event_command.EventCommand, event_command.replicated_apply, "key", {"body": BYTES}),
     Op("outbound.settle.v1", settle.Settle, settle.replicated_apply, "key", {}),
     Op("outbound.requeue.v1", outbound_admin.Requeue, outbound_admin.replicated_apply, "key", {}),
+    Op("retention.v1", retention.RetentionCommand, lambda txn, cmd, _s: retention.apply(txn, cmd), "key", {}),
 )
 _BY_TYPE = {op.type: op for op in OPS}
 _BY_NAME = {op.name: op for op in OPS}

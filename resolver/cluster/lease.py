@@ -1,4 +1,5 @@
 """The deliverer's lease: in a cluster, exactly one node sends the outbound messages that every node's outbox holds.
+The same holder publishes change-log retention (resolver.cluster.retention): one election for a node's duties.
 
 Every node applies the same commands, so every node's outbox queues the same messages under the same ids. The
 node that delivers is the one holding key `outbound-deliverer` of the JetStream key-value bucket `<stream>-leases`

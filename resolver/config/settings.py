@@ -176,17 +176,14 @@ MIN_SILENCE_S = 2.0
 
 
 def _check_cluster(s: Settings) -> list[str]:
-    """`[cluster]`: NATS URLs; and, for now, only what the replicated log carries may write (resolver.cluster:
-    writes, change events and outbound decisions do; change-log retention does not yet)."""
+    """`[cluster]`: NATS URLs, one worker, and stream limits that fit together (resolver.cluster: writes, change
+    events, outbound decisions and change-log retention all go through the replicated log)."""
     if not s.cluster.nats:
         return []
     problems = [f"cluster.nats: {url!r} is not a nats:// URL" for url in s.cluster.nats if not url.startswith("nats://")]
     # one applier per data directory, in the serving process: its answers reach only that process's handlers
     if s.server.workers != 1:
         problems.append("server.workers: a cluster node serves with one worker (the applier answers its own writes)")
-    # retention deletes change-log entries by each node's clock, and Unmerge reads them: nodes would disagree
-    if s.changes.retention_days is not None or s.changes.retention_count is not None:
-        problems.append("changes: change-log retention is per node, not replicated through [cluster] yet")
     if s.cluster.dedupe_window_s > s.cluster.stream_max_age_s:
         problems.append("cluster.dedupe_window_s: longer than the stream keeps its commands (stream_max_age_s)")
     # an idle applier looks at the stream about once a second (resolver.cluster.applier): a shorter limit would refuse

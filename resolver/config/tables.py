@@ -303,7 +303,8 @@ class ClusterSettings:
 class ChangeSettings:
     """`[changes]`: the change log's retention and the change feed (WatchChanges; resolver.feed, resolver.retention).
 
-    Retention, applied by the sweeper every `storage.sweep_interval_s`: entries older than `retention_days` and
+    Retention, applied by the sweeper every `storage.sweep_interval_s` (on a cluster, as a command published by the
+    lease holder: resolver.cluster.retention): entries older than `retention_days` and
     entries beyond the newest `retention_count` are deleted, whichever removes more (unset: no such limit; both
     unset: the log is kept whole). The newest entry is always kept. `max_watchers`: WatchChanges calls served at
     once by each serving process (RESOURCE_EXHAUSTED beyond). `stall_timeout_s`: a watcher whose client has not

@@ -46,15 +46,16 @@ def stream_name() -> str:
 
 @pytest.fixture
 def node_settings(nats_cluster: LocalNats, tmp_path: Path, stream_name: str) -> Callable[..., Settings]:
-    """Settings of node `i` (its own data directory) on this test's stream; `cluster=` overrides [cluster] keys."""
+    """Settings of node `i` (its own data directory) on this test's stream; `cluster=` overrides [cluster] keys,
+    `overrides` any other key (Settings.with_overrides: `retention_count=`, `sweep_interval_s=`)."""
 
-    def make(i: int, **cluster: Any) -> Settings:
+    def make(i: int, overrides: dict[str, Any] | None = None, **cluster: Any) -> Settings:
         return settings_from_document({
             "version": 1,
             "server": {"workers": 1, "data_dir": str(tmp_path / f"node{i}")},
             "storage": {"map_size_mb": 64},
             "cluster": {"nats": nats_cluster.urls, "stream": stream_name, "apply_timeout_s": 20, **cluster},
-        }, {})
+        }, {}).with_overrides(**(overrides or {}))
 
     return make
 
@@ -93,12 +94,12 @@ class Served:
 @pytest.fixture
 def make_servers(node_settings: Callable[..., Settings]) -> Iterator[Callable[..., list[Served]]]:
     """Serve in-process nodes over gRPC (`first` numbers their data directories; `cluster=` overrides [cluster]
-    keys); every one stopped at teardown."""
+    keys; `sweeper`: the sweepers run, and change-log retention with them); every one stopped at teardown."""
     served: list[Served] = []
 
-    def make(count: int, first: int = 0, **cluster: Any) -> list[Served]:
+    def make(count: int, first: int = 0, sweeper: bool = False, **cluster: Any) -> list[Served]:
         for i in range(first, first + count):
-            running = build_server(node_settings(i, **cluster).with_overrides(listen="127.0.0.1:0"), sweeper=False)
+            running = build_server(node_settings(i, **cluster).with_overrides(listen="127.0.0.1:0"), sweeper=sweeper)
             channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
             served.append(Served(running, channel, rpc.IdentityResolverStub(channel)))
         return served[-count:]

@@ -12,6 +12,7 @@ import pytest
 
 from resolver.attributes import AttributeSchema
 from resolver.cluster import codec
+from resolver.cluster.retention import RetentionCommand
 from resolver.config import settings_from_document
 from resolver.errors import ClusterError
 from resolver.events.command import EventCommand
@@ -48,7 +49,8 @@ def commands() -> list[Any]:
             prepare_forget("f1", A, "erasure request", "ops", SETTINGS, now_us=NOW),
             EventCommand("salesforce", "wh-1", b'{"id": "wh-1", "caf\xc3\xa9": "\xff"}', NOW, A),
             Settle(7, "retry", 1, error="HTTP 503", next_us=NOW + 1, throttled=True),
-            Requeue(8, "replay", NOW)]
+            Requeue(8, "replay", NOW),
+            RetentionCommand(through_seq=40, before_us=NOW - 86_400_000_000, limit=1000, published_us=NOW)]
 
 
 @pytest.mark.parametrize("command", commands(), ids=lambda c: type(c).__name__)
@@ -73,7 +75,7 @@ def test_bytes_do_not_depend_on_the_process() -> None:
 def test_names_are_stable_and_unique() -> None:
     names = [op.name for op in codec.OPS]
     assert names == ["upsert.v1", "merge.v1", "unmerge.v1", "interaction.v1", "forget.v1", "event.v1",
-                     "outbound.settle.v1", "outbound.requeue.v1"]
+                     "outbound.settle.v1", "outbound.requeue.v1", "retention.v1"]
     assert len({op.type for op in codec.OPS}) == len(codec.OPS)
 
 
@@ -103,6 +105,13 @@ def test_each_outbound_decision_is_its_own_message() -> None:
     assert codec.message_id(ack) == codec.message_id(Settle(7, "ack", 1))  # two deliverers around a takeover
     later = [Settle(7, "retry", 1, next_us=NOW + i) for i in (1, 2)]  # each planned retry is kept
     assert len({codec.message_id(c) for c in [ack, *later, Settle(8, "ack", 1)]}) == 4
+
+
+def test_each_retention_publication_is_its_own_message() -> None:
+    """A publish retried under its own id is one message; the next round (even with the same cutoff) is another."""
+    first = next(c for c in commands() if isinstance(c, RetentionCommand))
+    assert codec.message_id(replace(first)) == codec.message_id(first)
+    assert codec.message_id(replace(first, published_us=NOW + 1)) != codec.message_id(first)
 
 
 def test_unknown_commands_and_bytes_are_refused() -> None:

@@ -27,7 +27,6 @@ def test_nats_out_of_reach_is_a_clear_error_in_bounded_time(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("table", "problem"), [
     ({"server": {"workers": 2}}, "server.workers: a cluster node serves with one worker"),
-    ({"server": {"workers": 1}, "changes": {"retention_days": 7}}, "changes: change-log retention is per node"),
     ({"server": {"workers": 1}, "cluster": {**CLUSTER, "nats": ["127.0.0.1:4222"]}}, "is not a nats:// URL"),
     ({"server": {"workers": 1}, "cluster": {**CLUSTER, "max_silence_s": 1}}, "cluster.max_silence_s: at least 2"),
 ])
@@ -36,14 +35,17 @@ def test_a_blueprint_that_would_write_outside_the_log_is_refused(table: dict[str
         settings_from_document({"version": 1, "cluster": CLUSTER, **table}, {})
 
 
-def test_change_events_and_outbound_delivery_are_served_by_a_cluster_node() -> None:
-    """They go through the replicated log (resolver.events.command, resolver.outbound.settle): not refused."""
+def test_change_events_outbound_delivery_and_retention_are_served_by_a_cluster_node() -> None:
+    """They go through the replicated log (resolver.events.command, resolver.outbound.settle,
+    resolver.cluster.retention): not refused."""
     settings = settings_from_document({
         "version": 1, "cluster": CLUSTER, "server": {"workers": 1}, "events": {"enabled": True},
+        "changes": {"retention_days": 7, "retention_count": 100},
         "outbound": {"CRM": {"url": "http://127.0.0.1:9/hook", "events": ["customer.created"],
                              "secrets": [{"env": "CRM_OUT_SECRET"}]}},
     }, {"CRM_OUT_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"})
     assert settings.events.enabled and list(settings.outbound) == ["CRM"]
+    assert (settings.changes.retention_days, settings.changes.retention_count) == (7, 100)
 
 
 @pytest.mark.parametrize("argv", [["import", "customers.jsonl"], ["forget", "01900000-0000-7000-8000-000000000001",

@@ -159,7 +159,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _median(rounds: list[dict[str, Any]], layout: str, window: str, key: str = "p99_ms") -> float:
-    return statistics.median(r[layout][window][key] for r in rounds)
+    return round(statistics.median(r[layout][window][key] for r in rounds), 2)
 
 
 def report(res: dict[str, Any]) -> str:

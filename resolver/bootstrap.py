@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import grpc
     from grpc_health.v1 import health
 
+    from resolver.api.backlog import Gate
     from resolver.cluster.lease import Lease
     from resolver.cluster.retention_publisher import RetentionPublisher
     from resolver.events.runtime import Events
@@ -136,6 +137,7 @@ class Running:
     retention: RetentionPublisher | None = None  # a cluster node's change-log retention (where the sweeper runs)
     end_streams: Callable[[], None] | None = None  # ends the calls that never finish by themselves (WatchChanges)
     reloadables: list[Reloadable] = field(default_factory=list)  # what SIGHUP re-reads here (resolver.reload)
+    gate: Gate | None = None  # the backlog gate, when grpcio let it attach (resolver.api.backlog)
 
     @property
     def http_port(self) -> int:
@@ -192,13 +194,15 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
 
     from resolver.api import handlers
     from resolver.api.admission import Admission, HandlerPool
+    from resolver.api.backlog import gate_server
     from resolver.api.interceptors import CallInterceptor
     from resolver.api.self_decoding import SelfDecoding
     from resolver.api.servicer import IdentityResolverServicer
     from resolver.auth import TokenSet
     from resolver.v1 import resolver_pb2
 
-    service_name = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"].full_name
+    service_descriptor = resolver_pb2.DESCRIPTOR.services_by_name["IdentityResolver"]
+    service_name = service_descriptor.full_name
     # What SIGHUP re-reads in this process (Running.reload): every part that keeps a file in memory joins here.
     reloadables: list[Reloadable] = []
     tls = None
@@ -226,8 +230,15 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
         # and hard metadata limits are one, so the answer does not depend on chance between the two.
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limits.message_bytes),
                  ("grpc.max_metadata_size", limits.metadata_bytes),
-                 ("grpc.absolute_max_metadata_size", limits.metadata_bytes)],
+                 ("grpc.absolute_max_metadata_size", limits.metadata_bytes),
+                 # the backlog gate's bounds on calls waiting in gRPC's core (resolver.api.backlog)
+                 ("grpc.server_max_unrequested_time_in_server", settings.server.max_backlog_s),
+                 ("grpc.server.max_pending_requests", settings.server.max_backlog_calls // 2),
+                 ("grpc.server.max_pending_requests_hard_limit", settings.server.max_backlog_calls)],
     )
+    # the API's calls past the pool's room wait in gRPC's core (resolver.api.backlog)
+    gate = gate_server(server, pool, (f"/{service_name}/{method.name}" for method in service_descriptor.methods),
+                       settings.server)
     info = (resolver_pb2.ServerInfo(worker_ports=worker_ports.ports, worker_index=worker_ports.index)
             if worker_ports is not None else resolver_pb2.ServerInfo())
     servicer = IdentityResolverServicer(service, events, info)
@@ -281,4 +292,4 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
     if events is not None:
         reloadables.extend(events.reloadables)
     return Running(server, service, health_servicer, port, events, outbound, retention,
-                   end_streams=servicer.end_streams, reloadables=reloadables)
+                   end_streams=servicer.end_streams, reloadables=reloadables, gate=gate)

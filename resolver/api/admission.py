@@ -6,7 +6,12 @@ grpcio hands every call it accepts to the handler pool, whose queue has no bound
 before it (a quarter of a second), and on a busy machine until its deadline, having cost the server its full work
 (tests/reliability/test_overload.py).
 
-Two bounds now, per worker:
+Three bounds, per worker:
+- Room (resolver.api.backlog): while the handler pool holds `[server] threads + max_queued_calls` calls, the worker
+  stops asking gRPC's core for more of the API's calls; they wait there, costing no Python, and a refusal budget
+  (`[server] refusal_share` refusals per call answered) answers some of them OVERLOADED as they are taken. This is
+  the bound that holds when the worker is short of CPU: refusing every excess call in Python took the CPU its
+  answers needed (goodput 54-60% of the knee at twice the knee, against ~100% gated: README "Reliability").
 - Time (here): the handler pool keeps when each call waiting for a thread was queued (`HandlerPool.oldest_wait`),
   and the interceptor (resolver.api.interceptors), which grpcio runs in its polling thread before a call reaches
   the pool, asks `Admission.admits` first. While the oldest waiting call has waited `[server] max_queue_wait_ms`, a
@@ -17,12 +22,9 @@ Two bounds now, per worker:
   (a load balancer's probe keeps its answer), nor are streams served from a pool of their own (WatchChanges has
   `[changes] max_watchers`).
 - Count (gRPC's own): past `[server] max_concurrent_rpcs` calls in progress, grpcio refuses in its polling thread,
-  RESOURCE_EXHAUSTED without details, for about a third of what an answer costs. A refusal of ours costs nearly
-  what an answer does (grpcio's per-call work: a thread hop, a call object, the request read, the status sent), so
-  when a worker is short of CPU, refusing every excess call that way would take the CPU its answers need and make
-  the queue longer, not shorter. So only one refusal waits for the refusal thread at a time; past that, the call
-  is queued after all, and the count bounds the queue with gRPC's cheap refusal (README "Reliability" has the
-  figures).
+  RESOURCE_EXHAUSTED without details. A refusal of ours costs nearly what an answer does (grpcio's per-call work: a
+  thread hop, a call object, the request read, the status sent), so only one refusal waits for the refusal thread
+  at a time; past that, the call is queued after all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -48,6 +50,14 @@ _BUILD = {"unary_unary": grpc.unary_unary_rpc_method_handler, "stream_unary": gr
           "unary_stream": grpc.unary_stream_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
 
 
+class PoolWatcher(Protocol):
+    """What is told of every call that enters and leaves a HandlerPool (resolver.api.backlog.Gate)."""
+
+    def started(self) -> None: ...
+    def finished(self) -> None: ...
+    def refuses(self) -> bool: ...
+
+
 class HandlerPool(ThreadPoolExecutor):
     """grpcio's handler pool, which knows how long its oldest waiting call has waited for a thread.
 
@@ -59,6 +69,7 @@ class HandlerPool(ThreadPoolExecutor):
     def __init__(self, threads: int, name: str = "rpc") -> None:
         super().__init__(max_workers=threads, thread_name_prefix=name)
         self._queued: deque[float] = deque()
+        self.gate: PoolWatcher | None = None  # told of every call in and out (resolver.api.backlog)
 
     def waiting(self) -> int:
         """Calls waiting for a thread now."""
@@ -74,14 +85,22 @@ class HandlerPool(ThreadPoolExecutor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         self._queued.append(time.monotonic())
         try:
-            return super().submit(self._run, fn, args, kwargs)
+            future = super().submit(self._run, fn, args, kwargs)
         except BaseException:  # shut down: nothing was queued
             self._queued.pop()
             raise
+        if self.gate is not None:
+            # grpcio submits under its server lock, which `finished` takes too: never counted out before in
+            self.gate.started()
+        return future
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         self._queued.popleft()
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self.gate is not None:
+                self.gate.finished()
 
 
 class Admission:
@@ -104,8 +123,10 @@ class Admission:
         self._logged = time.monotonic()
 
     def admits(self) -> bool:
-        """True unless the oldest call waiting for a handler thread has waited the limit."""
-        return self.pool.oldest_wait() < self.max_wait
+        """True unless the oldest call waiting for a handler thread has waited the limit, or calls wait in gRPC's
+        core for room in the pool and the gate's refusal budget has one left (resolver.api.backlog)."""
+        gate = self.pool.gate
+        return self.pool.oldest_wait() < self.max_wait and (gate is None or not gate.refuses())
 
     def refusal(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
         """The handler that answers `rpc` (a method name) OVERLOADED in `handler`'s arity, built once per method;

@@ -15,7 +15,9 @@ def describe(s: Settings) -> str:
         f"server: listen {server.listen}, {server.workers} worker(s) x {server.threads} threads (own ports "
         f"{f'from {server.worker_port_base}' if server.worker_port_base else 'chosen at start'}), "
         f"max {server.max_concurrent_rpcs} concurrent RPCs, calls refused once one waited "
-        f"{server.max_queue_wait_ms:g} ms for a thread, grace {server.grace_period_s:g}s (NOT_SERVING notice "
+        f"{server.max_queue_wait_ms:g} ms for a thread, past {server.threads + server.max_queued_calls} calls in a "
+        f"worker the rest wait in gRPC (at most {server.max_backlog_calls} calls and {server.max_backlog_s} s; "
+        f"{server.refusal_share:g} refusal per answer), grace {server.grace_period_s:g}s (NOT_SERVING notice "
         f"{min(server.shutdown_notice_s, server.grace_period_s / 2):g}s of it)",
         f"storage: {server.data_dir} (map size {storage.map_size_mb} MiB, {storage.max_readers} readers)",
         f"index keys: {index.hash}" + (f" (key id {index.key_id}, secret set)" if index.secret else ""),

@@ -84,7 +84,7 @@ assert not TABLE_OF.keys() & {f.name for f in fields(Settings)}, "a key is named
 # Keys whose TOML or command-line value is not yet the field's type; every other value is used as given.
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "data_dir": Path, "grace_period_s": float, "sweep_interval_s": float, "max_queue_wait_ms": float,
-    "switch_interval_ms": float, "shutdown_notice_s": float,
+    "switch_interval_ms": float, "shutdown_notice_s": float, "refusal_share": float,
     "write_keys": tuple, "default_region": str.upper, "blocked_values": frozenset, "blocked_patterns": tuple,
     "peak_rps": float, "latency_target_ms": float, "idempotency_retention_s": float,
     "rate_per_s": float, "timestamp_tolerance_s": float, "commit_window_ms": float,

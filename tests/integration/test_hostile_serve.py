@@ -158,10 +158,12 @@ def _flood(port: int, count: int, seed: int, threads: int = 4) -> collections.Co
 
 @pytest.mark.slow
 def test_server_memory_stays_flat_under_bad_requests(tmp_path):  # noqa: ANN001
-    # the flood keeps 128 calls in flight on a busy machine: admission control (tests/reliability/test_overload.py),
-    # which would refuse some with RESOURCE_EXHAUSTED, is set out of the way of what this test is about
+    # the flood keeps 128 calls in flight on a busy machine: admission control and the backlog gate
+    # (tests/reliability/test_overload.py), which would refuse or drop some, are set out of the way of what this
+    # test is about
     blueprint = tmp_path / "flood.toml"
-    blueprint.write_text("version = 1\n[server]\nmax_concurrent_rpcs = 1024\nmax_queue_wait_ms = 60000\n")
+    blueprint.write_text("version = 1\n[server]\nmax_concurrent_rpcs = 1024\nmax_queue_wait_ms = 60000\n"
+                         "max_backlog_calls = 100000\n")
     with _serve(tmp_path, config=blueprint) as (proc, port, err_path):
         pid = _serving_pid(proc.pid, port)
         warm = _flood(port, 2000, seed=1)

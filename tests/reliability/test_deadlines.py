@@ -51,7 +51,8 @@ BURST = scaled(400, 2000)
 CHANNELS = 4
 IN_FLIGHT = 16  # per channel
 T = TypeVar("T")
-UNACKNOWLEDGED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}  # retried, same key
+# retried, same key; CANCELLED: the call expired while it waited in gRPC's core for room (resolver.api.backlog)
+UNACKNOWLEDGED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 
 
 @contextmanager

@@ -9,12 +9,11 @@ With two CPUs or more the server runs on the first and the generator on the othe
 about half the server's CPU per call, and on a shared CPU twice the knee would take from the server what it offers.
 
 What held before resolver.api.admission: at twice the knee the calls queued in grpcio's handler pool up to
-`max_concurrent_rpcs` (256 then), with no bound on their wait (about 250 ms in a quiet minute, up to the 1 s deadline
-on a busy machine) and no RetryInfo. Now a worker whose oldest queued call has waited `[server] max_queue_wait_ms`
-refuses new calls at once (RESOURCE_EXHAUSTED, OVERLOADED, RetryInfo) while its refusal thread keeps up, and past
-`max_concurrent_rpcs` (128 now) calls in progress gRPC refuses them itself, for a third of the cost. What neither
-bound reaches (README "Reliability"): calls waiting in gRPC's core for grpcio's polling thread when the worker is
-short of CPU.
+`max_concurrent_rpcs` (256 then), with no bound on their wait and no RetryInfo. Then a worker refused in Python what
+it could not start in time (OVERLOADED, RetryInfo), which cost its one polling thread about a third of an answer per
+refusal: goodput 16% of the knee, 54-60% once the switch interval was cut. Now (resolver.api.backlog) a worker whose
+handler pool is full leaves further calls waiting in gRPC's core, costing it no Python, refuses some of those it
+takes within a budget, and gRPC ends what waited past its deadline.
 
 The webhook endpoint: a flood of signed events past the inbox's high-water mark gets 429 with Retry-After at once,
 and every event answered 202 is applied (nothing lost), every refused one never stored.
@@ -94,7 +93,7 @@ def _passes(result: PhaseResult) -> bool:
 def _resolve_server(tmp_path: Path) -> tuple[Path, Path, Data]:
     """A blueprint, a data directory holding CUSTOMERS customers (one phone each), and the Resolve mix over them."""
     config, data = tmp_path / "overload.toml", tmp_path / "data"
-    config.write_text(SERVER_TOML)
+    config.write_text(SERVER_TOML.replace("refusal_share = 0\n", ""))  # the served default
     service = build_service(load_settings(config, data_dir=str(data)))
     try:
         with ThreadPoolExecutor(16) as pool:  # concurrent: the writer commits them in shared transactions
@@ -224,7 +223,8 @@ def test_resolve_at_twice_the_knee_is_refused_fast_and_goodput_holds(tmp_path: P
     lag = overload.lag().get_value_at_percentile(99) / 1000
     figures = (f"knee {knee:g}/s (p99 <= {SANE_P99_MS:g} ms); steps: {'; '.join(ladder)}. Overload: {dict(codes)}, "
                f"sent at {overload.sent / span:.0f}/s (generator send lag p99 {lag:.1f} ms); goodput {goodput:.0f}/s "
-               f"= {goodput / knee:.0%} of the knee; refusals p99 {_p99(overload, 'RESOURCE_EXHAUSTED')} ms; "
+               f"= {goodput / knee:.0%} of the knee; refusals p99 {_p99(overload, 'RESOURCE_EXHAUSTED')} ms; dropped by "
+               f"gRPC's core (CANCELLED) p99 {_p99(overload, 'CANCELLED')} ms; "
                f"accepted p99 {_p99(overload, 'OK')} ms; normal p99 {_p99(before)} ms; after the load dropped, p99 "
                f"per {WINDOW_S} s window {[_p99(w) for w in after]} ms, back to normal after "
                f"{'never' if recovery is None else f'{recovery:g} s'}; server RSS {min(mib)}-{max(mib)} MiB during "
@@ -285,6 +285,118 @@ def test_a_worker_past_its_queue_wait_refuses_at_once_with_retry_info(make_serve
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert stub.Resolve(resolve_req(phones=(phone(0),)), timeout=5).outcome == pb.OUTCOME_MATCHED
     assert refused_in < 5
+
+
+def _hold_the_pool(server, stub) -> tuple[object, list, object]:  # noqa: ANN001
+    """Both handler threads held by Upserts behind the LMDB write lock and one Resolve queued for a thread: with
+    `max_queued_calls = 1` the pool is full (threads 2 + 1). The write lock (a write transaction), the Upserts, and
+    the queued Resolve."""
+    lock = server.service.store.env.begin(write=True)  # every Upsert now waits for the writer
+    held = [stub.Upsert.future(upsert_req(f"held-{i}", phones=(phone(i),)), timeout=30) for i in range(2)]
+    queued = stub.Resolve.future(resolve_req(phones=(phone(3),)), timeout=30)
+    for _ in range(500):
+        if server.gate.busy == 3:
+            break
+        time.sleep(0.01)
+    assert server.gate.busy == 3
+    return lock, held, queued
+
+
+def test_a_full_worker_leaves_calls_in_grpc_and_still_answers_health(make_server, settings) -> None:  # noqa: ANN001
+    """The backlog gate (resolver.api.backlog): once the handler pool holds threads + max_queued_calls calls, the
+    next call of the API is not taken from gRPC (it never reaches the pool) until one finishes, then it is served;
+    a health check is still taken at once; with no refusal budget nothing is refused."""
+    server = make_server(settings.with_overrides(threads=2, max_queued_calls=1, refusal_share=0.0,
+                                                 max_queue_wait_ms=60000))
+    assert server.gate is not None and server.gate.limit == 3
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        stub.Resolve(resolve_req(phones=(phone(1),)), timeout=5)  # connected and warm
+        lock, held, queued = _hold_the_pool(server, stub)
+        try:
+            waiting = [stub.Resolve.future(resolve_req(phones=(phone(5 + i),)), timeout=30) for i in range(3)]
+            time.sleep(0.3)
+            assert not any(f.done() for f in waiting)
+            assert server.gate.busy == 3, "a call past the pool's room was taken from gRPC"
+            assert server.gate.held == {"/resolver.v1.IdentityResolver/Resolve"}
+            # health is outside the gate: taken at once (it joins the pool's queue, answered when a thread frees)
+            health = health_pb2_grpc.HealthStub(channel).Check.future(health_pb2.HealthCheckRequest(), timeout=30)
+            for _ in range(500):
+                if server.gate.busy == 4:
+                    break
+                time.sleep(0.01)
+            assert server.gate.busy == 4 and not any(f.done() for f in waiting)
+        finally:
+            lock.abort()
+        assert health.result().status == health_pb2.HealthCheckResponse.SERVING
+        assert all(f.result().action == pb.ACTION_CREATED for f in held)
+        assert queued.result().outcome == pb.OUTCOME_NOT_FOUND
+        assert [f.result().outcome for f in waiting] == [pb.OUTCOME_NOT_FOUND] * 3
+        for _ in range(500):  # a handler counts itself out just after its answer is sent
+            if server.gate.busy == 0:
+                break
+            time.sleep(0.01)
+        assert server.gate.busy == 0 and not server.gate.held
+
+
+def test_calls_past_the_backlog_are_dropped_by_grpc_at_once(make_server, settings) -> None:  # noqa: ANN001
+    """Past `max_backlog_calls` waiting in gRPC's core, gRPC drops new calls at once (CANCELLED: its own status for
+    a call it drops), without the worker taking them; those left waiting are served once there is room."""
+    server = make_server(settings.with_overrides(threads=2, max_queued_calls=1, max_backlog_calls=4,
+                                                 refusal_share=0.0, max_queue_wait_ms=60000))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        stub.Resolve(resolve_req(phones=(phone(1),)), timeout=5)  # connected and warm
+        lock, held, queued = _hold_the_pool(server, stub)
+        try:
+            waiting = [stub.Resolve.future(resolve_req(phones=(phone(5),)), timeout=30) for _ in range(20)]
+            for _ in range(500):
+                if sum(f.done() for f in waiting) >= 15:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.3)  # every call has reached the server by now
+            early = [f for f in waiting if f.done()]
+            assert server.gate.busy == 3  # none of them taken by the worker
+        finally:
+            lock.abort()
+        assert 15 <= len(early) <= 18 and all(f.code() == grpc.StatusCode.CANCELLED for f in early), \
+            [f.code() for f in early]
+        assert all(f.result().outcome == pb.OUTCOME_NOT_FOUND for f in waiting if f not in early)
+        assert all(f.result().action == pb.ACTION_CREATED for f in held) and queued.result()
+
+
+def test_calls_held_in_grpc_are_refused_within_the_budget(make_server, settings) -> None:  # noqa: ANN001
+    """Once calls have waited in gRPC for room longer than `max_queue_wait_ms`, the worker refuses what it takes
+    (OVERLOADED, RetryInfo) as long as its refusal budget lasts (`refusal_share` per call answered), then serves the
+    rest."""
+    server = make_server(settings.with_overrides(threads=2, max_queued_calls=1, refusal_share=1.0,
+                                                 max_queue_wait_ms=20))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        for i in range(2):  # two answers: a budget of two refusals
+            stub.Resolve(resolve_req(phones=(phone(i),)), timeout=5)
+        lock, held, queued = _hold_the_pool(server, stub)  # three more answered once the lock goes: five in all
+        try:
+            waiting = [stub.Resolve.future(resolve_req(phones=(phone(5 + i),)), timeout=30) for i in range(6)]
+            time.sleep(0.3)
+            assert not any(f.done() for f in waiting)
+        finally:
+            lock.abort()
+        assert all(f.result().action == pb.ACTION_CREATED for f in held)
+        assert queued.result().outcome == pb.OUTCOME_NOT_FOUND
+        codes = []
+        for f in waiting:
+            try:
+                codes.append(f.result().outcome == pb.OUTCOME_NOT_FOUND)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                info = error_details_pb2.ErrorInfo()
+                assert [d.Unpack(info) for d in rpc_status.from_call(err).details if d.Is(info.DESCRIPTOR)] == [True]
+                assert info.reason == "OVERLOADED"
+                codes.append("refused")
+    # each answer earns one refusal and each refusal spends one: never more refusals than answers before them
+    assert 1 <= codes.count("refused") <= 5, codes
+    assert codes.count(True) == 6 - codes.count("refused"), codes
 
 
 # -- the webhook endpoint --------------------------------------------------------------------------------------

@@ -233,7 +233,8 @@ def build_server(settings: Settings, *, sweeper: bool = True, applier: bool | No
                  ("grpc.absolute_max_metadata_size", limits.metadata_bytes),
                  # the backlog gate's bounds on calls waiting in gRPC's core (resolver.api.backlog)
                  ("grpc.server_max_unrequested_time_in_server", settings.server.max_backlog_s),
-                 ("grpc.server.max_pending_requests", settings.server.max_backlog_calls // 2),
+                 # soft limit = hard limit: no random early drop, so a burst within the bound is never dropped
+                 ("grpc.server.max_pending_requests", settings.server.max_backlog_calls),
                  ("grpc.server.max_pending_requests_hard_limit", settings.server.max_backlog_calls)],
     )
     # the API's calls past the pool's room wait in gRPC's core (resolver.api.backlog)

@@ -9,7 +9,7 @@ thread about a third of what answering does, so at twice the knee a worker spent
 `Gate` holds back the next `request_call` of the API's methods while the handler pool holds `limit` calls (running
 or queued for a thread) and asks again as soon as one finishes: past that, calls wait in gRPC's core, first in first
 out, and the worker takes the oldest as soon as it has room. gRPC's core drops a new call of a method that already
-has `grpc.server.max_pending_requests_hard_limit` waiting (at random from `grpc.server.max_pending_requests`) and
+has `grpc.server.max_pending_requests` waiting (the hard limit set to the same: no random early drop) and
 ends one that waited past its deadline or `grpc.server_max_unrequested_time_in_server`, all without Python: the
 client sees CANCELLED (or DEADLINE_EXCEEDED). So that callers still get an explicit "no" with a retry hint, the
 worker refuses some of the calls it takes once calls have waited there a while (`refuses`): at most

@@ -104,13 +104,13 @@ class ServerSettings:
     max_queue_wait_ms: float = 50.0
     # The backlog gate (resolver.api.backlog): once a worker's handler pool holds `threads + max_queued_calls` calls
     # of the API, it leaves further calls waiting in gRPC's core (no Python spent on them) until one finishes. gRPC
-    # drops a new call of a method with `max_backlog_calls` already waiting (at random from half of it), and ends one
+    # drops a new call of a method with `max_backlog_calls` already waiting, and ends one
     # that waited past its deadline or `max_backlog_s` (whole seconds, gRPC's granularity); either way the client
     # sees CANCELLED. Once calls have waited there `max_queue_wait_ms`, the worker refuses at most `refusal_share`
     # of a call (OVERLOADED, RetryInfo) per call it answers: what refusing costs stays a bounded share of the CPU
     # the answers need.
     max_queued_calls: int = 4
-    max_backlog_calls: int = 64
+    max_backlog_calls: int = 128
     max_backlog_s: int = 1
     refusal_share: float = 0.1
     # How long a worker thread may hold the GIL while another waits for it (sys.setswitchinterval; Python's default

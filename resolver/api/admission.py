@@ -11,7 +11,7 @@ Three bounds, per worker:
   stops asking gRPC's core for more of the API's calls; they wait there, costing no Python, and a refusal budget
   (`[server] refusal_share` refusals per call answered) answers some of them OVERLOADED as they are taken. This is
   the bound that holds when the worker is short of CPU: refusing every excess call in Python took the CPU its
-  answers needed (goodput 54-60% of the knee at twice the knee, against ~100% gated: README "Reliability").
+  answers needed (goodput 54-60% of the knee at twice the knee, 86-163% gated: bench/README.md).
 - Time (here): the handler pool keeps when each call waiting for a thread was queued (`HandlerPool.oldest_wait`),
   and the interceptor (resolver.api.interceptors), which grpcio runs in its polling thread before a call reaches
   the pool, asks `Admission.admits` first. While the oldest waiting call has waited `[server] max_queue_wait_ms`, a

@@ -10,10 +10,15 @@ string escaped some other way, an escaped key, anything that is not a JSON objec
 the twin's decoding instead, so the answer never depends on the shortcut. (A record repeating a top-level key
 is the one thing the scanner reads differently from a decoder; resolver never writes one.) The scanner is
 ext/_probe_scan.pxi, included here so that it compiles into this module.
+
+The other difference is how LMDB is read: inside py-lmdb's transaction, through LMDB's C functions (a cursor of
+the probe's own, the record scanned where it lies in the map, bytes made only for what is confirmed), as
+ext/_probe_lmdb.pxi explains; where py-lmdb's objects are not what that file expects, through py-lmdb's methods.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
 
 from resolver import _probe_types as _vocab
 from resolver._probe_py import holds as _holds_decoded
@@ -28,6 +33,7 @@ cdef int NOT_FOUND = _vocab.NOT_FOUND, MATCHED = _vocab.MATCHED, AMBIGUOUS = _vo
 
 
 include "_probe_scan.pxi"
+include "_probe_lmdb.pxi"
 
 
 @cython.final
@@ -101,14 +107,15 @@ cdef class Prober:
     """Index probes inside one transaction `txn` (py-lmdb); never outlives it.
 
     `indexes` are the index databases by kind (external_id, email, phone); `records` the records database;
-    `key(kind, value)` the index key function (resolver._hotpath.KeyHasher.key). One cursor per index is kept
-    for the transaction's life.
+    `key(kind, value)` the index key function (resolver._hotpath.KeyHasher.key). Each call (probe, decide,
+    decide_many) reads LMDB with cursors of its own, closed when it returns.
     """
 
     cdef readonly object txn, records, key
     cdef readonly tuple indexes
     cdef list _cursors
     cdef dict _confirmed
+    cdef _NativeTxn _native
 
     def __init__(self, txn, tuple indexes, records, key):
         self.txn = txn
@@ -117,6 +124,12 @@ cdef class Prober:
         self.key = key
         self._cursors = [None, None, None]
         self._confirmed = {}
+        self._native = _NativeTxn.bind(txn, indexes, records)
+
+    @property
+    def native(self):
+        """Whether LMDB is read through its C functions (ext/_probe_lmdb.pxi) rather than py-lmdb's methods."""
+        return self._native.ok
 
     cpdef fields(self, bytes uid, tuple names):
         """`record_fields` of the record under `uid` (None: no such record). A record the last `decide`
@@ -125,6 +138,16 @@ cdef class Prober:
         if raw is None:
             raw = self.txn.get(uid, None, self.records)
         return None if raw is None else record_fields(raw, names)
+
+    cdef _Cursors _open(self):
+        """The cursors of one call through LMDB's C functions, or None to use py-lmdb's (not bound, or the
+        transaction has ended: py-lmdb's methods then raise its own error)."""
+        cdef _Cursors cs
+        if not self._native.ok or not self._native.live():
+            return None
+        cs = _Cursors.__new__(_Cursors)
+        cs.txn = self._native
+        return cs
 
     cdef object _cursor(self, int kind):
         cur = self._cursors[kind - 1]
@@ -139,11 +162,18 @@ cdef class Prober:
         When more than `limit` entries share the key, no record is read and no uuid is returned.
         """
         cdef Py_ssize_t entries
-        uuids = self._probe(kind, value, limit, &entries)
+        cdef _Cursors cs = self._open()
+        try:
+            uuids = self._probe(cs, kind, value, limit, &entries)
+        finally:
+            if cs is not None:
+                cs.close()
         return Probed(entries, uuids)
 
-    cdef list _probe(self, int kind, str value, Py_ssize_t limit, Py_ssize_t* entries):
+    cdef list _probe(self, _Cursors cs, int kind, str value, Py_ssize_t limit, Py_ssize_t* entries):
         """`probe`: the confirmed uuids, the entries under the key in `entries`."""
+        if cs is not None:
+            return self._probe_native(cs, kind, value, limit, entries)
         cdef Py_ssize_t n
         cdef list uids, confirmed = []
         cdef bytes want
@@ -164,17 +194,71 @@ cdef class Prober:
                 self._confirmed[uid] = raw
         return confirmed
 
+    cdef list _probe_native(self, _Cursors cs, int kind, str value, Py_ssize_t limit, Py_ssize_t* entries):
+        """`_probe` through LMDB's C functions: the same reads in the same order, the record scanned in place."""
+        cdef _Engine* e = cs.txn.engine
+        cdef void* cur = cs.get(kind)
+        cdef void* txn = cs.txn.obj.txn
+        cdef MDB_val k, v, rec
+        cdef size_t count, i
+        cdef int rc, found
+        cdef list confirmed = []
+        cdef bytes key = self.key(kind, value), want, uid
+        entries[0] = 0
+        k.mv_size, k.mv_data = PyBytes_GET_SIZE(key), PyBytes_AS_STRING(key)
+        rc = e.cursor_get(cur, &k, &v, MDB_SET_KEY)
+        if rc == MDB_NOTFOUND:
+            return confirmed
+        if rc != 0 or e.cursor_count(cur, &count) != 0:
+            raise _lmdb_error(rc, "mdb_cursor_get")
+        entries[0] = <Py_ssize_t>count
+        if entries[0] > limit:
+            return confirmed
+        want = _encoded(value)
+        for i in range(count):
+            if i > 0:
+                rc = e.cursor_get(cur, &k, &v, MDB_NEXT_DUP)
+                if rc != 0:
+                    raise _lmdb_error(rc, "mdb_cursor_get")
+            rc = e.get(txn, cs.txn.records, &v, &rec)
+            if rc == MDB_NOTFOUND:
+                continue
+            if rc != 0:
+                raise _lmdb_error(rc, "mdb_get")
+            raw = None
+            found = _scan(<const unsigned char*>rec.mv_data, <Py_ssize_t>rec.mv_size, kind, PyBytes_AS_STRING(want),
+                          PyBytes_GET_SIZE(want))
+            if found < 0:
+                raw = PyBytes_FromStringAndSize(<char*>rec.mv_data, <Py_ssize_t>rec.mv_size)
+                found = _holds_decoded(raw, kind, value)
+            if found:
+                uid = PyBytes_FromStringAndSize(<char*>v.mv_data, <Py_ssize_t>v.mv_size)
+                confirmed.append(uid)
+                self._confirmed[uid] = raw if raw is not None else \
+                    PyBytes_FromStringAndSize(<char*>rec.mv_data, <Py_ssize_t>rec.mv_size)
+        return confirmed
+
     def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
-        return self._decide(external_id, emails, phones, limit, explain)
+        cdef _Cursors cs = self._open()
+        try:
+            return self._decide(cs, external_id, emails, phones, limit, explain)
+        finally:
+            if cs is not None:
+                cs.close()
 
     def decide_many(self, list sets, Py_ssize_t limit):
         """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop."""
         cdef list out = []
-        for external_id, emails, phones, explain in sets:
-            out.append(self._decide(external_id, emails, phones, limit, explain))
+        cdef _Cursors cs = self._open()
+        try:
+            for external_id, emails, phones, explain in sets:
+                out.append(self._decide(cs, external_id, emails, phones, limit, explain))
+        finally:
+            if cs is not None:
+                cs.close()
         return out
 
-    cdef Decision _decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
+    cdef Decision _decide(self, _Cursors cs, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
         """Contract §3's decision for one normalized identifier set (see resolver/_probe_py.py)."""
         cdef int outcome = NOT_FOUND, decided = 0, kind, k
         cdef Py_ssize_t n
@@ -185,7 +269,7 @@ cdef class Prober:
         for kind, values in by_kind:
             kind_hits = []
             for value in values:
-                hits = self._probe(kind, value, limit, &n)
+                hits = self._probe(cs, kind, value, limit, &n)
                 if n > limit:
                     fanned.append(Fanned(kind, value, n))
                     if explain:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -137,6 +138,7 @@ def test_prober_decisions_agree(store: Service, explain: bool) -> None:
     with s.read() as view:
         args = (view.txn, (s.ix[1], s.ix[2], s.ix[3]), s.db["records"], s.hasher.key)
         twin, compiled = _probe_py.Prober(*args), _probe_c.Prober(*args)
+        assert compiled.native  # the pinned py-lmdb: LMDB read through its C functions (ext/_probe_lmdb.pxi)
         seen = set()
         for ext, emails, phones in queries:
             want = twin.decide(ext, emails, phones, 4, explain)
@@ -152,6 +154,38 @@ def test_prober_decisions_agree(store: Service, explain: bool) -> None:
         sets = [(e, m, p, explain) for e, m, p in queries]
         assert compiled.decide_many(sets, 4) == twin.decide_many(sets, 4)
     assert seen == {_probe_py.NOT_FOUND, _probe_py.MATCHED, _probe_py.AMBIGUOUS}
+
+
+class _NotPyLmdb:
+    """A transaction that is not py-lmdb's own object: what another py-lmdb build looks like to the Prober."""
+
+    def __init__(self, txn: Any) -> None:
+        self._txn = txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+
+def test_a_transaction_it_cannot_read_from_c_is_read_through_py_lmdb(store: Service) -> None:
+    """Where py-lmdb's objects are not what ext/_probe_lmdb.pxi reads, the compiled Prober uses py-lmdb's
+    methods and answers the same."""
+    s = store.store
+    queries = [(e, m, p, True) for e, m, p in _queries(random.Random(12))]
+    with s.read() as view:
+        args = ((s.ix[1], s.ix[2], s.ix[3]), s.db["records"], s.hasher.key)
+        fallback = _probe_c.Prober(_NotPyLmdb(view.txn), *args)
+        assert not fallback.native
+        assert fallback.decide_many(queries, 4) == _probe_py.Prober(view.txn, *args).decide_many(queries, 4)
+
+
+def test_a_prober_past_its_transaction_raises_py_lmdbs_error(store: Service) -> None:
+    """A Prober used after its transaction ended (a misuse) gets py-lmdb's error, never a read of freed memory."""
+    s = store.store
+    with s.read() as view:
+        prober = _probe_c.Prober(view.txn, (s.ix[1], s.ix[2], s.ix[3]), s.db["records"], s.hasher.key)
+        assert prober.native and prober.decide(None, [], ["+12025550100"], 4, False).outcome is not None
+    with pytest.raises(lmdb.Error):
+        prober.decide(None, [], ["+12025550100"], 4, False)
 
 
 def _assert_same_decision(got: Any, want: Decision) -> None:

@@ -226,7 +226,7 @@ def reader_slots(listing: str) -> ReaderSlots:
 
 # ev_counters names (resolver.events.counters) that only grow; dead_lettered does not (a replay moves one to applied)
 _EVENT_TOTALS = ("received", "rejected_unsigned", "rejected_other", "throttled", "duplicates", "accepted", "applied",
-                 "discarded", "conflicts", "stale_fields")
+                 "discarded", "conflicts", "stale_fields", "requeued")
 
 
 class StoreFigures:

@@ -68,7 +68,7 @@ def describe(s: Settings) -> str:
     lines.append(
         f"events: {'on' if ev.enabled else 'off'}; http {ev.http_listen or '(none)'}; {_pace(ev)} "
         f"in batches of {ev.batch}; inbox high-water {ev.high_water}; timestamp tolerance {ev.timestamp_tolerance_s:g}s; "
-        f"commit window {ev.commit_window_ms:g} ms; "
+        f"an event before its record's CREATE waits {ev.unknown_record_wait_s:g}s; commit window {ev.commit_window_ms:g} ms; "
         f"events process nice +{ev.process_nice}{' (SCHED_IDLE)' if ev.process_sched_idle else ''}"
     )
     it = s.interactions

@@ -190,6 +190,7 @@ BLUEPRINT_SCHEMA: dict[str, Any] = {
             "batch": {"type": "integer", "minimum": 1, "maximum": 10000},
             "high_water": {"type": "integer", "minimum": 1},
             "timestamp_tolerance_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "unknown_record_wait_s": {"type": "number", "minimum": 0, "maximum": 86400},
             "max_body_bytes": {"type": "integer", "minimum": 256, "maximum": 16 * 1024 * 1024},
             "commit_window_ms": {"type": "number", "minimum": 0, "maximum": 1000},
             "process_nice": {"type": "integer", "minimum": 0, "maximum": 19},

@@ -264,6 +264,7 @@ class EventSettings:
     batch: int = 100  # events per applier write transaction
     high_water: int = 10_000  # inbox entries above which admission answers 429 / RESOURCE_EXHAUSTED
     timestamp_tolerance_s: float = 300.0  # webhook-timestamp skew accepted, past and future
+    unknown_record_wait_s: float = 30.0  # an UPDATE/DELETE for a record nobody holds waits this long for its CREATE
     max_body_bytes: int = 256 * 1024
     commit_window_ms: float = 5.0  # admissions within it share one synced commit, at most this much added to a 202
     process_nice: int = 10  # the events process yields the CPU to the serving workers (os.nice increment)

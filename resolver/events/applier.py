@@ -5,6 +5,12 @@ Each event runs in a nested transaction: applied, or aborted and dead-lettered w
 from the inbox, the record write, the change log and the counters commit together with the batch, so a
 kill -9 mid-drain loses or repeats nothing. One applier runs per data directory (under `resolver serve`, in
 the events process: resolver.events.process), so events are applied in inbox order.
+
+An UPDATE or DELETE for a record no customer holds (UNKNOWN_RECORD) may have overtaken its CREATE: a CRM's
+webhooks are not delivered in order, and in a cluster a record's CREATE and UPDATE may reach different nodes, whose
+appliers publish them in either order. Such an event goes back to the inbox's tail and is tried again after a
+back-off (RETRY_FIRST_S, doubling up to RETRY_MAX_S) until `[events] unknown_record_wait_s` after it was first
+refused; only then is it dead-lettered. It stays accepted and in the inbox meanwhile (counted `requeued` each time).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 from resolver.attributes import AttributeSchema
 from resolver.config import Settings
 from resolver.errors import ClusterError, DeadlineExceeded, EventRejected, StorageFull, Unavailable
-from resolver.events import command, counters, dlq, envelope
+from resolver.events import command, counters, dlq, envelope, inbox
 from resolver.events.apply import Applied
 from resolver.events.inbox import dedupe_key, remember, sweep_ids
 from resolver.events.pace import SAMPLE_S, CpuSource, Pacer, ProcessButThread
@@ -34,6 +40,19 @@ EMPTY_POLL_S = 0.05  # an empty inbox is looked at this often
 REPORT_S = 10.0  # while events flow, the applier logs its pace this often
 QUIET_S = 1.0  # ... and once more when the inbox has stayed empty this long
 FULL_PAUSE_S = 5.0  # with the map or disk full, the applier tries again this often (its events wait in the inbox)
+RETRY_FIRST_S = 0.25  # an event waiting for its record's CREATE is tried again after this, doubling ...
+RETRY_MAX_S = 5.0  # ... up to this
+HEAD_SCAN = 4  # an inbox pass looks at no more than this many times its batch of entries (some wait their retry)
+_WAITING = ("waiting_since_us", "retries", "retry_at_us")  # what a waiting event's metadata adds
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """An inbox entry, decoded: its key (sequence), its metadata and its original body."""
+
+    key: bytes
+    meta: dict[str, Any]
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,23 +74,52 @@ def run_one(store: Store, parent: Any, meta: dict[str, Any], body: bytes, settin
     return apply_nested(store, Txn(store, parent), lambda view, c: command.apply(view, c, settings, schema), cmd)
 
 
-def _inbox_head(txn: Any, store: Store, limit: int) -> list[tuple[bytes, bytes]]:
-    """The first `limit` inbox entries (key, stored value), in inbox order."""
-    batch: list[tuple[bytes, bytes]] = []
+def _inbox_head(txn: Any, store: Store, limit: int, now_us: int) -> list[InboxEntry]:
+    """The first `limit` inbox entries due at `now_us`, in inbox order (one waiting for its retry is passed over;
+    no more than HEAD_SCAN * `limit` entries are looked at)."""
+    batch: list[InboxEntry] = []
+    ring = store.sealer.ring
     with txn.cursor(db=store.db["ev_inbox"]) as cur:
         if cur.first():
-            for k, v in cur:
-                batch.append((bytes(k), bytes(v)))
-                if len(batch) >= limit:
+            for seen, (k, v) in enumerate(cur, 1):
+                meta, body = envelope.decode(v, ring)
+                if meta.get("retry_at_us", 0) <= now_us:
+                    batch.append(InboxEntry(bytes(k), meta, body))
+                if len(batch) >= limit or seen >= HEAD_SCAN * limit:
                     break
     return batch
 
 
-def _settle(txn: Any, store: Store, key: bytes, meta: dict[str, Any], body: bytes, outcome: Applied | Exception,
-            deltas: Counter[str], now_us: int) -> None:
-    """An event's application is over (`outcome`: what it returned, or what it raised): counted, dead-lettered if
-    it was refused or failed, and removed from the inbox, in the caller's write transaction."""
+def _waits_for_create(meta: dict[str, Any], outcome: Applied | Exception, now_us: int, wait_s: float) -> bool:
+    """Whether a refused event goes back to the inbox (module docstring): refused UNKNOWN_RECORD, within `wait_s`
+    of its first refusal."""
+    if not isinstance(outcome, EventRejected) or outcome.reason != "UNKNOWN_RECORD":
+        return False
+    return now_us - int(meta.get("waiting_since_us", now_us)) < wait_s * 1_000_000
+
+
+def _requeue(txn: Any, store: Store, entry: InboxEntry, now_us: int) -> None:
+    """Put a waiting event back at the inbox's tail, due again after its back-off."""
+    retries = int(entry.meta.get("retries", 0)) + 1
+    backoff_s = min(RETRY_FIRST_S * 2 ** (retries - 1), RETRY_MAX_S)
+    meta = {**entry.meta, "waiting_since_us": int(entry.meta.get("waiting_since_us", now_us)), "retries": retries,
+            "retry_at_us": now_us + int(backoff_s * 1_000_000)}
+    inbox.append(txn, store.db["ev_inbox"], envelope.encode(meta, entry.body, store.sealer.ring))
+    txn.delete(entry.key, db=store.db["ev_inbox"])
+
+
+def _settle(txn: Any, store: Store, entry: InboxEntry, outcome: Applied | Exception, deltas: Counter[str],
+            now_us: int, settings: Settings) -> None:
+    """An event's application is over (`outcome`: what it returned, or what it raised): counted, put back to wait
+    for its record's CREATE, or dead-lettered if it was refused or failed, and removed from the inbox, in the
+    caller's write transaction."""
     db, ring = store.db, store.sealer.ring
+    if _waits_for_create(entry.meta, outcome, now_us, settings.events.unknown_record_wait_s):
+        _requeue(txn, store, entry, now_us)
+        deltas["requeued"] += 1
+        return
+    key, body = entry.key, entry.body
+    meta = {k: v for k, v in entry.meta.items() if k not in _WAITING}
     if isinstance(outcome, Applied):
         deltas["applied"] += 1
         deltas["conflicts"] += len(outcome.conflicts)
@@ -92,22 +140,20 @@ def _settle(txn: Any, store: Store, key: bytes, meta: dict[str, Any], body: byte
 
 def drain_once(store: Store, settings: Settings, schema: AttributeSchema, limit: int) -> int:
     """Apply up to `limit` inbox events in one write transaction; how many left the inbox."""
-    ring = store.sealer.ring
     now_us = _now_us()
     with store.write() as view:
         txn = view.txn
         deltas: Counter[str] = Counter()
-        batch = _inbox_head(txn, store, limit)
-        for key, raw in batch:
-            meta, body = envelope.decode(raw, ring)
+        batch = _inbox_head(txn, store, limit, now_us)
+        for entry in batch:
             outcome: Applied | Exception
             try:
-                outcome = run_one(store, txn, meta, body, settings, schema, now_us)
+                outcome = run_one(store, txn, entry.meta, entry.body, settings, schema, now_us)
             except StorageFull:
                 raise  # not the event's fault: the batch is not stored, its events stay in the inbox
             except Exception as exc:
                 outcome = exc
-            _settle(txn, store, key, meta, body, outcome, deltas, now_us)
+            _settle(txn, store, entry, outcome, deltas, now_us, settings)
             time.sleep(0)  # yield the GIL between events: Resolve threads wait at most one event, not a batch
         counters.add(txn, store.db["ev_counters"], deltas)
     return len(batch)
@@ -137,22 +183,22 @@ def drain_through_log(store: Store, settings: Settings, schema: AttributeSchema,
     A node that cannot get an event applied now (NATS away, past `apply_timeout_s`) stops the batch there: that
     event and those after it wait in the inbox, in order.
     """
-    ring = store.sealer.ring
     with store.read() as view:
-        batch = _inbox_head(view.txn, store, limit)
+        batch = _inbox_head(view.txn, store, limit, _now_us())
     done = 0
-    for key, raw in batch:
-        meta, body = envelope.decode(raw, ring)
+    for entry in batch:
         now_us = _now_us()
+        # a retry is an application of its own: under the first one's message id the stream would drop it
+        replay = f"retry {entry.meta['retries']}" if entry.meta.get("retries") else ""
         try:
-            outcome = _through(writer, settings, schema, command.command_for(meta, body, now_us))
+            outcome = _through(writer, settings, schema, command.command_for(entry.meta, entry.body, now_us, replay))
         except (ClusterError, Unavailable, DeadlineExceeded) as exc:
             log.warning("event applier: %s; the event waits in the inbox", exc)
             break
         with store.write() as view:
             deltas: Counter[str] = Counter()
-            if view.txn.get(key, db=store.db["ev_inbox"]) is not None:  # else: forgotten meanwhile (erasure)
-                _settle(view.txn, store, key, meta, body, outcome, deltas, now_us)
+            if view.txn.get(entry.key, db=store.db["ev_inbox"]) is not None:  # else: forgotten meanwhile (erasure)
+                _settle(view.txn, store, entry, outcome, deltas, now_us, settings)
             counters.add(view.txn, store.db["ev_counters"], deltas)
         done += 1
     return done

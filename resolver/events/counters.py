@@ -2,6 +2,8 @@
 
 accepted = applied + dead_lettered + in inbox, where dead_lettered counts events whose fate is the DLQ
 (still there, or discarded by an operator); a successful replay moves one from dead_lettered to applied.
+`requeued` counts the times an event went back to the inbox to wait for its record's CREATE
+(resolver.events.applier): it stays in the inbox, so it changes nothing above.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 NAMES = ("received", "rejected_unsigned", "rejected_other", "throttled", "duplicates", "accepted", "applied",
-         "dead_lettered", "discarded", "conflicts", "stale_fields")
+         "dead_lettered", "discarded", "conflicts", "stale_fields", "requeued")
 _U64 = struct.Struct(">Q")
 
 

@@ -59,6 +59,14 @@ class Admission:
     http_status: int  # 202, or for a duplicate the status its first delivery got
 
 
+def append(txn: Any, inbox: Any, stored: bytes) -> int:
+    """Put `stored` (an envelope) at the inbox's tail, in the caller's write transaction; its sequence number."""
+    with txn.cursor(db=inbox) as cur:
+        seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
+    txn.put(_U64.pack(seq), stored, db=inbox, append=True)
+    return seq
+
+
 def dedupe_key(source: str, webhook_id: str) -> bytes:
     return source.encode() + b"\0" + webhook_id.encode()
 
@@ -263,10 +271,7 @@ class Ingestor:
             remember(txn, db, item.key, {"status": 400, "at_us": item.now_us, "dlq": item.rejection.dlq_id})
             deltas["dead_lettered"] += 1
             return item.rejection
-        with txn.cursor(db=db["ev_inbox"]) as cur:
-            seq = _U64.unpack(cur.key())[0] + 1 if cur.last() else 1
-        txn.put(_U64.pack(seq), envelope.encode(item.meta, item.body, self.store.sealer.ring), db=db["ev_inbox"],
-                append=True)
+        seq = append(txn, db["ev_inbox"], envelope.encode(item.meta, item.body, self.store.sealer.ring))
         remember(txn, db, item.key, {"status": 202, "at_us": item.now_us})
         return Admission(webhook_id, False, seq, 202)
 

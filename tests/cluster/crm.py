@@ -45,6 +45,7 @@ def blueprint(stream: str, *, nats: list[str] | None = None, outbound_url: str =
         [events]
         http_listen = "127.0.0.1:0"
         rate_per_s = 500
+        unknown_record_wait_s = 2
         [cluster]
         stream = "{stream}"
         apply_timeout_s = 20

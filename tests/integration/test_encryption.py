@@ -79,6 +79,7 @@ field_map = {{ SSN__c = "ssn", Tier__c = "tier" }}
 secrets = [{{ env = "ENC_SF_SECRET" }}]
 [events]
 http_listen = ""
+unknown_record_wait_s = 0
 """
 
 

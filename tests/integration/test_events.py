@@ -52,7 +52,8 @@ WAIT_S = 15.0
 SEED_PAYLOAD = (Path(__file__).resolve().parents[1] / "fixtures" / "seed_event.json").read_bytes()
 
 
-def blueprint(*, field_map: str = "", rate: int = 500, batch: int = 50, high_water: int = 1000) -> str:
+def blueprint(*, field_map: str = "", rate: int = 500, batch: int = 50, high_water: int = 1000,
+              unknown_record_wait_s: float = 0.5) -> str:
     return SERVER_TOML + textwrap.dedent(
         """
         [attributes]
@@ -73,8 +74,9 @@ def blueprint(*, field_map: str = "", rate: int = 500, batch: int = 50, high_wat
         rate_per_s = %d
         batch = %d
         high_water = %d
+        unknown_record_wait_s = %g
         """
-    ) % (field_map, rate, batch, high_water)
+    ) % (field_map, rate, batch, high_water, unknown_record_wait_s)
 
 
 def make_settings(tmp_path: Path, text: str, name: str = "events.toml") -> Settings:
@@ -274,10 +276,32 @@ def test_create_delete_and_apply_failures(srv: Client) -> None:
     r = srv.stub.Resolve(resolve_req(external_id="new-1"), timeout=5)
     assert r.outcome == pb.OUTCOME_NOT_FOUND  # deleted: it stops resolving (tests/integration/test_events_sync.py)
     reasons = [d.reason for d in srv.stub.ListDeadLetters(pb.ListDeadLettersRequest(), timeout=5).dead_letters]
-    assert reasons == ["UNKNOWN_RECORD", "FIELD_OWNED_BY_OTHER_SOURCE"]
+    assert sorted(reasons) == ["FIELD_OWNED_BY_OTHER_SOURCE", "UNKNOWN_RECORD"]
     assert snap.counters["applied"] == 2 and snap.counters["dead_lettered"] == 2 and snap.conserved
+    assert snap.counters["requeued"] >= 1  # the unknown record's UPDATE waited for a CREATE before its dead letter
     deleted = [ch for ch in changes_for(srv) if ch["action"] == "DELETED"]
     assert len(deleted) == 1 and deleted[0]["erased_uuids"] == [deleted[0]["customer_uuid"]]
+
+
+def test_an_update_that_overtook_its_create_waits_for_it_and_is_applied(tmp_path: Path,
+                                                                        start_server: Callable[[Settings], Client]) -> None:
+    """An UPDATE (and a DELETE) for a record nobody holds yet goes back to the inbox and is tried again; once the
+    CREATE arrives, both apply in the events' own time order: nothing dead-lettered, every event applied once."""
+    srv = start_server(make_settings(tmp_path, blueprint(unknown_record_wait_s=30)))
+    update = event("late-1", {"Tier__c": "gold"}, ts="2024-01-02T00:00:00Z")
+    assert post(srv.http_port, update, signed(update, wid="msg_update"))[0] == 202
+    deadline = time.monotonic() + WAIT_S
+    while counters(srv).counters["requeued"] < 2:  # tried, put back, tried again: it waits
+        assert time.monotonic() < deadline, counters(srv)
+        time.sleep(0.05)
+    assert counters(srv).in_inbox == 1 and counters(srv).counters["dead_lettered"] == 0
+    create = event("late-1", {"Customer_Status__c": "Active", "Tier__c": "bronze"}, event_type="CREATE")
+    assert post(srv.http_port, create, signed(create, wid="msg_create"))[0] == 202
+    snap = drained(srv)
+    assert attrs(srv, "late-1")["tier"] == "gold"  # the UPDATE is newer than the CREATE: it wins
+    assert snap.counters["applied"] == 2 and snap.counters["dead_lettered"] == 0 and snap.conserved
+    assert not srv.stub.ListDeadLetters(pb.ListDeadLettersRequest(), timeout=5).dead_letters
+    assert sorted(ch["event"]["webhook_id"] for ch in changes_for(srv)) == ["msg_create", "msg_update"]
 
 
 # -- dead-letter queue ---------------------------------------------------------------------------------------

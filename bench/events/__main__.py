@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pusher-sched-idle", action=argparse.BooleanOptionalAction, default=True,
                    help="run the pusher (the CRM's side, not the server) under SCHED_IDLE (the default): in production "
                         "it is on another machine; here it then takes only CPU the server and the load clients leave")
+    p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=True,
+                   help="each load client round_robin over every worker's own port (the default, as ResolverClient "
+                        "does); --no-spread: through the shared port, where SO_REUSEPORT places each client's "
+                        "connection on a worker at random, and one saturated worker can make a window's p99")
     p.add_argument("--realtime-clients", action=argparse.BooleanOptionalAction, default=True,
                    help="run the load clients (the contact-center platform, the measuring side) under SCHED_FIFO 1 "
                         "(the default; needs root): in production they are on other machines; here, at normal "

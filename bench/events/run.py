@@ -215,11 +215,13 @@ def drain_window(a: argparse.Namespace, load: Load, server: Server, stub: Any, r
     assert pusher.stdin is not None
     log(f"window B: call-setup at {a.rate:g}/s for {dur_b:g}s while {a.events} events are pushed "
         f"(a drain at the floor, {floor_rate(a):g}/s, takes ~{drain_s:.0f}s)")
-    base_conns = procstat.established_to(server.grpc_port)
+    ports = load.ports()
+    base_conns = sum(procstat.established_to(p) for p in ports)
     meter = Meter(server.pid)
     loadgen = load.start(dur_b, "b_drain")
     seen_deadline = time.monotonic() + 60
-    while procstat.established_to(server.grpc_port) < base_conns + a.clients and time.monotonic() < seen_deadline:
+    while sum(procstat.established_to(p) for p in ports) < base_conns + a.clients * len(ports) \
+            and time.monotonic() < seen_deadline:
         time.sleep(0.01)
     connected = time.monotonic()
     time.sleep(max(0.0, connected + RECORDED_AFTER_CONNECT_S - time.monotonic()))
@@ -232,7 +234,8 @@ def drain_window(a: argparse.Namespace, load: Load, server: Server, stub: Any, r
     sampler = Sampler(stub, go, base=base)
     placement: dict[str, Any] = {}
     placer = threading.Timer(3.0, lambda: placement.update(
-        connection_placement(server.pid, {"grpc": server.grpc_port, "webhooks": server.http_port})))
+        connection_placement(server.pid, server.grpc_port,
+                             {"grpc": (server.grpc_port, *ports), "webhooks": (server.http_port,)})))
     placer.start()
     pusher_cpu0 = procstat.cpu_seconds(pusher.pid)
     b = load.finish(loadgen, "b_drain", dur_b + 120)
@@ -299,6 +302,7 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     """The whole run in `work` (dataset, data), its figures into `results` and `out`; the verdicts."""
     import grpc
 
+    from resolver.client import workers_target
     from resolver.v1 import resolver_pb2 as pb
     from resolver.v1 import resolver_pb2_grpc
 
@@ -313,7 +317,12 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     stack.callback(channel.close)
     stub = resolver_pb2_grpc.IdentityResolverStub(channel)
     stub.GetEventCounters(pb.GetEventCountersRequest(), timeout=10)  # connected, and the store answers
-    load = Load(server.target, server.pid, setup.queries, a.rate, a.clients, a.realtime_clients, out)
+    # every client spreads its calls over every worker (round_robin over their own ports, as ResolverClient does):
+    # through the shared port SO_REUSEPORT puts each client's one connection on a worker at random, and a window
+    # whose load all lands on one worker measures that worker's queue, not the drain
+    target = (workers_target(server.target, timeout=10) if a.spread else None) or server.target
+    results["server"]["load_target"] = target
+    load = Load(target, server.pid, setup.queries, a.rate, a.clients, a.realtime_clients, out)
 
     log(f"window A: call-setup at {a.rate:g}/s for {a.baseline:g}s, no events")
     results["window_a"] = load.window(a.baseline, "a_baseline")

@@ -49,21 +49,22 @@ def process_cores(before: dict[str, float], after: dict[str, float], seconds: fl
     return {k: round((v - before.get(k, 0.0)) / max(seconds, 1e-9), 3) for k, v in after.items()}
 
 
-def connection_placement(server_pid: int, ports: dict[str, int]) -> dict[str, Any]:
-    """Which server process holds each established connection on the gRPC and webhook ports (SO_REUSEPORT
-    spreads gRPC connections over the workers at random; webhooks and the applier are the events process's)."""
+def connection_placement(server_pid: int, grpc_port: int, ports: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Which server process holds each established connection on each named group of ports (the gRPC workers
+    are the children listening on the shared `grpc_port`: SO_REUSEPORT spreads its connections over them at
+    random; each also has its own port; webhooks and the applier are the events process's)."""
     kids = procstat.child_pids(server_pid)
     owner = procstat.socket_owners([server_pid, *kids])
     socks = [s for s in procstat.tcp_sockets() if s.inode in owner]
     # the workers: the children listening on the gRPC port (not the resource tracker), in start order
-    workers = sorted({owner[s.inode] for s in socks if s.state == procstat.LISTEN and s.local_port == ports["grpc"]
+    workers = sorted({owner[s.inode] for s in socks if s.state == procstat.LISTEN and s.local_port == grpc_port
                       and owner[s.inode] != server_pid}) or kids
     counts: dict[str, dict[str, int]] = {}
     for s in socks:
         if s.state != procstat.ESTABLISHED:
             continue
-        for name, port in ports.items():
-            if s.local_port == port:
+        for name, group in ports.items():
+            if s.local_port in group:
                 pid = owner[s.inode]
                 label = ("events process" if procstat.comm(pid) == EVENTS_PROCESS else "supervisor" if pid not in workers
                          else f"worker {workers.index(pid)}")

@@ -35,6 +35,10 @@ class Load:
     realtime: bool
     out: Path
 
+    def ports(self) -> tuple[int, ...]:
+        """The server ports the load clients connect to: the shared port, or every worker's (`ipv4:A:P1,A:P2`)."""
+        return tuple(int(address.rsplit(":", 1)[1]) for address in self.target.removeprefix("ipv4:").split(","))
+
     def start(self, duration: float, name: str) -> subprocess.Popen[bytes]:
         """Start one window's loadgen: a warm-up, then `duration` s recorded."""
         cmd = [PY, "-m", "bench.loadgen", "--target", self.target, "--scenario", "call-setup", "--queries",

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", action=argparse.BooleanOptionalAction, default=True,
                    help="each client round_robin over every worker's own port (the default, as ResolverClient does); "
                         "--no-spread: through the shared port, where SO_REUSEPORT places each client's connection on "
-                        "a worker at random (bench/events does), and one saturated worker can make a window's p99")
+                        "a worker at random, and one saturated worker can make a window's p99")
     p.add_argument("--realtime-clients", action=argparse.BooleanOptionalAction, default=True,
                    help="load clients under SCHED_FIFO 1 (the default; root): the measuring side, on other machines "
                         "in production")

@@ -224,7 +224,6 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     # whose load all lands on one worker measures that worker's queue, not the drain (bench/README.md)
     spread = workers_target(server.target, timeout=10) if a.spread else None
     target = spread or server.target
-    ports = [int(x.rsplit(":", 1)[1]) for x in target.removeprefix("ipv4:").split(",")]
     results["server"]["load_target"] = target
     load = Load(target, server.pid, ds / "queries.jsonl", a.rate, a.clients, a.realtime_clients, out)
 
@@ -235,6 +234,7 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     log(f"  A: p99 {results['window_a']['latency_ms']['p99']:.3f} ms")
 
     log(f"window B: call-setup at {a.rate:g}/s for {a.window_b:g}s while the outbox drains")
+    ports = load.ports()
     base_conns = sum(procstat.established_to(p) for p in ports)
     meter = Meter(server.pid)
     loadgen = load.start(a.window_b, "b_drain")

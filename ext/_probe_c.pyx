@@ -18,6 +18,7 @@ ext/_probe_lmdb.pxi explains; where py-lmdb's objects are not what that file exp
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.list cimport PyList_AsTuple
 from cpython.object cimport PyObject
 
 from resolver import _probe_types as _vocab
@@ -38,14 +39,16 @@ include "_probe_lmdb.pxi"
 
 @cython.final
 @cython.freelist(16)
+@cython.no_gc
 cdef class Decision:
     """resolver._probe_types.Decision as the compiled loop returns it: the same fields, read by name, and that
     NamedTuple's behaviour (equal to it, indexable, unpackable). A cdef class because every Resolve builds one:
     a NamedTuple instance is allocated and freed outside any free list, which a Resolve measurably pays; this
-    one comes from a free list, its fields set in C."""
+    one comes from a free list, its fields set in C, and is not tracked by the cyclic collector (its fields are
+    tuples of bytes, ints and strings: it can be in no reference cycle)."""
 
     cdef readonly int outcome, kind
-    cdef readonly list uuids, conflicts, fanned, probes
+    cdef readonly tuple uuids, conflicts, fanned, probes
 
     cdef tuple _tuple(self):
         return (self.outcome, self.kind, self.uuids, self.conflicts, self.fanned, self.probes)
@@ -132,8 +135,8 @@ cdef class Prober:
         return self._native.ok
 
     cpdef fields(self, bytes uid, tuple names):
-        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide`
-        confirmed is not read again. Read transactions only: a write since that decide is not seen."""
+        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide` or
+        `decide_many` confirmed is not read again. Read transactions only: a write since then is not seen."""
         raw = self._confirmed.get(uid)
         if raw is None:
             raw = self.txn.get(uid, None, self.records)
@@ -168,28 +171,31 @@ cdef class Prober:
         finally:
             if cs is not None:
                 cs.close()
-        return Probed(entries, uuids)
+        return Probed(entries, uuids if uuids is not None else [])
 
     cdef list _probe(self, _Cursors cs, int kind, str value, Py_ssize_t limit, Py_ssize_t* entries):
-        """`probe`: the confirmed uuids, the entries under the key in `entries`."""
+        """`probe`: the confirmed uuids (None for none: no list is made for a miss), the entries under the key
+        in `entries`."""
         if cs is not None:
             return self._probe_native(cs, kind, value, limit, entries)
         cdef Py_ssize_t n
-        cdef list uids, confirmed = []
+        cdef list uids, confirmed = None
         cdef bytes want
         cur = self._cursor(kind)
         entries[0] = 0
         if not cur.set_key(self.key(kind, value)):
-            return confirmed
+            return None
         n = entries[0] = cur.count()
         if n > limit:
-            return confirmed
+            return None
         uids = [cur.value()] if n == 1 else list(cur.iternext_dup())
         want = _encoded(value)
         get = self.txn.get
         for uid in uids:
             raw = get(uid, None, self.records)
             if raw is not None and _holds(raw, kind, value, want):
+                if confirmed is None:
+                    confirmed = []
                 confirmed.append(uid)
                 self._confirmed[uid] = raw
         return confirmed
@@ -202,18 +208,18 @@ cdef class Prober:
         cdef MDB_val k, v, rec
         cdef size_t count, i
         cdef int rc, found
-        cdef list confirmed = []
+        cdef list confirmed = None
         cdef bytes key = self.key(kind, value), want, uid
         entries[0] = 0
         k.mv_size, k.mv_data = PyBytes_GET_SIZE(key), PyBytes_AS_STRING(key)
         rc = e.cursor_get(cur, &k, &v, MDB_SET_KEY)
         if rc == MDB_NOTFOUND:
-            return confirmed
+            return None
         if rc != 0 or e.cursor_count(cur, &count) != 0:
             raise _lmdb_error(rc, "mdb_cursor_get")
         entries[0] = <Py_ssize_t>count
         if entries[0] > limit:
-            return confirmed
+            return None
         want = _encoded(value)
         for i in range(count):
             if i > 0:
@@ -234,12 +240,15 @@ cdef class Prober:
                 found = _holds_decoded(raw, kind, value)
             if found:
                 uid = PyBytes_FromStringAndSize(<char*>v.mv_data, <Py_ssize_t>v.mv_size)
+                if confirmed is None:
+                    confirmed = []
                 confirmed.append(uid)
                 self._confirmed[uid] = raw
         return confirmed
 
     def decide(self, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
         cdef _Cursors cs = self._open()
+        self._confirmed.clear()
         try:
             return self._decide(cs, external_id, emails, phones, limit, explain)
         finally:
@@ -247,9 +256,11 @@ cdef class Prober:
                 cs.close()
 
     def decide_many(self, list sets, Py_ssize_t limit):
-        """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop."""
+        """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop.
+        Every record it confirms stays at hand for `fields` until the next decide(_many)."""
         cdef list out = []
         cdef _Cursors cs = self._open()
+        self._confirmed.clear()
         try:
             for external_id, emails, phones, explain in sets:
                 out.append(self._decide(cs, external_id, emails, phones, limit, explain))
@@ -259,34 +270,48 @@ cdef class Prober:
         return out
 
     cdef Decision _decide(self, _Cursors cs, external_id, list emails, list phones, Py_ssize_t limit, bint explain):
-        """Contract §3's decision for one normalized identifier set (see resolver/_probe_py.py)."""
+        """Contract §3's decision for one normalized identifier set (see resolver/_probe_py.py). Lists are made
+        only for what is found: a batch's misses and single matches leave little for the cyclic collector."""
         cdef int outcome = NOT_FOUND, decided = 0, kind, k
-        cdef Py_ssize_t n
-        cdef list winners = [], conflicts = [], fanned = [], probes = [], kind_hits, hits, values
-        by_kind = ((EXTERNAL_ID, [external_id] if external_id is not None else []), (EMAIL, emails),
-                   (PHONE, phones))
-        self._confirmed.clear()
-        for kind, values in by_kind:
-            kind_hits = []
-            for value in values:
+        cdef Py_ssize_t n, i, count, nhits
+        cdef list winners = None, conflicts = None, fanned = None, probes = None, kind_hits, hits, values = None
+        for kind in range(EXTERNAL_ID, PHONE + 1):
+            kind_hits = None
+            if kind == EXTERNAL_ID:
+                count = external_id is not None
+            else:
+                values = emails if kind == EMAIL else phones
+                count = len(values)
+            for i in range(count):
+                value = external_id if kind == EXTERNAL_ID else values[i]
                 hits = self._probe(cs, kind, value, limit, &n)
+                nhits = 0 if hits is None else len(hits)
                 if n > limit:
+                    if fanned is None:
+                        fanned = []
                     fanned.append(Fanned(kind, value, n))
                     if explain:
-                        probes.append(ProbeRow(kind, value, FAN_OUT, n))
+                        probes = _row(probes, kind, value, FAN_OUT, n)
                     continue
                 if explain:
-                    probes.append(ProbeRow(kind, value, HIT if len(hits) == 1 else SHARED if hits else MISS, len(hits)))
+                    probes = _row(probes, kind, value, HIT if nhits == 1 else SHARED if nhits else MISS, nhits)
+                if not nhits:
+                    continue
                 if outcome == MATCHED:
-                    if hits and winners[0] not in hits:
+                    if winners[0] not in hits:
+                        if conflicts is None:
+                            conflicts = []
                         for h in hits:
                             if h not in conflicts:
                                 conflicts.append(h)
                     continue
-                for h in hits:
-                    if h not in kind_hits:
-                        kind_hits.append(h)
-            if outcome == MATCHED or not kind_hits:
+                if kind_hits is None:
+                    kind_hits = hits  # the probe's own list, made for this call
+                else:
+                    for h in hits:
+                        if h not in kind_hits:
+                            kind_hits.append(h)
+            if outcome == MATCHED or kind_hits is None:
                 continue
             decided, winners = kind, kind_hits
             if len(kind_hits) == 1:
@@ -294,16 +319,27 @@ cdef class Prober:
                 continue
             outcome = AMBIGUOUS
             if explain:
-                for k, vs in by_kind:
-                    if k > kind:
-                        for v in vs:
-                            probes.append(ProbeRow(k, v, NOT_PROBED, 0))
+                for k in range(kind + 1, PHONE + 1):
+                    for v in (emails if k == EMAIL else phones):
+                        probes = _row(probes, k, v, NOT_PROBED, 0)
             break
         cdef Decision decision = Decision.__new__(Decision)
         decision.outcome = outcome
         decision.kind = decided
-        decision.uuids = winners
-        decision.conflicts = conflicts
-        decision.fanned = fanned
-        decision.probes = probes
+        decision.uuids = _frozen(winners)
+        decision.conflicts = _frozen(conflicts)
+        decision.fanned = _frozen(fanned)
+        decision.probes = _frozen(probes)
         return decision
+
+
+cdef inline list _row(list probes, int kind, value, int state, Py_ssize_t hits):
+    """`probes` (made on first use) with one more explained probe."""
+    if probes is None:
+        probes = []
+    probes.append(ProbeRow(kind, value, state, hits))
+    return probes
+
+
+cdef inline tuple _frozen(list items):
+    return () if items is None else PyList_AsTuple(items)

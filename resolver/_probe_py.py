@@ -68,11 +68,11 @@ class Prober:
         self.indexes = indexes
         self.records = records
         self.key = key
-        self._confirmed: dict[bytes, bytes] = {}  # records confirmed by the last decide, for `fields`
+        self._confirmed: dict[bytes, bytes] = {}  # records confirmed by the last decide(_many), for `fields`
 
     def fields(self, uid: bytes, names: tuple[str, ...]) -> list[Any] | None:
-        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide`
-        confirmed is not read again. Read transactions only: a write since that decide is not seen."""
+        """`record_fields` of the record under `uid` (None: no such record). A record the last `decide` or
+        `decide_many` confirmed is not read again. Read transactions only: a write since then is not seen."""
         raw = self._confirmed.get(uid)
         if raw is None:
             raw = self.txn.get(uid, db=self.records)
@@ -101,8 +101,18 @@ class Prober:
     def decide(self, external_id: str | None, emails: list[str], phones: list[str], limit: int,
                explain: bool) -> Decision:
         """Contract §3's decision for one normalized identifier set (see the module docstring)."""
-        by_kind = ((EXTERNAL_ID, [external_id] if external_id is not None else []), (EMAIL, emails), (PHONE, phones))
         self._confirmed.clear()
+        return self._decide(external_id, emails, phones, limit, explain)
+
+    def decide_many(self, sets: list[tuple[str | None, list[str], list[str], bool]], limit: int) -> list[Decision]:
+        """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop.
+        Every record it confirms stays at hand for `fields` until the next decide(_many)."""
+        self._confirmed.clear()
+        return [self._decide(external_id, emails, phones, limit, explain) for external_id, emails, phones, explain in sets]
+
+    def _decide(self, external_id: str | None, emails: list[str], phones: list[str], limit: int,
+                explain: bool) -> Decision:
+        by_kind = ((EXTERNAL_ID, [external_id] if external_id is not None else []), (EMAIL, emails), (PHONE, phones))
         outcome, decided = NOT_FOUND, 0
         winners: list[bytes] = []
         conflicts: list[bytes] = []
@@ -136,8 +146,4 @@ class Prober:
             if explain:
                 probes += [ProbeRow(k, v, NOT_PROBED, 0) for k, vs in by_kind if k > kind for v in vs]
             break
-        return Decision(outcome, decided, winners, conflicts, fanned, probes)
-
-    def decide_many(self, sets: list[tuple[str | None, list[str], list[str], bool]], limit: int) -> list[Decision]:
-        """`decide` for each normalized (external_id, emails, phones, explain) set, in order: the batch loop."""
-        return [self.decide(external_id, emails, phones, limit, explain) for external_id, emails, phones, explain in sets]
+        return Decision(outcome, decided, tuple(winners), tuple(conflicts), tuple(fanned), tuple(probes))

@@ -48,7 +48,9 @@ class Decision(NamedTuple):
 
     outcome: int  # NOT_FOUND | MATCHED | AMBIGUOUS
     kind: int  # the deciding kind, 0 when NOT_FOUND
-    uuids: list[bytes]  # the match (one uuid) or the candidates, in probe order
-    conflicts: list[bytes]  # MATCHED: customers that lower kinds point at instead
-    fanned: list[Fanned]
-    probes: list[ProbeRow]  # only when explain was asked, else []
+    # Tuples, not lists: a batch makes one Decision per request, and tuples of plain values (an empty one is
+    # shared) leave nothing for the cyclic collector to walk.
+    uuids: tuple[bytes, ...]  # the match (one uuid) or the candidates, in probe order
+    conflicts: tuple[bytes, ...]  # MATCHED: customers that lower kinds point at instead
+    fanned: tuple[Fanned, ...]
+    probes: tuple[ProbeRow, ...]  # only when explain was asked, else ()

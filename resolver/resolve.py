@@ -11,7 +11,7 @@ without sensitive attributes, or a blueprint without any, answers as if encrypti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -122,7 +122,7 @@ def _probe_order(sets: list[tuple[str | None, list[str], list[str], bool]],
     return sorted(range(len(sets)), key=first)
 
 
-def fanned_skipped(fanned: list[Fanned], limit: int) -> list[Skipped]:
+def fanned_skipped(fanned: Sequence[Fanned], limit: int) -> list[Skipped]:
     """The identifiers a decision skipped for fan-out (held by more than `limit` customers), as reported."""
     detail = f"held by more than {limit} customers; never decides a match"
     return [Skipped(_KIND[k], mask(_KIND[k], v), "FAN_OUT_LIMIT", detail) for k, v, _ in fanned]
@@ -209,15 +209,18 @@ class Resolver:
         fanout = self.settings.matching.max_fanout
         sets = [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok]
         order = _probe_order(sets, self.store.hasher.key) if len(sets) > 1 else range(len(sets))
-        decided: dict[int, Decision] = {}  # by position in `sets`
+        answered: dict[int, ResolveResult] = {}  # by position in `sets`
         with self.store.read() as txn:
             for start in range(0, len(sets), _PROBE_CHUNK):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded(_BATCH_TOO_LATE)
                 chunk = order[start:start + _PROBE_CHUNK]
-                decided.update(zip(chunk, txn.prober.decide_many([sets[i] for i in chunk], fanout), strict=True))
-            answers = (decided[i] for i in range(len(sets)))
-            return [p if isinstance(p, ResolverError) else self._answer(txn, p, next(answers)) for p in prepared]
+                decisions = txn.prober.decide_many([sets[i] for i in chunk], fanout)
+                # answered at once: the records the chunk's probes confirmed are still at hand (Prober.fields)
+                for i, decision in zip(chunk, decisions, strict=True):
+                    answered[i] = self._answer(txn, ok[i], decision)
+        answers = (answered[i] for i in range(len(sets)))
+        return [p if isinstance(p, ResolverError) else next(answers) for p in prepared]
 
     def lookup(self, txn: Txn, p: Prepared) -> ResolveResult:
         """Probe the indexes for a prepared request inside the caller's read transaction (contract §3).

@@ -8,6 +8,7 @@ Prober is compared on a real LMDB store written through the Upsert path, with sh
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import uuid
@@ -228,6 +229,43 @@ def test_fields_of_a_confirmed_record_match_the_decoded_record(store: Service) -
             assert uid in decision.uuids
             assert prober.fields(uid, ("phones", "absent")) == [rec.phones, None]  # from the confirmed bytes
             assert prober.fields(b"\0" * 16, ("uuid",)) is None
+
+
+def test_decide_many_keeps_every_record_it_confirmed_for_fields(store: Service) -> None:
+    """The batch loop's answers read the records its probes confirmed without reading them again: after
+    decide_many, `fields` of any of its matches comes from the confirmed bytes (seen here through a write the
+    Prober is documented not to see), until the next decide(_many)."""
+    s = store.store
+    view = s.write()  # aborted at the end
+    try:
+        held = [(uid, view.record(uid)) for _, uid in view.iter_index(Kind.PHONE)][:5]
+        args = (view.txn, s.index_dbs, s.records_db, s.hasher.key)
+        for prober in (_probe_py.Prober(*args), _probe_c.Prober(*args)):
+            decisions = prober.decide_many([(None, [], [rec.phones[0]], False) for _, rec in held if rec], 4)
+            assert all(uid in d.uuids for (uid, _), d in zip(held, decisions, strict=True))
+            first_uid, first = held[0]
+            assert first is not None
+            view.txn.delete(first_uid, db=s.records_db)
+            assert prober.fields(first_uid, ("uuid",)) == [first.uuid]  # the first decision's record, at hand
+            prober.decide(None, [], [], 4, False)
+            assert prober.fields(first_uid, ("uuid",)) is None  # a new decide: read again (the write is seen)
+            view.txn.put(first_uid, first.encode(), db=s.records_db)
+    finally:
+        view.txn.abort()
+
+
+def test_a_compiled_decision_is_not_tracked_by_the_cyclic_collector(store: Service) -> None:
+    """A batch makes one Decision per request: it holds tuples of plain values, so the collector never needs to
+    walk it (an empty field is the shared empty tuple)."""
+    s = store.store
+    with s.read() as view:
+        uid, rec = next((uid, view.record(uid)) for _, uid in view.iter_index(Kind.PHONE))
+        assert rec is not None
+        prober = _probe_c.Prober(view.txn, s.index_dbs, s.records_db, s.hasher.key)
+        for decision in prober.decide_many([(None, [], [rec.phones[0]], True), (None, [], ["+12025550100"], False)], 4):
+            assert not gc.is_tracked(decision)
+            assert all(type(getattr(decision, f)) is tuple for f in ("uuids", "conflicts", "fanned", "probes"))
+        assert decision.outcome == _probe_py.NOT_FOUND and decision.probes == () and decision.uuids == ()
 
 
 @settings(max_examples=300, deadline=None)

@@ -227,13 +227,11 @@ class WriteClient(threading.Thread):
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
                     raise AssertionError(f"{err.code().name}: {err.details()}") from None
-                self.log.retries += 1
-                time.sleep(0.05 + self.rng.random() * 0.1)
             except ValueError as err:  # the test closed the channel for a kill between stub() and the call:
                 if "closed channel" not in str(err):  # the request never left, so it is retried like a CANCELLED one
                     raise
-                self.log.retries += 1
-                time.sleep(0.05 + self.rng.random() * 0.1)
+            self.log.retries += 1
+            time.sleep(0.05 + self.rng.random() * 0.1)
 
     def _ack(self, kind: str, key: str, ref: str, uuid: str, version: int, values: dict[str, Any], replayed: bool,
              attempts: int) -> None:

@@ -1,9 +1,11 @@
 """Client helper: a deadline on every call, idempotency keys generated once per write, safe retries.
 
-Retries: the channel's service config retries UNAVAILABLE transparently (gRPC retry policy); on top of
-that every call is re-sent after DEADLINE_EXCEEDED or UNAVAILABLE up to `max_attempts` times, each
-attempt with its own deadline. An Upsert is re-sent with the *same* idempotency key, so the server
-executes it at most once (contract §4.2); reads are naturally idempotent.
+Retries: the channel's service config (`service_config`) has gRPC retry, within the call's deadline, what failed
+for want of capacity: UNAVAILABLE, a worker's overload refusal (RESOURCE_EXHAUSTED, after the delay the server
+pushes back) and a call gRPC's core dropped from a full backlog (CANCELLED), throttled so that an overloaded
+server is not sent its excess again. On top of that every call is re-sent after DEADLINE_EXCEEDED or
+UNAVAILABLE up to `max_attempts` times, each attempt with its own deadline. An Upsert is re-sent with the
+*same* idempotency key, so the server executes it at most once (contract §4.2); reads are naturally idempotent.
 
 TLS: `root_certificates` (the PEM CA bundle that signed the server's certificate; None: plaintext, the default),
 and for mTLS `client_cert` + `client_key` (PEM); `tls_credentials` builds the same for a raw grpc channel.
@@ -31,9 +33,20 @@ SERVICE = "resolver.v1.IdentityResolver"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def service_config(max_attempts: int, round_robin: bool = False) -> str:
-    """The gRPC service config: transparent retries of UNAVAILABLE with exponential backoff; with `round_robin`,
-    calls spread over every address of the target (one subchannel each)."""
+def service_config(max_attempts: int, round_robin: bool = False, *, backoff: float = 0.02,
+                   retry_refused: bool = True) -> str:
+    """The gRPC service config: gRPC's own retry policy (gRFC A6) with exponential backoff from `backoff` seconds,
+    throttled per channel (once more than half its retry tokens are spent, failures are returned at once rather
+    than retried: an overloaded server is not sent the excess again); with `round_robin`, calls spread over every
+    address of the target (one subchannel each).
+
+    Retried: UNAVAILABLE, and with `retry_refused` the calls an overloaded worker refused (RESOURCE_EXHAUSTED,
+    after the server's pushback: resolver.api.status.pushback_ms; a full map's refusal says "never") or gRPC's core
+    dropped before any handler took them (CANCELLED from the server; a call this client cancels is never retried).
+    Safe for every method: a write is re-sent with its idempotency key (contract §4.2), reads change nothing, and
+    gRPC does not retry a call once an answer message has arrived. Load generators pass `retry_refused=False` to
+    count refusals rather than hide them."""
+    codes = ["UNAVAILABLE", *(("RESOURCE_EXHAUSTED", "CANCELLED") if retry_refused else ())]
     return json.dumps(
         {
             **({"loadBalancingConfig": [{"round_robin": {}}]} if round_robin else {}),
@@ -42,13 +55,14 @@ def service_config(max_attempts: int, round_robin: bool = False) -> str:
                     "name": [{"service": SERVICE}],
                     "retryPolicy": {
                         "maxAttempts": max(2, min(max_attempts, 5)),
-                        "initialBackoff": "0.02s",
-                        "maxBackoff": "0.5s",
+                        "initialBackoff": f"{backoff:.6f}s",
+                        "maxBackoff": f"{max(backoff, 0.5):.6f}s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": codes,
                     },
                 }
-            ]
+            ],
+            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         }
     )
 
@@ -146,7 +160,8 @@ class ResolverClient:
         workers = workers_target(self.address, self.credentials, token=self.token) if self.spread else None
         self.target = workers or self.address
         options: list[tuple[str, str | int]] = [
-            ("grpc.service_config", service_config(self.max_attempts, round_robin=workers is not None)),
+            ("grpc.service_config", service_config(self.max_attempts, round_robin=workers is not None,
+                                                   backoff=self.backoff)),
             ("grpc.enable_retries", 1)]
         if workers is not None and self.credentials is not None:
             # the workers' addresses are one server: its certificate is checked against the name it was asked by

@@ -181,13 +181,14 @@ def realtime_priority() -> str:
 
 def open_channel(target: str) -> Any:
     """An insecure channel to `target`; a list of addresses (`ipv4:A:P1,A:P2`, resolver.client.workers_target) is
-    one channel over every worker, round-robin, as ResolverClient opens it."""
+    one channel over every worker, round-robin, as ResolverClient opens it (but refusals are counted, not retried)."""
     import grpc
 
     from resolver.client import service_config
 
     spread = target.startswith(("ipv4:", "ipv6:")) and "," in target
-    return grpc.insecure_channel(target, options=[("grpc.service_config", service_config(3, True))] if spread else None)
+    config = service_config(3, True, retry_refused=False)
+    return grpc.insecure_channel(target, options=[("grpc.service_config", config)] if spread else None)
 
 
 def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str, seed: int,

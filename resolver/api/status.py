@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -69,9 +71,34 @@ def _bad_request(violations: list[errors.FieldViolation]) -> error_details_pb2.B
     return error_details_pb2.BadRequest(field_violations=listed)
 
 
+# gRFC A6's server pushback: the trailer a client's gRPC retry policy reads (Go, Java, Node, C++ and Python alike)
+# to wait exactly that long before its next attempt; a negative value tells it not to retry at all.
+PUSHBACK = "grpc-retry-pushback-ms"
+
+
+def pushback_ms(exc: errors.ResolverError) -> int | None:
+    """The pushback a refusal carries: its retry delay when the same call will succeed later (overload, a full
+    inbox), -1 when no retry can (a full map or disk waits for an operator), None for every other error (a retry
+    policy then applies its own backoff, if it retries that code at all)."""
+    if isinstance(exc, (errors.Overloaded, errors.InboxFull)):
+        return max(0, round(exc.retry_after_s * 1000))
+    if isinstance(exc, errors.StorageFull):
+        return -1
+    return None
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
 def to_status(exc: errors.ResolverError) -> grpc.Status:
-    """The gRPC status for a domain error: code, message, ErrorInfo and (when fields are bad) BadRequest."""
-    return rpc_status.to_status(to_rpc_status(exc))
+    """The gRPC status for a domain error: code, message, ErrorInfo and (when fields are bad) BadRequest; and the
+    retry pushback of one that says when to come back (`pushback_ms`)."""
+    status = rpc_status.to_status(to_rpc_status(exc))
+    ms = pushback_ms(exc)
+    if ms is None:
+        return status
+    return _Status(status.code, status.details, (*status.trailing_metadata, (PUSHBACK, str(ms))))
 
 
 def to_rpc_status(exc: errors.ResolverError) -> status_pb2.Status:

@@ -47,7 +47,9 @@ from grpc_status import rpc_status
 from bench.loadgen.runner import Phase, PhaseResult, realtime_priority, run_phases
 from bench.loadgen.workload import Data
 from bench.procstat import snapshot, tree, tree_rss_bytes
+from resolver.api.status import PUSHBACK
 from resolver.bootstrap import build_service
+from resolver.client import ResolverClient
 from resolver.config import load_settings
 from resolver.events.signatures import sign
 from resolver.identifiers import RawIdentifiers
@@ -395,6 +397,69 @@ def test_calls_held_in_grpc_are_refused_within_the_budget(make_server, settings)
     # each answer earns one refusal and each refusal spends one: never more refusals than answers before them
     assert 1 <= codes.count("refused") <= 5, codes
     assert codes.count(True) == 6 - codes.count("refused"), codes
+
+
+def test_the_client_helper_retries_a_refused_write_after_the_servers_pushback_once(make_server, settings) -> None:  # noqa: ANN001
+    """An Upsert an overloaded worker refuses is retried by ResolverClient's channel (gRPC's retry policy) after the
+    delay the refusal pushes back, not after the policy's own 20 ms backoff (which would meet the same overload
+    twice more and give up), and it is done once."""
+    server = make_server(settings.with_overrides(threads=2, max_queue_wait_ms=300))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, \
+            ResolverClient(f"127.0.0.1:{server.port}", spread=False, write_timeout=30, max_attempts=3) as client:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        stub.Resolve(resolve_req(phones=(phone(1),)), timeout=5)  # connected and warm
+        with ThreadPoolExecutor(1) as pool_of_one:
+            with _holding_the_pool(server, stub) as pool:
+                time.sleep(0.35)  # the queued Resolve waits past the 300 ms limit: every new call is refused
+                try:
+                    stub.Upsert(upsert_req("refused", phones=(phone(8),)), timeout=5)  # no retry policy: refused
+                    raise AssertionError("a call past the queue wait was not refused")
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    assert dict(err.trailing_metadata())[PUSHBACK] == "300"
+                sent = pool_of_one.submit(client.upsert, idempotency_key="pushed-once", external_id="PUSHED",
+                                          phones=(phone(9),))
+                time.sleep(0.1)  # refused by now; the worker drains once the lock goes, before the pushback ends
+                assert not sent.done()
+            answer = sent.result(timeout=30)
+        assert answer.action == pb.ACTION_CREATED and answer.version == 1
+        assert all(f.result().action == pb.ACTION_CREATED for f in pool.held) and pool.queued.result()
+        again = client.upsert(idempotency_key="pushed-once", external_id="PUSHED", phones=(phone(9),))
+        assert again.replayed and again.customer_uuid == answer.customer_uuid
+        assert client.attempts_made == 2  # one call each: the retry was gRPC's, below the helper's own loop
+        found = stub.Resolve(resolve_req(phones=(phone(9),)), timeout=5)
+        assert found.outcome == pb.OUTCOME_MATCHED and found.customer_uuid == answer.customer_uuid
+
+
+def test_the_client_helper_retries_a_call_grpc_dropped_from_a_full_backlog(make_server, settings) -> None:  # noqa: ANN001
+    """A call gRPC's core drops because the worker's backlog is full (CANCELLED, never seen by a handler) is retried
+    by ResolverClient's channel after its backoff and answered once there is room; a plain channel gets the drop."""
+    server = make_server(settings.with_overrides(threads=2, max_queued_calls=1, max_backlog_calls=1, max_backlog_s=60,
+                                                 refusal_share=0.0, max_queue_wait_ms=60000))
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, \
+            ResolverClient(f"127.0.0.1:{server.port}", spread=False, resolve_timeout=30, backoff=0.5,
+                           max_attempts=3) as client:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        stub.Resolve(resolve_req(phones=(phone(1),)), timeout=5)  # connected and warm
+        with ThreadPoolExecutor(1) as pool_of_one:
+            with _holding_the_pool(server, stub) as pool:
+                waiting = [stub.Resolve.future(resolve_req(phones=(phone(5),)), timeout=30)]  # the backlog's one
+                dropped = None
+                for _ in range(5):  # one more call may slip in while gRPC checks its limit: send until one drops
+                    waiting.append(stub.Resolve.future(resolve_req(phones=(phone(5),)), timeout=30))
+                    time.sleep(0.3)  # a drop is answered at once
+                    if waiting[-1].done():
+                        dropped = waiting.pop()
+                        break
+                assert dropped is not None and dropped.code() == grpc.StatusCode.CANCELLED, "no call was dropped"
+                sent = pool_of_one.submit(client.resolve, phones=(phone(6),))
+                time.sleep(0.2)  # dropped by now; retried 0.4-0.6 s later (backoff 0.5 s, jitter 20%)
+                assert not sent.done()
+            answer = sent.result(timeout=30)
+        assert answer.outcome == pb.OUTCOME_NOT_FOUND
+        assert all(f.result().outcome == pb.OUTCOME_NOT_FOUND for f in waiting)
+        assert all(f.result().action == pb.ACTION_CREATED for f in pool.held) and pool.queued.result()
+        assert client.attempts_made == 1
 
 
 # -- the webhook endpoint --------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.api.handlers import SERVICE
-from resolver.api.status import MAX_DESCRIPTION, MAX_FIELD, MAX_VIOLATIONS, to_rpc_status
+from resolver.api.status import MAX_DESCRIPTION, MAX_FIELD, MAX_VIOLATIONS, PUSHBACK, to_rpc_status, to_status
 from resolver.api.wire import MAX_NAME_SHOWN, Decoder, Limits, plain_struct
 from resolver.config import LimitSettings
-from resolver.errors import FieldViolation, InvalidInput
+from resolver.errors import FieldViolation, InboxFull, InvalidInput, NotFound, Overloaded, ResourceExhausted, StorageFull
 from resolver.v1 import resolver_pb2 as pb
 from tests.conftest import unpack_details
 from tests.rawproto import varint as _varint
@@ -513,6 +513,22 @@ def test_a_status_listing_100000_huge_violations_stays_small() -> None:
     assert more.reason == "MORE" and more.field == "" and str(n - MAX_VIOLATIONS) in more.description
     assert len(status.SerializeToString()) < 6000
     assert len(status.message) < 600
+
+
+@pytest.mark.parametrize(("exc", "pushback"), [
+    (Overloaded("busy", retry_after_s=0.05, limit="server.max_queue_wait_ms"), "50"),
+    (InboxFull("full", retry_after_s=2), "2000"),
+    (StorageFull("the map is full", reason="MAP_FULL", limit="storage.map_size_mb"), "-1"),
+    (ResourceExhausted("too many watchers", reason="TOO_MANY_WATCHERS", limit="changes.max_watchers"), None),
+    (NotFound("no such customer"), None),
+])
+def test_a_refusal_says_when_a_retry_policy_may_come_back(exc: Exception, pushback: str | None) -> None:
+    """gRFC A6's pushback trailer: the retry delay of an overload or a full inbox, "never" (negative) for a full
+    store, nothing for the rest; beside the status details, which stay as they were."""
+    status = to_status(exc)
+    metadata = dict(status.trailing_metadata)
+    assert metadata.get(PUSHBACK) == pushback
+    assert metadata["grpc-status-details-bin"] == to_rpc_status(exc).SerializeToString()
 
 
 @pytest.mark.parametrize("n", [0, 1, MAX_VIOLATIONS, MAX_VIOLATIONS + 1])

@@ -121,6 +121,11 @@ bench-deps: build
 clean:
 	rm -rf build dist *.egg-info resolver/*.so resolver/v1/*_pb2* resolver/_phonemeta.py ext/*.c .pytest_cache .benchmarks
 
+# Is this machine fast for RPCs right now? Server CPU per bare grpcio health check (no resolver code), ~10 s.
+.PHONY: bench-machine
+bench-machine: bench-deps
+	$(PY) -m bench.machine $(BENCH_ARGS)
+
 # Back-pressure (issue 5): Resolve at 1,000/s while 20,000 signed webhooks are pushed and drained; report in
 # bench/out/events/ (about 2-3 minutes, everything on 127.0.0.1).
 .PHONY: bench-events

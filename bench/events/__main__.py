@@ -148,7 +148,8 @@ def repeat(argv: list[str], n: int, out: Path) -> int:
         codes.append(main(once + ["--out", str(out / f"run-{k}")]))
         r = json.loads((out / f"run-{k}" / "results.json").read_text())
         runs.append({"run": k, "started": r["started"], "a_p99_ms": r["window_a"]["latency_ms"]["p99"],
-                     "b_p99_ms": r["window_b"]["latency_ms"]["p99"], **r["verdicts"]})
+                     "b_p99_ms": r["window_b"]["latency_ms"]["p99"],
+                     "floor_us_per_call": r["machine"].get("grpc_floor", {}).get("floor_us_per_call"), **r["verdicts"]})
     ratios = [x["p99_ratio_b_over_a"] for x in runs if x["p99_ratio_b_over_a"] is not None]
     median = statistics.median(ratios) if ratios else float("nan")
 

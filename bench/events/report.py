@@ -7,6 +7,8 @@ import os
 import statistics
 from typing import Any
 
+from bench.machine import SLOW_US, describe
+
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
@@ -43,6 +45,8 @@ def render(r: dict[str, Any]) -> str:
         "# Back-pressure bench: Resolve during an event drain (issue 5)", "",
         f"{r['started']} · git {r['machine']['git']} · {r['machine']['cpus']} CPU {r['machine']['cpu_model']} · "
         f"Python {r['machine']['python']} · hot path {r['machine']['hot_path']} · {r.get('elapsed_s', '?')} s", "",
+        *([f"The machine before the run: {describe(r['machine']['grpc_floor'])}.", ""] if "grpc_floor" in r["machine"]
+          else []),
         f"Command: `{r['command']}`", "",
         f"{s['customers']:,} customers; call-setup at {s['rate']:g}/s (open loop, {s['clients']} load client processes); "
         f"{s['events']:,} signed UPDATE events pushed over HTTP keep-alive with {s['connections']} concurrent requests; "
@@ -230,11 +234,14 @@ def render_summary(summary: dict[str, Any]) -> str:
              f"Median drain rate under Resolve load (B): {_r(summary.get('median_drain_rate_under_load_per_s'))}/s; "
              f"with no Resolve load, a backlog (E): {_r(summary.get('median_drain_rate_idle_per_s'))}/s (target ≥ "
              f"1,000/s); pushed over HTTP (D): {_r(summary.get('median_drain_rate_idle_push_per_s'))}/s.",
-             "", "| run | started | p99 A ms | p99 B ms | B / A | B / C | drain in B /s | drain in D /s | drain in E /s "
-             "| report |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Machine: server CPU per bare grpcio health check before each run (bench/machine.py; fast phase ~150 µs, "
+             f"slow over {SLOW_US} µs: the p99 ratios of a slow run measure this machine).",
+             "", "| run | started | health check CPU µs | p99 A ms | p99 B ms | B / A | B / C | drain in B /s | drain in D /s "
+             "| drain in E /s | report |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in runs:
         c = f"{x['p99_ratio_b_over_c']:.2f}×" if x["p99_ratio_b_over_c"] else "-"
-        lines.append(f"| {x['run']} | {x['started']} | {x['a_p99_ms']:.3f} | {x['b_p99_ms']:.3f} | "
+        lines.append(f"| {x['run']} | {x['started']} | {_r(x.get('floor_us_per_call'))} | {x['a_p99_ms']:.3f} | "
+                     f"{x['b_p99_ms']:.3f} | "
                      f"{x['p99_ratio_b_over_a']:.2f}× | {c} | {_r(x.get('drain_rate_under_load_per_s'))} | "
                      f"{_r(x.get('drain_rate_idle_push_per_s'))} | {_r(x.get('drain_rate_idle_per_s'))} | "
                      f"run-{x['run']}/report.md |")

@@ -46,11 +46,13 @@ def machine_info() -> dict[str, Any]:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip())
+    from bench.machine import floor_cpu_per_call
     from resolver import _hotpath
 
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": sys.version.split()[0],
             "git": git + ("+dirty" if dirty else ""),
-            "hot_path": getattr(_hotpath, "IMPLEMENTATION", getattr(_hotpath, "implementation", "?"))}
+            "hot_path": getattr(_hotpath, "IMPLEMENTATION", getattr(_hotpath, "implementation", "?")),
+            "grpc_floor": floor_cpu_per_call()}  # is the machine in a slow phase? (bench/machine.py)
 
 
 def counters_row(stub: Any) -> list[int]:

@@ -33,7 +33,7 @@ from bench.events.accounting import (
 from bench.events.blueprint import blueprint
 from bench.events.crm import SECRET_ENV, SOURCE, new_secret
 from bench.events.serverstat import connection_placement
-from bench.events.windows import RECORDED_AFTER_CONNECT_S, Load, Meter
+from bench.events.windows import RECORDED_AFTER_CONNECT_S, Load, Meter, spread_target
 from resolver.events.applier import QUIET_S
 
 SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+) .*webhooks on http://127\.0\.0\.1:(\d+)")
@@ -217,16 +217,12 @@ def drain_window(a: argparse.Namespace, load: Load, server: Server, stub: Any, r
     assert pusher.stdin is not None
     log(f"window B: call-setup at {a.rate:g}/s for {dur_b:g}s while {a.events} events are pushed "
         f"(a drain at the floor, {floor_rate(a):g}/s, takes ~{drain_s:.0f}s)")
-    ports = load.ports()
-    base_conns = sum(procstat.established_to(p) for p in ports)
+    base_conns = load.connections()
     meter = Meter(server.pid)
     loadgen = load.start(dur_b, "b_drain")
-    seen_deadline = time.monotonic() + 60
-    while sum(procstat.established_to(p) for p in ports) < base_conns + a.clients * len(ports) \
-            and time.monotonic() < seen_deadline:
-        time.sleep(0.01)
+    load.wait_connected(base_conns)
     connected = time.monotonic()
-    time.sleep(max(0.0, connected + RECORDED_AFTER_CONNECT_S - time.monotonic()))
+    time.sleep(RECORDED_AFTER_CONNECT_S)
     base = counters_row(stub)
     log_from = server.log_size()
     go = time.monotonic()
@@ -237,7 +233,7 @@ def drain_window(a: argparse.Namespace, load: Load, server: Server, stub: Any, r
     placement: dict[str, Any] = {}
     placer = threading.Timer(3.0, lambda: placement.update(
         connection_placement(server.pid, server.grpc_port,
-                             {"grpc": (server.grpc_port, *ports), "webhooks": (server.http_port,)})))
+                             {"grpc": (server.grpc_port, *load.ports()), "webhooks": (server.http_port,)})))
     placer.start()
     pusher_cpu0 = procstat.cpu_seconds(pusher.pid)
     b = load.finish(loadgen, "b_drain", dur_b + 120)
@@ -304,7 +300,6 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     """The whole run in `work` (dataset, data), its figures into `results` and `out`; the verdicts."""
     import grpc
 
-    from resolver.client import workers_target
     from resolver.v1 import resolver_pb2 as pb
     from resolver.v1 import resolver_pb2_grpc
 
@@ -319,10 +314,7 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     stack.callback(channel.close)
     stub = resolver_pb2_grpc.IdentityResolverStub(channel)
     stub.GetEventCounters(pb.GetEventCountersRequest(), timeout=10)  # connected, and the store answers
-    # every client spreads its calls over every worker (round_robin over their own ports, as ResolverClient does):
-    # through the shared port SO_REUSEPORT puts each client's one connection on a worker at random, and a window
-    # whose load all lands on one worker measures that worker's queue, not the drain
-    target = (workers_target(server.target, timeout=10) if a.spread else None) or server.target
+    target = spread_target(server.target, a.spread)
     results["server"]["load_target"] = target
     load = Load(target, server.pid, setup.queries, a.rate, a.clients, a.realtime_clients, out)
 

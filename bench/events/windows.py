@@ -22,6 +22,16 @@ CLIENT_SETUP_S = 0.1  # once connected, each client parses its queries and makes
 RECORDED_AFTER_CONNECT_S = CLIENT_SETUP_S + LEAD_S + WARMUP_S + GAP_S
 
 
+def spread_target(target: str, spread: bool) -> str:
+    """The load clients' target: with `spread`, every worker's own port (`ipv4:A:P1,A:P2`, round_robin, as
+    ResolverClient opens it), else `target` (the shared port). Through the shared port SO_REUSEPORT puts each
+    client's one connection on a worker at random, and a window whose load all lands on one worker measures that
+    worker's queue, not what the window is about (bench/README.md)."""
+    from resolver.client import workers_target
+
+    return (workers_target(target, timeout=10) if spread else None) or target
+
+
 @dataclass(frozen=True)
 class Load:
     """The call-setup load of every window: against which server, how fast, from how many client processes,
@@ -38,6 +48,17 @@ class Load:
     def ports(self) -> tuple[int, ...]:
         """The server ports the load clients connect to: the shared port, or every worker's (`ipv4:A:P1,A:P2`)."""
         return tuple(int(address.rsplit(":", 1)[1]) for address in self.target.removeprefix("ipv4:").split(","))
+
+    def connections(self) -> int:
+        """The connections established to those ports now (the load clients' and any others)."""
+        return sum(procstat.established_to(p) for p in self.ports())
+
+    def wait_connected(self, before: int, timeout: float = 60.0) -> None:
+        """Wait (at most `timeout` s) until a started window's clients are connected: one connection per client
+        and port more than `before` (`connections()` before the start)."""
+        want, deadline = before + self.clients * len(self.ports()), time.monotonic() + timeout
+        while self.connections() < want and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def start(self, duration: float, name: str) -> subprocess.Popen[bytes]:
         """Start one window's loadgen: a warm-up, then `duration` s recorded."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import procstat
 from bench.events.run import machine_info
-from bench.events.windows import RECORDED_AFTER_CONNECT_S, Load, Meter
+from bench.events.windows import RECORDED_AFTER_CONNECT_S, Load, Meter, spread_target
 from bench.outbound import PY, ROOT, log
 
 SECRET_ENV = "BENCH_OUTBOUND_CRM_SECRET"
@@ -217,13 +217,7 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     stub = resolver_pb2_grpc.IdentityResolverStub(channel)
     results["server"] = {"target": server.target, "pid": server.pid, "blueprint": config.read_text()}
     assert counters(stub).counters["committed"] == 0, "the import queued outbound messages"
-    from resolver.client import workers_target
-
-    # every client spreads its calls over every worker (round_robin over their own ports, as ResolverClient does):
-    # through the shared port SO_REUSEPORT puts each client's one connection on a worker at random, and a window
-    # whose load all lands on one worker measures that worker's queue, not the drain (bench/README.md)
-    spread = workers_target(server.target, timeout=10) if a.spread else None
-    target = spread or server.target
+    target = spread_target(server.target, a.spread)
     results["server"]["load_target"] = target
     load = Load(target, server.pid, ds / "queries.jsonl", a.rate, a.clients, a.realtime_clients, out)
 
@@ -234,14 +228,10 @@ def run(a: argparse.Namespace, work: Path, out: Path, results: dict[str, Any], s
     log(f"  A: p99 {results['window_a']['latency_ms']['p99']:.3f} ms")
 
     log(f"window B: call-setup at {a.rate:g}/s for {a.window_b:g}s while the outbox drains")
-    ports = load.ports()
-    base_conns = sum(procstat.established_to(p) for p in ports)
+    base_conns = load.connections()
     meter = Meter(server.pid)
     loadgen = load.start(a.window_b, "b_drain")
-    deadline = time.monotonic() + 60
-    while sum(procstat.established_to(p) for p in ports) < base_conns + a.clients * len(ports) \
-            and time.monotonic() < deadline:
-        time.sleep(0.01)
+    load.wait_connected(base_conns)
     time.sleep(RECORDED_AFTER_CONNECT_S)
     go = time.monotonic()
     receiver_cpu = procstat.cpu_seconds(receiver.proc.pid) or 0.0

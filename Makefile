@@ -64,8 +64,15 @@ cluster-test: build
 # pytest exit code 5 (no tests collected) is a failure here, never a silent pass.
 test: lint test-compiled test-pure
 
+# Both passes run on TEST_JOBS pytest-xdist processes (one per CPU, at most 4; TEST_JOBS=0: in pytest's own
+# process). Every test makes its own data directory, ports and servers, so none waits on another; most of a
+# test's time is servers starting, processes signalled and disks synced, which overlap. `make test` asserts no
+# timing (the reliability suite's timed targets are `make reliability`'s, which stays one test at a time).
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST := -n $(TEST_JOBS) --dist worksteal
+
 test-compiled: build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The pure pass proves the twins are the whole product in process: every unit test and every in-process server
 # test. What is about processes, disks, signals and the wire (tests/reliability, tests/cluster, tests marked
@@ -73,7 +80,7 @@ test-compiled: build
 # implementations themselves (`differential`), run once, in the compiled pass: run again they would repeat the
 # same work for twice the CI time. tests/unit/test_selection.py checks the switch picks the twins here.
 test-pure: build
-	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest --ignore=tests/reliability --ignore=tests/cluster \
+	RESOLVER_NO_EXTENSIONS=1 $(PY) -m pytest $(XDIST) --ignore=tests/reliability --ignore=tests/cluster \
 		-m "not process and not scale and not differential" $(PYTEST_ARGS)
 
 # Issue 18's suite at full scale (20 kills, a minute of overload, 10,000 model steps, fuzzing at scale): writes

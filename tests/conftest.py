@@ -7,6 +7,7 @@ import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from resolver.config import Settings, load_settings
+from tests.reliability.report import REPORT
 
 # The encryption key of the test blueprints and of examples/blueprint.toml (a fixed, public test key; child
 # processes inherit it).
@@ -148,3 +150,21 @@ def status_details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | No
     assert status is not None, "error without google.rpc.Status details"
     info, bad = unpack_details(status)
     return info, [(v.field, v.reason) for v in bad.field_violations] if bad is not None else []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The reliability report (tests/reliability/report.py), written once: by pytest itself, or by pytest-xdist's
+    controller from every worker's rows (a worker hands its rows over instead)."""
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:
+        worker_output["reliability_rows"] = REPORT.rows_out()
+        return
+    if REPORT.rows:
+        path = REPORT.write()
+        session.config.get_terminal_writer().line(f"reliability report: {path}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller, as each worker ends: its reliability rows join the report."""
+    REPORT.rows_in(getattr(node, "workeroutput", {}).get("reliability_rows", []))

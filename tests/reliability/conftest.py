@@ -1,6 +1,7 @@
 """Reliability tests (issue 18): crash loops, overload, deadlines, shutdown, limits, a model and fuzzing against
 the real server. Each test calls `reliability_report(tried=..., held=..., figures=...)` once its assertions hold;
-the session writes tests/reliability/out/report.md."""
+the session writes tests/reliability/out/report.md (tests/conftest.py: the one conftest pytest-xdist's controller
+loads)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = outcome.get_result()
     if rep.when == "call" or (rep.when == "setup" and rep.outcome != "passed"):
         REPORT.outcome(item.nodeid, rep.outcome)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if REPORT.rows:
-        path = REPORT.write()
-        session.config.get_terminal_writer().line(f"reliability report: {path}")

@@ -61,9 +61,18 @@ class Report:
             "| Test | Outcome | What was tried | What held | Figures |",
             "|---|---|---|---|---|",
         ]
-        for row in self.rows.values():
+        for _, row in sorted(self.rows.items()):  # by test id: the same order however the tests were spread
             lines.append(f"| {cell(row.test)} | {row.outcome} | {cell(row.tried)} | {cell(row.held)} | {cell(row.figures)} |")
         return "\n".join(lines) + "\n"
+
+    def rows_out(self) -> list[list[str]]:
+        """Every row as plain lists (what an xdist worker can send its controller)."""
+        return [[nodeid, r.test, r.tried, r.held, r.figures, r.outcome] for nodeid, r in self.rows.items()]
+
+    def rows_in(self, rows: list[list[str]]) -> None:
+        """A worker's `rows_out`, added to this report."""
+        for nodeid, *fields in rows:
+            self.rows[nodeid] = Row(*fields)
 
     def write(self) -> Path:
         OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ Per row: a pre-encoded record of the store's average size, 3 index entries (rand
 ledger entry, its expiry key, a change-log entry and 2 `pii_refs` keys.
 - `floor_per_batch`: random uuid4 record keys, a synced commit per batch (what an incremental import must pay);
 - `floor_one_transaction`: time-ordered record keys, the record, change-log, expiry and `pii_refs` keys appended,
-  the index and ledger entries put sorted per batch, one synced commit (what an initial load must pay).
+  the index and ledger entries put sorted per batch, one synced commit (what an initial load in place must pay);
+  with `commit_rows`, an unsynced commit every so many rows and one sync at the end (an initial load built beside
+  the store: resolver.importer.staged).
 
 Each returns the rows, the value sizes, the batch, the wall time and the rows per second.
 """
@@ -51,9 +53,9 @@ class _FloorEnv:
 
 
 @contextmanager
-def _floor_env(where: Path) -> Iterator[_FloorEnv]:
-    """A synced environment in `where` with the store's databases open; closed on the way out."""
-    env = lmdb.open(str(where), map_size=64 << 30, max_dbs=10, sync=True, metasync=True)
+def _floor_env(where: Path, *, durable: bool = True) -> Iterator[_FloorEnv]:
+    """An environment in `where` (commits synced, or not) with the store's databases open; closed on the way out."""
+    env = lmdb.open(str(where), map_size=64 << 30, max_dbs=10, sync=durable, metasync=durable)
     try:
         records, ledger, ledger_exp, changes, refs = (env.open_db(n) for n in (b"records", b"ledger", b"ledger_exp",
                                                                              b"changes", b"pii_refs"))
@@ -92,9 +94,12 @@ def floor_per_batch(rows: int, batch: int, sizes: dict[str, int], where: Path) -
     return _figures(rows, batch, sizes, elapsed)
 
 
-def floor_one_transaction(rows: int, batch: int, sizes: dict[str, int], where: Path) -> dict[str, Any]:
+def floor_one_transaction(rows: int, batch: int, sizes: dict[str, int], where: Path, *,
+                          commit_rows: int = 0) -> dict[str, Any]:
     """py-lmdb: one transaction; per batch the record, change-log, expiry and pii_refs entries appended (their keys
-    increase), index and ledger entries put sorted; one synced commit."""
+    increase), index and ledger entries put sorted; one synced commit. `commit_rows` > 0: what an initial load
+    built beside the store pays instead (resolver.importer.staged): an unsynced commit every `commit_rows` rows,
+    then one sync of the whole file."""
     e = _Entries(rows, sizes, ordered=True)
     batches = []
     for start in range(0, rows, batch):
@@ -108,16 +113,20 @@ def floor_one_transaction(rows: int, batch: int, sizes: dict[str, int], where: P
             sorted(r for i in part for r in ((e.uids[i] + b"C" + i.to_bytes(8, "big"), b""),
                                              (e.uids[i] + b"L" + e.lkeys[i], b""))),
         ))
-    with _floor_env(where) as f:
+    per_txn = max(commit_rows // batch, 1) if commit_rows else len(batches)
+    with _floor_env(where, durable=not commit_rows) as f:
         started = time.monotonic()
-        with f.env.begin(write=True) as txn:
-            for recs, index, ledgers, expiries, log_entries, pii in batches:
-                txn.cursor(db=f.records).putmulti(recs, append=True)
-                for db, items in zip(f.ix, index, strict=True):
-                    txn.cursor(db=db).putmulti(items)
-                txn.cursor(db=f.ledger).putmulti(ledgers)
-                txn.cursor(db=f.ledger_exp).putmulti(expiries, append=True)
-                txn.cursor(db=f.changes).putmulti(log_entries, append=True)
-                txn.cursor(db=f.refs).putmulti(pii, append=True)
+        for first in range(0, len(batches), per_txn):
+            with f.env.begin(write=True) as txn:
+                for recs, index, ledgers, expiries, log_entries, pii in batches[first:first + per_txn]:
+                    txn.cursor(db=f.records).putmulti(recs, append=True)
+                    for db, items in zip(f.ix, index, strict=True):
+                        txn.cursor(db=db).putmulti(items)
+                    txn.cursor(db=f.ledger).putmulti(ledgers)
+                    txn.cursor(db=f.ledger_exp).putmulti(expiries, append=True)
+                    txn.cursor(db=f.changes).putmulti(log_entries, append=True)
+                    txn.cursor(db=f.refs).putmulti(pii, append=True)
+        if commit_rows:
+            f.env.sync(True)
         elapsed = time.monotonic() - started
     return _figures(rows, batch, sizes, elapsed)

@@ -38,21 +38,24 @@ if TYPE_CHECKING:
     from resolver.outbound.deliverer import Deliverer
 
 
-def open_store(settings: Settings, *, readonly: bool = False) -> Store:
+def open_store(settings: Settings, *, readonly: bool = False, durable: bool = True) -> Store:
     """The LMDB store named in `settings` alone (`resolver check`, inspection); the caller closes it.
-    `readonly=True` creates nothing: StoreError if there is no store there."""
-    return Store(settings, readonly=readonly)
+    `readonly=True` creates nothing: StoreError if there is no store there. `durable=False`: commits are not
+    synced (an initial load's staging copy only: resolver.importer.staged)."""
+    return Store(settings, readonly=readonly, durable=durable)
 
 
-def build_service(settings: Settings, *, writer: bool = True, readonly: bool = False, outbox: bool = True) -> Service:
+def build_service(settings: Settings, *, writer: bool = True, readonly: bool = False, outbox: bool = True,
+                  durable: bool = True) -> Service:
     """Open the store named in `settings` and the use cases over it; the caller closes the service.
 
     `writer=False`: no writer thread (a bulk loader commits its own transactions; Upsert and Merge then raise).
     `readonly=True` opens LMDB read-only (and implies no writer).
     `outbox`: with `[outbound]` destinations, every change this process commits queues its outbound messages in
     the same transaction (resolver.outbound.outbox); `resolver import` says False: an initial load is not sent.
+    `durable`: as open_store's.
     """
-    store = open_store(settings, readonly=readonly)
+    store = open_store(settings, readonly=readonly, durable=durable)
     if outbox and settings.outbound and not readonly:
         from resolver.outbound.outbox import Outbox
 

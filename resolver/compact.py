@@ -81,12 +81,12 @@ def run_compact(settings: Settings) -> int:
                 copied = copy_live(source, work, map_size=max(map_size, original.st_size))
             finally:
                 source.close()
-            _like(work / DATA_FILE, original)
+            same_mode_and_owner(work / DATA_FILE, original)
             datalock.sync_file(work / DATA_FILE)
             datalock.sync_dir(work)
             verify_copy(work, copied)
             with datalock.replacing(data_dir):
-                now = _last_txnid(data_dir)
+                now = last_txnid(data_dir)
                 if now != copied.txnid:
                     raise StoreError(f"the store changed while it was being copied (transaction {copied.txnid}, "
                                      f"now {now}): a process wrote to it")
@@ -168,7 +168,7 @@ def _names(env: lmdb.Environment, txn: lmdb.Transaction | None = None) -> list[b
         return [bytes(k).removesuffix(b"\0") for k in cur.iternext(keys=True, values=False)]
 
 
-def _last_txnid(data_dir: Path) -> int:
+def last_txnid(data_dir: Path) -> int:
     """The last committed transaction of the environment, read from data.mdb's meta pages (no lock file: the
     caller holds LMDB's lock exclusive)."""
     env = lmdb.open(str(data_dir), readonly=True, lock=False)
@@ -178,7 +178,7 @@ def _last_txnid(data_dir: Path) -> int:
         env.close()
 
 
-def _like(path: Path, original: os.stat_result) -> None:
+def same_mode_and_owner(path: Path, original: os.stat_result) -> None:
     """Give the copy the original's permissions and, if they differ, owner: a compact run as root on a store a
     service user owns must leave a file that user can open."""
     os.chmod(path, stat.S_IMODE(original.st_mode))

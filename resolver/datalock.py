@@ -53,7 +53,7 @@ def serving(data_dir: Path, *, then: str = "start the server") -> Iterator[None]
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"{data_dir} is being rewritten by `resolver compact`: "
+            raise StoreError(f"{data_dir} is being rewritten (by `resolver compact`, `reindex` or an initial load): "
                              f"{then} once it has finished") from None
         yield
     finally:

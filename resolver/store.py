@@ -121,9 +121,12 @@ def _no_txn() -> Iterator[None]:
 class Store:
     """The LMDB environment of one data directory. Thread-safe; not fork-safe (open after forking)."""
 
-    def __init__(self, settings: Settings, *, readonly: bool = False, reindexing: bool = False) -> None:
+    def __init__(self, settings: Settings, *, readonly: bool = False, reindexing: bool = False,
+                 durable: bool = True) -> None:
         # reindexing (resolver.reindex only): the caller holds LMDB's lock exclusive (resolver.datalock.replacing),
-        # so the environment opens without it, and the stored index hash and key id may differ from the settings'
+        # so the environment opens without it, and the stored index hash and key id may differ from the settings'.
+        # durable=False (an initial load's staging copy only, resolver.importer.staged): commits are not synced;
+        # the copy is synced once, whole, before it replaces a store, and thrown away if anything stops first
         path = Path(settings.server.data_dir)
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
@@ -137,8 +140,8 @@ class Store:
             max_readers=settings.storage.max_readers,
             max_spare_txns=64,
             readonly=readonly,
-            sync=True,
-            metasync=True,
+            sync=durable,
+            metasync=durable,
             lock=not reindexing,
         )
         # A process killed mid-read leaves its reader slot behind; free them before serving.

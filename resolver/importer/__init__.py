@@ -1,8 +1,10 @@
 """`resolver import FILE`: bulk-load customers from JSON lines (UpsertRequest, proto3 JSON) or CSV.
 
 Each row is an Upsert, validated exactly as the API validates it (`resolver.upsert.prepare`). Into a store
-that holds no customer, the import is an initial load: ONE write transaction, committed once at the end, all
-or nothing (a load killed part way leaves an empty store). Into a store that holds customers, it is
+that holds no customer, the import is an initial load, all or nothing (a load killed part way leaves an empty
+store): built beside the store and put in place whole when no other process uses the data directory
+(resolver.importer.staged), else ONE write transaction, committed once at the end. Into a store that holds
+customers, it is
 incremental: one durable write transaction per batch, so a stopped import keeps every batch before it
 (resolver.importer.commit). Either way a row that cannot be applied is refused alone and goes to a rejects
 file with its reasons and its original text, to fix and re-import. A row without an idempotency key gets one
@@ -21,15 +23,18 @@ Exit codes: 0 every row was applied, 1 some were rejected, 2 the file, its heade
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import lmdb
+
 from resolver.bootstrap import build_service
 from resolver.config import Settings
-from resolver.errors import IdentifierError
-from resolver.importer import restore_rows
+from resolver.errors import IdentifierError, StoreError
+from resolver.importer import restore_rows, staged
 from resolver.importer.commit import Importer
 from resolver.importer.formats import format_of, open_source, scan
 from resolver.importer.pool import prepared, start_workers
@@ -77,10 +82,17 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         workers = start_workers(preparer, lines, path if fmt == "jsonl" else None)
         if workers is not None:
             stack.callback(workers.close)
-        service = build_service(settings, writer=False, outbox=False)  # an initial load is not sent to the CRM
-        stack.callback(service.close)
+        try:
+            stage = None if args.commit_every_batch else staged.begin(settings, stack)
+        except (StoreError, lmdb.Error) as exc:
+            return fail(f"storage error: {exc}")
+        # an initial load is not sent to the CRM (outbox=False)
+        service = build_service(stage.settings if stage else settings, writer=False, outbox=False,
+                                durable=stage is None)
+        stack.callback(service.close)  # (a second close, after `install` closed the copy, does nothing)
         importer = Importer(service, rejects, preparer.command, batch_size=args.batch_size, progress=not args.no_progress,
-                            every_batch=args.commit_every_batch)
+                            every_batch=args.commit_every_batch, commit_rows=staged.COMMIT_ROWS if stage else 0,
+                            finish=functools.partial(staged.install, stage, service.store) if stage else None)
         return importer.run(prepared(source.rows, preparer, workers), total=lines - source.header_lines,
                             skip=source.header_lines, name=path, started=started, size=size)
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow exceptions

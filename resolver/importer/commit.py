@@ -5,6 +5,8 @@
   part of the file, Ctrl-C, kill -9, a power cut) leaves the store as it was: empty; run it again. Batches
   still pace the work (the bulk queue below, the progress bar), not durability. The transaction holds LMDB's
   write lock until it commits: a server's writes wait for the load (its reads go on, and see an empty store).
+  Into a staging copy (resolver.importer.staged: nothing else has the store open), the same, except that the
+  copy is committed every `commit_rows` rows, unsynced, and `finish` puts it in place after the last commit.
 - **Incremental** (the store holds customers): one durable write transaction per batch, so a row that cannot
   be applied is refused alone and the rest of its batch commits, and a stopped import keeps every batch
   committed before it.
@@ -65,13 +67,18 @@ class Importer:
     rebuilds the command of a packed create that turns out to need `apply` (resolver.importer.prepare.Preparer)."""
 
     def __init__(self, service: Service, rejects: Path, command: Command, *, batch_size: int = 2000,
-                 progress: bool = True, every_batch: bool = False) -> None:
+                 progress: bool = True, every_batch: bool = False, commit_rows: int = 0,
+                 finish: Callable[[], None] | None = None) -> None:
         self.store = service.store
         self.settings = service.settings
         self.rejects_path = rejects
         self.batch_size = batch_size
         self.progress = progress
         self.every_batch = every_batch  # commit each batch even into an empty store (no initial load)
+        # an initial load into a staging copy (resolver.importer.staged): commit every `commit_rows` rows (0: once),
+        # then `finish` (the copy put in place; StoreError: it was not, and the load stops as any failed load)
+        self.commit_rows = commit_rows
+        self.finish = finish
         self.command = command
         self.filter: KeyFilter | None = None  # an initial load's, when it starts on databases with no entry
         self.tally = Tally()
@@ -96,7 +103,8 @@ class Importer:
                 self._consume(prepared, bar, total, skip, self._commit_batch)
             else:
                 self.initial = True
-                with view:  # committed (and synced) when the block ends normally; aborted on any error
+                load = _LoadTxn(self.store, view, self.commit_rows)
+                with load:  # committed (and synced) when the block ends normally; aborted on any error
                     room_problem = _map_room(self.store, size)
                     if room_problem:
                         raise StoreError(room_problem)
@@ -106,9 +114,11 @@ class Importer:
                     # reference cycle: the cyclic collector would walk them all for nothing.
                     gc.disable()
                     try:
-                        counts = self._load(view, prepared, bar, total, skip)
+                        counts = self._load(load, prepared, bar, total, skip)
                     finally:
                         gc.enable()
+                if self.finish is not None:
+                    self.finish()
                 self._count(counts)  # committed: the counts are now true
         except FileProblem as exc:
             code = fail(f"{name}: {exc}; " + (_NOTHING if self.initial else "every row before it is committed or rejected"))
@@ -124,7 +134,8 @@ class Importer:
                 self._rejects.close()
         summary(self.tally, time.monotonic() - started, self.rejects_path)
         if self.initial and code == 0:
-            print("import: an initial load into an empty store, committed in one transaction", flush=True)
+            print("import: an initial load into an empty store, " + (
+                "built beside it and put in place whole" if self.finish else "committed in one transaction"), flush=True)
         return code or (1 if self.tally.rejected else 0)
 
     def _what_stays(self) -> str:
@@ -204,14 +215,15 @@ class Importer:
         self._write_rejects(refused)
         self._done_line = line
 
-    def _load(self, view: Txn, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int) -> Tally:
-        """Initial load: every batch into the one transaction `view` (the caller commits it); what became of
-        the rows."""
+    def _load(self, load: _LoadTxn, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int) -> Tally:
+        """Initial load: every batch into `load` (the caller commits its last transaction); what became of the
+        rows."""
         counts = Tally()
 
         def step(batch: list[Item], refused: list[Row], line: int) -> None:
             if batch:
-                self._apply(view, batch, refused, counts, _apply_in_place)
+                self._apply(load.view, batch, refused, counts, _apply_in_place)
+                load.applied(len(batch))
             counts.rejected += len(refused)
             self._write_rejects(refused)
 
@@ -298,6 +310,31 @@ class Importer:
         if self._rejects is None:
             self._rejects = open(self.rejects_path, "w", encoding="utf-8")
         return self._rejects
+
+
+class _LoadTxn:
+    """An initial load's write transaction `view`. Into a staging copy (`every` > 0: resolver.importer.staged) it
+    is committed and begun anew once `every` rows are in it, at a batch's end; else it is the one transaction of
+    the load. As a context manager: the last transaction committed on a normal exit, aborted on an error."""
+
+    def __init__(self, store: Store, view: Txn, every: int) -> None:
+        self.store = store
+        self.view = view
+        self.every = every
+        self.rows = 0  # in `view`
+
+    def applied(self, rows: int) -> None:
+        self.rows += rows
+        if self.every and self.rows >= self.every:
+            self.view.__exit__(None, None, None)
+            self.view = self.store.write()
+            self.rows = 0
+
+    def __enter__(self) -> _LoadTxn:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
+        self.view.__exit__(exc_type, *args)
 
 
 _NOTHING = "nothing was committed: the store is as empty as before (run the same import again)"

@@ -288,7 +288,8 @@ def test_a_server_does_not_start_while_compact_holds_the_directory(tmp_path: Pat
                             str(data), "--listen", "127.0.0.1:0", "--workers", "1"],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"resolver: {data} is being rewritten by `resolver compact`: start the server once it has finished"
+    assert r.stderr.strip() == (f"resolver: {data} is being rewritten (by `resolver compact`, `reindex` or an initial "
+                                "load): start the server once it has finished")
 
 
 # -- a failed step changes nothing ---------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """The bulk path of `resolver import` (resolver.bulk): plain creates written from pre-encoded bytes must leave
 exactly the store `resolver.upsert.apply` leaves, row for row, database for database; and an initial load (one
-transaction, appends, `apply` unnested) exactly the store an import committed batch by batch leaves."""
+transaction, appends, `apply` unnested; or built beside the store in several unsynced commits and put in place)
+exactly the store an import committed batch by batch leaves."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from resolver.cli import build_parser
 from resolver.config import Settings, load_settings
 from resolver.identifiers import RawIdentifiers, policy_from
 from resolver.importer import prepare as importer_prepare
-from resolver.importer import run_import
+from resolver.importer import run_import, staged
 from resolver.importer.jsonl import simple_input
 from resolver.store import Store
 from resolver.upsert import UpsertInput, _change_entry, _result, _updated, planned_create, prepare
@@ -237,15 +241,19 @@ def test_a_failed_batch_of_an_incremental_import_leaves_the_batches_before_it_an
         assert view.count("records") == 50 and [c["seq"] for c in view.iter_changes()] == list(range(1, 51))
 
 
+@pytest.mark.parametrize("commit_rows", [staged.COMMIT_ROWS, 10])  # the copy: one commit, or one per batch
 def test_a_failed_initial_load_leaves_an_empty_store_and_runs_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    commit_rows: int) -> None:
     settings = load_settings(None, data_dir=str(tmp_path / "data"))
     source = write_jsonl(tmp_path / "crash.jsonl", [{"identifiers": {"externalId": f"K-{i}", "phones": [phone(i)]}}
                                                     for i in range(50)])
+    monkeypatch.setattr(staged, "COMMIT_ROWS", commit_rows)
     crash_in_the_third_flush(monkeypatch)
     assert run(settings, source, "--batch-size", "10") == 2
     out, err = capsys.readouterr()
     assert "storage error" in err and "nothing was committed" in err and "initial load" not in out
+    assert not list((tmp_path / "data").glob(staged.STAGE_PREFIX + "*"))  # the copy was removed
     with closing(Store(settings)) as store, store.read() as view:
         assert [view.count(name) for name in ("records", "ledger", "ledger_exp", "changes", "pii_refs", "ix_phone")] == [
             0, 0, 0, 0, 0, 0]
@@ -260,16 +268,37 @@ def test_a_failed_initial_load_leaves_an_empty_store_and_runs_again(tmp_path: Pa
         assert find_problems(view) == []
 
 
+@contextmanager
+def held_open(settings: Settings) -> Iterator[None]:
+    """Another process with the store's LMDB environment open (as a server's workers have it) for the block."""
+    Store(settings).close()  # made first, as a server makes it
+    with subprocess.Popen([sys.executable, "-c", "import lmdb, sys; env = lmdb.open(sys.argv[1], max_dbs=64); "
+                           "print('open', flush=True); sys.stdin.read()", str(settings.server.data_dir)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert holder.stdout.readline() == "open\n"
+            yield
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+
+
 def test_an_initial_load_leaves_exactly_what_an_import_batch_by_batch_leaves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_jsonl(tmp_path / "rows.jsonl", rows())
+    monkeypatch.setattr(staged, "COMMIT_ROWS", 20)  # the staging copy committed every other batch
     results = {}
-    for mode, extra in (("initial", ()), ("every-batch", ("--commit-every-batch",))):
+    said = {"initial": "built beside it and put in place whole", "in-place": "committed in one transaction"}
+    for mode, extra in (("initial", ()), ("in-place", ()), ("every-batch", ("--commit-every-batch",))):
         deterministic(monkeypatch)
         settings = load_settings(None, data_dir=str(tmp_path / mode), default_region="US")
-        code = run(settings, source, "--batch-size", "16", "--rejects", str(tmp_path / f"{mode}.rejected.jsonl"), *extra)
+        with held_open(settings) if mode == "in-place" else nullcontext():
+            code = run(settings, source, "--batch-size", "16", "--rejects", str(tmp_path / f"{mode}.rejected.jsonl"),
+                       *extra)
         out = capsys.readouterr().out
-        assert ("an initial load into an empty store" in out) == (mode == "initial")
+        assert ("an initial load into an empty store" in out) == (mode != "every-batch")
+        assert mode not in said or said[mode] in out, out
         again = run(settings, source, "--batch-size", "16", "--rejects", str(tmp_path / f"{mode}.again.jsonl"))
         recount = summary(capsys.readouterr().out)
         with closing(Store(settings)) as store, store.read() as view:
@@ -277,6 +306,7 @@ def test_an_initial_load_leaves_exactly_what_an_import_batch_by_batch_leaves(
         results[mode] = (code, summary(out), again, recount, dump(settings),
                          (tmp_path / f"{mode}.rejected.jsonl").read_text())
     initial, batched = results["initial"], results["every-batch"]
+    assert results["in-place"] == initial  # staged or in one transaction: the same store, answers and rejects
     assert initial[0] == batched[0] == 1 and initial[1] == batched[1] and initial[2:4] == batched[2:4]
     assert initial[1]["created"] > 60 and initial[1]["updated"] >= 3 and initial[1]["rejected"] == 5
     assert initial[3]["replayed"] == initial[1]["rows"] - initial[1]["rejected"]  # the re-import replays every row

@@ -15,16 +15,23 @@ import sys
 import termios
 import textwrap
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from resolver import datalock
 from resolver.check import find_problems
 from resolver.config import Settings, load_settings
+from resolver.errors import StoreError
+from resolver.importer import staged
 from resolver.store import Store
-from tests.integration.helpers import phone
+from resolver.v1 import resolver_pb2 as pb
+from resolver.v1 import resolver_pb2_grpc
+from tests.integration.helpers import phone, resolve_req
+from tests.integration.serve import serving
 from tests.integration.test_import_check import (
     records_by_external_id,
     resolver_cli,
@@ -84,6 +91,8 @@ def test_a_kill_9_during_an_initial_load_leaves_an_empty_store_and_the_load_runs
     assert proc.stdout is not None and b"import:" not in proc.stdout.read()  # no summary: it died mid-load
     proc.stdout.close()
 
+    # the load was being built beside the store (nothing else had it open): its copy is left, the store untouched
+    assert len(list(data.glob(staged.STAGE_PREFIX + "*"))) == 1
     settings = load_settings(None, data_dir=str(data))
     assert counts(settings) == dict.fromkeys(CONTENT, 0)  # not a partial store: an empty one
     check = resolver_cli("check", "--data-dir", data, cwd=tmp_path)
@@ -94,6 +103,7 @@ def test_a_kill_9_during_an_initial_load_leaves_an_empty_store_and_the_load_runs
     assert again.returncode == 0, again.stderr
     assert summary(again.stdout)["created"] == n and "an initial load into an empty store" in again.stdout
     assert counts(settings)["records"] == n
+    assert not list(data.glob(staged.STAGE_PREFIX + "*"))  # the killed load's copy is gone
 
 
 def test_an_initial_load_that_cannot_fit_the_map_commits_nothing(tmp_path: Path) -> None:
@@ -117,6 +127,47 @@ def test_an_initial_load_that_cannot_fit_the_map_commits_nothing(tmp_path: Path)
     assert result.returncode == 2, result.stdout
     assert "the LMDB map is full" in result.stderr and "nothing was committed" in result.stderr
     assert counts(settings) == dict.fromkeys(CONTENT, 0)
+
+
+@pytest.mark.process
+def test_an_initial_load_while_a_server_serves_runs_in_place_and_the_server_answers_from_it(
+        tmp_path: Path, settings: Settings, blueprint_file: Path) -> None:
+    data = Path(settings.server.data_dir)
+    source = write_jsonl(tmp_path / "rows.jsonl", big_rows(300))
+    with serving(blueprint_file, data, tmp_path / "server.log") as announced, \
+            grpc.insecure_channel(f"127.0.0.1:{announced.port}") as channel:
+        stub = resolver_pb2_grpc.IdentityResolverStub(channel)
+        assert stub.Resolve(resolve_req(emails=("k7@example.com",)), timeout=10).outcome == pb.OUTCOME_NOT_FOUND
+        result = resolver_cli("import", source, "--config", blueprint_file, "--data-dir", data, "--no-progress",
+                              cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        # the server has the store open: nothing may replace its file, so the load is one transaction in it
+        assert "an initial load into an empty store, committed in one transaction" in result.stdout, result.stdout
+        assert not list(data.glob(staged.STAGE_PREFIX + "*"))
+        answer = stub.Resolve(resolve_req(emails=("k7@example.com",)), timeout=10)
+        assert answer.outcome == pb.OUTCOME_MATCHED and answer.attributes["name"] == "Customer 7"
+    assert counts(settings)["records"] == 300
+
+
+def test_a_load_whose_store_was_written_meanwhile_is_not_put_in_place(tmp_path: Path, settings: Settings) -> None:
+    data = Path(settings.server.data_dir)
+    with ExitStack() as stack:
+        stage = staged.begin(settings, stack)
+        assert stage is not None and stage.work.parent == data
+        with pytest.raises(StoreError, match="being rewritten"), datalock.serving(data):
+            pass  # no server starts while a load is being built
+        with closing(Store(stage.settings, durable=False)) as copy, copy.write() as view:
+            view.txn.put(b"loaded", b"1", db=copy.db["meta"])
+        with closing(Store(settings)) as store, store.write() as view:  # what no process should do meanwhile
+            view.txn.put(b"written", b"1", db=store.db["meta"])
+        before = (data / "data.mdb").stat().st_ino
+        with pytest.raises(StoreError, match="not put in place, the store is unchanged: the store changed during"):
+            staged.install(stage, Store(stage.settings, durable=False))
+        assert (data / "data.mdb").stat().st_ino == before
+    assert not list(data.glob(staged.STAGE_PREFIX + "*"))  # removed with the stage
+    with closing(Store(settings)) as store, store.read() as view:
+        meta = store.db["meta"]
+        assert view.txn.get(b"written", db=meta) == b"1" and view.txn.get(b"loaded", db=meta) is None
 
 
 def keyless(ext: str | None, name: str, *, phones: tuple[str, ...] = (), emails: tuple[str, ...] = ()) -> dict[str, Any]:

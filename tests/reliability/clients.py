@@ -228,7 +228,10 @@ class WriteClient(threading.Thread):
                 if err.code() not in RETRYABLE:
                     raise AssertionError(f"{err.code().name}: {err.details()}") from None
             except ValueError as err:  # the test closed the channel for a kill between stub() and the call:
-                if "closed channel" not in str(err):  # the request never left, so it is retried like a CANCELLED one
+                # the request never left, so it is retried like a CANCELLED one. grpcio says "Cannot invoke RPC on
+                # closed channel!" or "Cannot invoke RPC: Channel closed!", by where it noticed.
+                said = str(err).lower()
+                if "cannot invoke rpc" not in said or "closed" not in said:
                     raise
             self.log.retries += 1
             time.sleep(0.05 + self.rng.random() * 0.1)

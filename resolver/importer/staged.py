@@ -1,0 +1,122 @@
+"""An initial load built beside the store and swapped in whole, when nothing else uses the data directory.
+
+Why: an initial load in place is ONE write transaction (resolver.importer.commit), and LMDB keeps every page a
+transaction dirties in memory until its commit; past its dirty-page limit it spills them to the file and reads
+them back, so the transaction costs more per row the larger the load (bench/README.md, "An initial load built
+beside the store"). Built beside the store, the load commits every `COMMIT_ROWS` rows without syncing, and the
+store itself still changes once, all or nothing:
+
+1. `serve.lock` is held exclusive for the whole load (resolver.datalock: no server starts meanwhile), and no
+   process may have the store open; copies left by a killed load are removed;
+2. the store is opened once (made, if there was none, exactly as any first open makes it), must hold no
+   customer record, and is copied, live entries only (resolver.compact.copy_live: a few pages), into
+   `DATA_DIR/.load-*/` (inside the data directory: the rename below needs the same filesystem);
+3. the import writes into that copy, opened without syncs (`durable=False`), committing every `COMMIT_ROWS`
+   rows: a crash now can leave the copy torn, never the store, which nothing has written;
+4. once the last row is in: the copy is synced (LMDB, then the file and its directory), and with LMDB's lock held
+   exclusive (resolver.datalock.replacing) and nothing committed to the store since the copy was made, the copy
+   is renamed over data.mdb and the directory synced.
+
+A load that stops before step 4 (a refused file, a full map, Ctrl-C) removes the copy; one killed with kill -9
+leaves it, and the next import into that directory removes it. Either way the store is as empty as before.
+
+When a server (or any process) has the store open, or the store holds customers, `begin` answers None and the
+import runs in place: one transaction (initial load) or a durable one per batch (incremental).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from resolver import datalock
+from resolver.bootstrap import open_store
+from resolver.compact import DATA_FILE, MAX_DBS, copy_live, last_txnid, same_mode_and_owner
+from resolver.config import Settings
+from resolver.errors import StoreError
+from resolver.store import Store
+
+STAGE_PREFIX = ".load-"
+COMMIT_ROWS = 100_000  # rows per unsynced commit of the copy (bench/README.md: 20k-250k measured)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where an initial load is being built: `settings` name the copy (`work`) in place of `data_dir`."""
+
+    data_dir: Path
+    work: Path
+    settings: Settings
+    txnid: int  # the store's last transaction when it was copied: it must still be the last at the swap
+    original: os.stat_result  # the store's data.mdb (the copy takes its permissions and owner)
+
+
+def begin(settings: Settings, stack: ExitStack) -> Stage | None:
+    """A Stage for an initial load of the store in `settings`, its locks and clean-up held by `stack`; None when the
+    load must run in place (the store is in use, or holds customers)."""
+    data_dir = Path(settings.server.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    held = ExitStack()
+    try:
+        held.enter_context(datalock.exclusive(data_dir, doing="loading"))
+        datalock.refuse_if_open(data_dir)
+    except StoreError:
+        held.close()
+        return None  # a server or another process has the store: it reads on while the load runs in place
+    stack.enter_context(held)
+    for old in data_dir.glob(STAGE_PREFIX + "*"):  # left by a load that was killed; none runs now
+        shutil.rmtree(old, ignore_errors=True)
+    if not _holds_no_customer(settings):
+        return None
+    work = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=data_dir))
+    stack.callback(shutil.rmtree, work, True)  # removed whatever happens (after the swap it holds nothing)
+    map_size = settings.storage.map_size_mb * 1024 * 1024
+    source = lmdb.open(str(data_dir), readonly=True, lock=True, map_size=map_size, max_dbs=MAX_DBS,
+                       max_readers=settings.storage.max_readers)
+    try:
+        copied = copy_live(source, work, map_size=map_size)
+    finally:
+        source.close()
+    staged = dataclasses.replace(settings, server=dataclasses.replace(settings.server, data_dir=work))
+    return Stage(data_dir, work, staged, copied.txnid, (data_dir / DATA_FILE).stat())
+
+
+def install(stage: Stage, store: Store) -> None:
+    """Sync the loaded copy (`store`, which this closes) and put it in place of the store's data.mdb, whole;
+    StoreError, with the store unchanged, if that cannot be done."""
+    try:
+        store.env.sync(True)
+    finally:
+        store.close()
+    copy = stage.work / DATA_FILE
+    try:
+        same_mode_and_owner(copy, stage.original)
+        datalock.sync_file(copy)
+        datalock.sync_dir(stage.work)
+        with datalock.replacing(stage.data_dir, doing="loading"):
+            now = last_txnid(stage.data_dir)
+            if now != stage.txnid:
+                raise StoreError(f"the store changed during the load (transaction {stage.txnid}, now {now}): a "
+                                 "process wrote to it")
+            os.replace(copy, stage.data_dir / DATA_FILE)
+            datalock.sync_dir(stage.data_dir)
+    except (lmdb.Error, OSError, StoreError) as exc:
+        raise StoreError(f"the load was not put in place, the store is unchanged: {exc}") from exc
+
+
+def _holds_no_customer(settings: Settings) -> bool:
+    """Whether the store (made here if there is none) holds no customer record: what makes an import an initial
+    load (resolver.importer.commit)."""
+    store = open_store(settings)
+    try:
+        with store.read() as view:
+            return view.count("records") == 0
+    finally:
+        store.close()

@@ -179,7 +179,7 @@ def killed_load(source: Path, data: Path, config: str, batch: int, after_s: floa
     if not running or "import:" in out:
         raise SystemExit(f"the import ended before it was killed ({after_s:.1f} s): {out}")
     size = (data / "data.mdb").stat().st_size
-    left = sum(f.stat().st_size for f in data.glob(".load-*/*"))  # the staging copy: the next import removes it
+    left = sum(f.stat().st_size for f in data.glob(".load-*/*"))  # the staging copy (the next lock removes it)
     store = open_store(load_settings(Path(config), data_dir=str(data)), readonly=True)
     try:
         with store.read() as view:

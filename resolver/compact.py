@@ -45,7 +45,7 @@ from resolver.config import Settings
 from resolver.errors import StoreError
 
 DATA_FILE = "data.mdb"
-WORK_PREFIX = ".compact-"
+WORK_PREFIX = datalock.COPY_PREFIXES[0]  # a killed compaction's copy: removed at the next lock
 # Named databases a store may hold: the ones resolver.store opens, with room for those added later.
 MAX_DBS = 128
 
@@ -69,8 +69,6 @@ def run_compact(settings: Settings) -> int:
     map_size = settings.storage.map_size_mb * 1024 * 1024
     with datalock.exclusive(data_dir):
         datalock.refuse_if_open(data_dir)
-        for old in data_dir.glob(WORK_PREFIX + "*"):  # left by a compaction that was killed; none runs now
-            shutil.rmtree(old, ignore_errors=True)
         original = data.stat()
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=data_dir))
         replaced = False

@@ -26,7 +26,9 @@ reader that crashed stays listed until `reader_check`.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,12 @@ from resolver.errors import StoreError
 
 LOCK_FILE = "serve.lock"
 LMDB_LOCK_FILE = "lock.mdb"
+# What a rewrite builds inside the data directory before renaming it over data.mdb: `resolver compact`'s copy and
+# an initial load's (resolver.importer.staged). One left by a process that was killed is removed by whoever next
+# takes serve.lock, shared or exclusive: while either is held, no rewrite runs.
+COPY_PREFIXES = (".compact-", ".load-")
+
+log = logging.getLogger("resolver.datalock")
 
 _GETLK = getattr(fcntl, "F_OFD_GETLK", fcntl.F_GETLK)
 _SETLK = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
@@ -55,6 +63,7 @@ def serving(data_dir: Path, *, then: str = "start the server") -> Iterator[None]
         except BlockingIOError:
             raise StoreError(f"{data_dir} is being rewritten (by `resolver compact`, `reindex` or an initial load): "
                              f"{then} once it has finished") from None
+        _remove_left_copies(Path(data_dir))
         yield
     finally:
         os.close(fd)
@@ -71,9 +80,23 @@ def exclusive(data_dir: Path, *, doing: str = "compacting") -> Iterator[None]:
         except BlockingIOError:
             raise StoreError(f"{data_dir} is in use by a running server (`resolver serve`): "
                              f"stop it before {doing}") from None
+        _remove_left_copies(Path(data_dir))
         yield
     finally:
         os.close(fd)
+
+
+def _remove_left_copies(data_dir: Path) -> None:
+    """Remove the copies (COPY_PREFIXES) a killed rewrite left in `data_dir`; the caller holds serve.lock."""
+    for prefix in COPY_PREFIXES:
+        for left in data_dir.glob(prefix + "*"):
+            try:
+                size = sum(f.stat().st_size for f in left.iterdir() if f.is_file())
+            except OSError:
+                continue  # removed meanwhile by another process holding the lock shared
+            shutil.rmtree(left, ignore_errors=True)
+            log.warning("removed %s (%d MB), left by a `resolver compact` or initial load that was stopped",
+                        left, size >> 20)
 
 
 def refuse_if_open(data_dir: Path) -> None:

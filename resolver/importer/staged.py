@@ -6,8 +6,8 @@ them back, so the transaction costs more per row the larger the load (bench/READ
 beside the store"). Built beside the store, the load commits every `COMMIT_ROWS` rows without syncing, and the
 store itself still changes once, all or nothing:
 
-1. `serve.lock` is held exclusive for the whole load (resolver.datalock: no server starts meanwhile), and no
-   process may have the store open; copies left by a killed load are removed;
+1. `serve.lock` is held exclusive for the whole load (resolver.datalock: no server starts meanwhile; taking it
+   removes the copy a killed load left), and no process may have the store open;
 2. the store is opened once (made, if there was none, exactly as any first open makes it), must hold no
    customer record, and is copied, live entries only (resolver.compact.copy_live: a few pages), into
    `DATA_DIR/.load-*/` (inside the data directory: the rename below needs the same filesystem);
@@ -18,7 +18,8 @@ store itself still changes once, all or nothing:
    is renamed over data.mdb and the directory synced.
 
 A load that stops before step 4 (a refused file, a full map, Ctrl-C) removes the copy; one killed with kill -9
-leaves it, and the next import into that directory removes it. Either way the store is as empty as before.
+leaves it, and the next command that takes serve.lock on that directory (`serve`, `import`, `compact`, `backup`)
+removes it. Either way the store is as empty as before.
 
 When a server (or any process) has the store open, or the store holds customers, `begin` answers None and the
 import runs in place: one transaction (initial load) or a durable one per batch (incremental).
@@ -43,7 +44,7 @@ from resolver.config import Settings
 from resolver.errors import StoreError
 from resolver.store import Store
 
-STAGE_PREFIX = ".load-"
+STAGE_PREFIX = datalock.COPY_PREFIXES[1]
 COMMIT_ROWS = 100_000  # rows per unsynced commit of the copy (bench/README.md: 20k-250k measured)
 
 
@@ -70,11 +71,15 @@ def begin(settings: Settings, stack: ExitStack) -> Stage | None:
     except StoreError:
         held.close()
         return None  # a server or another process has the store: it reads on while the load runs in place
+    try:
+        empty = _holds_no_customer(settings)
+    except BaseException:
+        held.close()
+        raise
+    if not empty:
+        held.close()
+        return None  # incremental: a server may start meanwhile, as before
     stack.enter_context(held)
-    for old in data_dir.glob(STAGE_PREFIX + "*"):  # left by a load that was killed; none runs now
-        shutil.rmtree(old, ignore_errors=True)
-    if not _holds_no_customer(settings):
-        return None
     work = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=data_dir))
     stack.callback(shutil.rmtree, work, True)  # removed whatever happens (after the swap it holds nothing)
     map_size = settings.storage.map_size_mb * 1024 * 1024

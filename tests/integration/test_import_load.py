@@ -170,6 +170,31 @@ def test_a_load_whose_store_was_written_meanwhile_is_not_put_in_place(tmp_path: 
         assert view.txn.get(b"written", db=meta) == b"1" and view.txn.get(b"loaded", db=meta) is None
 
 
+def test_an_import_into_a_store_with_customers_runs_in_place_and_leaves_the_directory_free(
+        tmp_path: Path, settings: Settings) -> None:
+    assert run_import_in_process(settings, write_jsonl(tmp_path / "rows.jsonl", big_rows(20))) == 0
+    with ExitStack() as stack:
+        assert staged.begin(settings, stack) is None  # incremental: durable per batch, in the store itself
+        with datalock.serving(Path(settings.server.data_dir)):
+            pass  # a server may start while an incremental import runs
+
+
+def test_a_copy_a_killed_rewrite_left_goes_at_the_next_lock_of_the_directory(
+        tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    data = Path(settings.server.data_dir)
+    Store(settings).close()
+    for lock in (datalock.serving, datalock.exclusive):  # a server or backup starting; compact, reindex, a load
+        left = [data / f"{prefix}killed" for prefix in datalock.COPY_PREFIXES]
+        for copy in left:
+            copy.mkdir()
+            (copy / "data.mdb").write_bytes(b"\0" * (3 << 20))
+        with caplog.at_level("WARNING", logger="resolver.datalock"), lock(data):
+            assert not any(copy.exists() for copy in left)
+        assert sum("(3 MB), left by a `resolver compact` or initial load" in m for m in caplog.messages) == 2
+        caplog.clear()
+    assert (data / "data.mdb").is_file() and counts(settings) == dict.fromkeys(CONTENT, 0)
+
+
 def keyless(ext: str | None, name: str, *, phones: tuple[str, ...] = (), emails: tuple[str, ...] = ()) -> dict[str, Any]:
     ids: dict[str, Any] = {"phones": list(phones), "emails": list(emails)}
     if ext is not None:

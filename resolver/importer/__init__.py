@@ -4,9 +4,8 @@ Each row is an Upsert, validated exactly as the API validates it (`resolver.upse
 that holds no customer, the import is an initial load, all or nothing (a load killed part way leaves an empty
 store): built beside the store and put in place whole when no other process uses the data directory
 (resolver.importer.staged), else ONE write transaction, committed once at the end. Into a store that holds
-customers, it is
-incremental: one durable write transaction per batch, so a stopped import keeps every batch before it
-(resolver.importer.commit). Either way a row that cannot be applied is refused alone and goes to a rejects
+customers, it is incremental: one durable write transaction per batch, so a stopped import keeps every batch
+before it (resolver.importer.commit). Either way a row that cannot be applied is refused alone and goes to a rejects
 file with its reasons and its original text, to fix and re-import. A row without an idempotency key gets one
 derived from its normalized content, so importing the same file (or an edited copy) again replays every
 unchanged row and creates nothing twice (resolver.importer.prepare).

@@ -50,6 +50,7 @@ from resolver.errors import ResolverError, StorageFull, StoreError
 from resolver.importer.prepare import Repeats, original, reasons_for, rekeyed
 from resolver.importer.report import Tally, fail, progress, summary
 from resolver.importer.rows import FileProblem, Item, Prepared, Row
+from resolver.importer.staged import Chunked
 from resolver.service import Service
 from resolver.store import Store, Txn
 from resolver.upsert import UpsertCommand, UpsertResult, apply
@@ -103,8 +104,8 @@ class Importer:
                 self._consume(prepared, bar, total, skip, self._commit_batch)
             else:
                 self.initial = True
-                load = _LoadTxn(self.store, view, self.commit_rows)
-                with load:  # committed (and synced) when the block ends normally; aborted on any error
+                load = Chunked(self.store, view, self.commit_rows)
+                with load:  # committed when the block ends normally (synced, but in a staging copy); aborted on error
                     room_problem = _map_room(self.store, size)
                     if room_problem:
                         raise StoreError(room_problem)
@@ -215,7 +216,7 @@ class Importer:
         self._write_rejects(refused)
         self._done_line = line
 
-    def _load(self, load: _LoadTxn, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int) -> Tally:
+    def _load(self, load: Chunked, prepared: Iterator[list[Item]], bar: tqdm, total: int, skip: int) -> Tally:
         """Initial load: every batch into `load` (the caller commits its last transaction); what became of the
         rows."""
         counts = Tally()
@@ -310,31 +311,6 @@ class Importer:
         if self._rejects is None:
             self._rejects = open(self.rejects_path, "w", encoding="utf-8")
         return self._rejects
-
-
-class _LoadTxn:
-    """An initial load's write transaction `view`. Into a staging copy (`every` > 0: resolver.importer.staged) it
-    is committed and begun anew once `every` rows are in it, at a batch's end; else it is the one transaction of
-    the load. As a context manager: the last transaction committed on a normal exit, aborted on an error."""
-
-    def __init__(self, store: Store, view: Txn, every: int) -> None:
-        self.store = store
-        self.view = view
-        self.every = every
-        self.rows = 0  # in `view`
-
-    def applied(self, rows: int) -> None:
-        self.rows += rows
-        if self.every and self.rows >= self.every:
-            self.view.__exit__(None, None, None)
-            self.view = self.store.write()
-            self.rows = 0
-
-    def __enter__(self) -> _LoadTxn:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
-        self.view.__exit__(exc_type, *args)
 
 
 _NOTHING = "nothing was committed: the store is as empty as before (run the same import again)"

@@ -42,7 +42,7 @@ from resolver.bootstrap import open_store
 from resolver.compact import DATA_FILE, MAX_DBS, copy_live, last_txnid, same_mode_and_owner
 from resolver.config import Settings
 from resolver.errors import StoreError
-from resolver.store import Store
+from resolver.store import Store, Txn
 
 STAGE_PREFIX = datalock.COPY_PREFIXES[1]
 COMMIT_ROWS = 100_000  # rows per unsynced commit of the copy (bench/README.md: 20k-250k measured)
@@ -91,6 +91,34 @@ def begin(settings: Settings, stack: ExitStack) -> Stage | None:
         source.close()
     staged = dataclasses.replace(settings, server=dataclasses.replace(settings.server, data_dir=work))
     return Stage(data_dir, work, staged, copied.txnid, (data_dir / DATA_FILE).stat())
+
+
+class Chunked:
+    """A load's write transaction `view`. With `every` > 0 (into a staging copy only) it is committed and begun anew
+    once `every` rows are in it, when the loader says a row boundary is reached (`applied`); with 0 it is the one
+    transaction of the load. As a context manager: the last transaction committed on a normal exit, aborted on an
+    error."""
+
+    def __init__(self, store: Store, view: Txn, every: int) -> None:
+        self.store = store
+        self.view = view
+        self.every = every
+        self.rows = 0  # in `view`
+
+    def applied(self, rows: int) -> None:
+        """`rows` more rows are written: commit here if it is time (then `view` is a new transaction; a staging
+        copy is only ever used whole, so any point between two writes will do)."""
+        self.rows += rows
+        if self.every and self.rows >= self.every:
+            self.view.__exit__(None, None, None)
+            self.view = self.store.write()
+            self.rows = 0
+
+    def __enter__(self) -> Chunked:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> None:
+        self.view.__exit__(exc_type, *args)
 
 
 def install(stage: Stage, store: Store) -> None:

@@ -140,9 +140,11 @@ def test_metrics_add_up_over_workers_and_processes(tmp_path: Path) -> None:
                                  value(samples, "resolver_events_applied_total"))
             dead, depth = value(samples, "resolver_events_dead_lettered"), value(samples, "resolver_events_inbox_depth")
             assert accepted == applied + dead + depth == 4
-            if applied == 3:
+            # `received` is counted in memory and written to the store every COUNTER_FLUSH_S (1 s): it may lag
+            received = value(samples, "resolver_events_received_total")
+            if applied == 3 and received == 4:
                 break
-            assert time.monotonic() < deadline, f"events not applied in {WAIT_S}s: {applied} of 3"
+            assert time.monotonic() < deadline, f"not applied or counted in {WAIT_S}s: {applied} of 3, {received} of 4"
             time.sleep(0.1)
 
         rpc_counts = {dict(labels)["method"] + " " + dict(labels)["code"]: v

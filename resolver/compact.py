@@ -66,33 +66,16 @@ def run_compact(settings: Settings) -> int:
     data = data_dir / DATA_FILE
     if not data.is_file():
         raise StoreError(f"{data_dir}: no resolver data here (data.mdb missing)")
-    map_size = settings.storage.map_size_mb * 1024 * 1024
     with datalock.exclusive(data_dir):
         datalock.refuse_if_open(data_dir)
         original = data.stat()
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=data_dir))
-        replaced = False
         try:
-            source = lmdb.open(str(data_dir), readonly=True, lock=True, map_size=map_size, max_dbs=MAX_DBS,
-                               max_readers=settings.storage.max_readers)
-            try:
-                copied = copy_live(source, work, map_size=max(map_size, original.st_size))
-            finally:
-                source.close()
-            same_mode_and_owner(work / DATA_FILE, original)
-            datalock.sync_file(work / DATA_FILE)
-            datalock.sync_dir(work)
+            copied = copy_store(settings, work)
             verify_copy(work, copied)
-            with datalock.replacing(data_dir):
-                now = last_txnid(data_dir)
-                if now != copied.txnid:
-                    raise StoreError(f"the store changed while it was being copied (transaction {copied.txnid}, "
-                                     f"now {now}): a process wrote to it")
-                os.replace(work / DATA_FILE, data)
-                replaced = True
-                datalock.sync_dir(data_dir)
+            put_in_place(data_dir, work, copied.txnid, original, during="while it was being copied")
         except (lmdb.Error, OSError, StoreError) as exc:
-            if replaced:
+            if not (work / DATA_FILE).exists():  # renamed over data.mdb: only syncing it failed
                 raise StoreError(f"{data_dir}: compacted, but finishing failed: {exc}") from exc
             raise StoreError(f"{data_dir}: not compacted, the store is unchanged: {exc}") from exc
         finally:
@@ -101,6 +84,34 @@ def run_compact(settings: Settings) -> int:
     print(f"compact: {data_dir}: {original.st_size} -> {after} bytes, {sum(copied.entries.values())} entries in "
           f"{len(copied.entries)} databases, in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def copy_store(settings: Settings, target: Path) -> Copied:
+    """`copy_live` of the store named in `settings` (opened read-only, with LMDB's lock) into `target`."""
+    data_dir = Path(settings.server.data_dir)
+    map_size = settings.storage.map_size_mb * 1024 * 1024
+    source = lmdb.open(str(data_dir), readonly=True, lock=True, map_size=map_size, max_dbs=MAX_DBS,
+                       max_readers=settings.storage.max_readers)
+    try:
+        return copy_live(source, target, map_size=max(map_size, (data_dir / DATA_FILE).stat().st_size))
+    finally:
+        source.close()
+
+
+def put_in_place(data_dir: Path, work: Path, txnid: int, original: os.stat_result, *, during: str) -> None:
+    """Rename `work`/data.mdb over the store's (`original`: its stat, whose mode and owner the copy takes), synced,
+    with LMDB's lock held exclusive, if the store's last transaction is still `txnid`; StoreError ("the store
+    changed `during`...") otherwise, the store unchanged. Once the rename is done, `work` holds no data.mdb."""
+    copy = work / DATA_FILE
+    _same_mode_and_owner(copy, original)
+    datalock.sync_file(copy)
+    datalock.sync_dir(work)
+    with datalock.replacing(data_dir):
+        now = _last_txnid(data_dir)
+        if now != txnid:
+            raise StoreError(f"the store changed {during} (transaction {txnid}, now {now}): a process wrote to it")
+        os.replace(copy, data_dir / DATA_FILE)
+        datalock.sync_dir(data_dir)
 
 
 def copy_live(source: lmdb.Environment, target: Path, *, map_size: int) -> Copied:
@@ -166,7 +177,7 @@ def _names(env: lmdb.Environment, txn: lmdb.Transaction | None = None) -> list[b
         return [bytes(k).removesuffix(b"\0") for k in cur.iternext(keys=True, values=False)]
 
 
-def last_txnid(data_dir: Path) -> int:
+def _last_txnid(data_dir: Path) -> int:
     """The last committed transaction of the environment, read from data.mdb's meta pages (no lock file: the
     caller holds LMDB's lock exclusive)."""
     env = lmdb.open(str(data_dir), readonly=True, lock=False)
@@ -176,7 +187,7 @@ def last_txnid(data_dir: Path) -> int:
         env.close()
 
 
-def same_mode_and_owner(path: Path, original: os.stat_result) -> None:
+def _same_mode_and_owner(path: Path, original: os.stat_result) -> None:
     """Give the copy the original's permissions and, if they differ, owner: a compact run as root on a store a
     service user owns must leave a file that user can open."""
     os.chmod(path, stat.S_IMODE(original.st_mode))

@@ -39,7 +39,7 @@ import lmdb
 
 from resolver import datalock
 from resolver.bootstrap import open_store
-from resolver.compact import DATA_FILE, MAX_DBS, copy_live, last_txnid, same_mode_and_owner
+from resolver.compact import DATA_FILE, copy_store, put_in_place
 from resolver.config import Settings
 from resolver.errors import StoreError
 from resolver.store import Store, Txn
@@ -82,13 +82,7 @@ def begin(settings: Settings, stack: ExitStack) -> Stage | None:
     stack.enter_context(held)
     work = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=data_dir))
     stack.callback(shutil.rmtree, work, True)  # removed whatever happens (after the swap it holds nothing)
-    map_size = settings.storage.map_size_mb * 1024 * 1024
-    source = lmdb.open(str(data_dir), readonly=True, lock=True, map_size=map_size, max_dbs=MAX_DBS,
-                       max_readers=settings.storage.max_readers)
-    try:
-        copied = copy_live(source, work, map_size=map_size)
-    finally:
-        source.close()
+    copied = copy_store(settings, work)
     staged = dataclasses.replace(settings, server=dataclasses.replace(settings.server, data_dir=work))
     return Stage(data_dir, work, staged, copied.txnid, (data_dir / DATA_FILE).stat())
 
@@ -128,18 +122,8 @@ def install(stage: Stage, store: Store) -> None:
         store.env.sync(True)
     finally:
         store.close()
-    copy = stage.work / DATA_FILE
     try:
-        same_mode_and_owner(copy, stage.original)
-        datalock.sync_file(copy)
-        datalock.sync_dir(stage.work)
-        with datalock.replacing(stage.data_dir, doing="loading"):
-            now = last_txnid(stage.data_dir)
-            if now != stage.txnid:
-                raise StoreError(f"the store changed during the load (transaction {stage.txnid}, now {now}): a "
-                                 "process wrote to it")
-            os.replace(copy, stage.data_dir / DATA_FILE)
-            datalock.sync_dir(stage.data_dir)
+        put_in_place(stage.data_dir, stage.work, stage.txnid, stage.original, during="during the load")
     except (lmdb.Error, OSError, StoreError) as exc:
         raise StoreError(f"the load was not put in place, the store is unchanged: {exc}") from exc
 

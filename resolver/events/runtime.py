@@ -59,7 +59,7 @@ class Events:
                 from resolver.tls import WebhookTls
 
                 tls = WebhookTls(self.settings.tls)
-                self.reloadables.append(tls)
+                self.reloadables.insert(0, tls)  # certificate first, as in the gRPC workers (bootstrap)
             self.http = HttpEndpoint(self.ingestor, self.settings.events.http_listen, self.settings.events.max_body_bytes,
                                      tls)
             self.http.start()

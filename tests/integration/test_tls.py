@@ -487,10 +487,12 @@ def test_sighup_swaps_a_webhook_secret_and_certificate_in_every_process(tmp_path
         secret.write_bytes(b"new-secret\n")
         install(other, cert_dir)
         server.hup()
+        # the events process reloads its parts one after the other: wait for both
         wait_until(lambda: post_webhook(server.http_port, b"old-secret", pki, other) == 401,
                    "the events process refuses the old secret")
+        wait_until(lambda: peer_serial(server.http_port, pki, other) == other.server_serial,
+                   "the events process serves the new certificate")
         assert post_webhook(server.http_port, b"new-secret", other) == 202  # over the new certificate
-        assert peer_serial(server.http_port, other) == other.server_serial
         for port in workers:
             wait_until(lambda p=port: ingest_code(p, b"old-secret", pki, other) == grpc.StatusCode.UNAUTHENTICATED,
                        f"worker :{port} refuses the old secret")

@@ -6,8 +6,12 @@ move the tasks and the results, and those threads take the parent's GIL from the
 (the parent applies the rows in its single write transaction: it is the narrowest stage; bench/README.md, the
 import). Here a task is three integers (the block's first line, offset and size in the file: a worker reads the
 bytes itself with pread), block k goes to worker k mod N, and the parent reads result k from that worker's pipe
-when it needs it: no thread, and a block's bytes cross no pipe. A task never blocks the parent (a pipe holds
-thousands of them); a worker whose result is not read yet waits on its pipe.
+when it needs it: no thread in the parent, and a block's bytes cross no pipe. A task never blocks the parent (a
+pipe holds thousands of them). A worker hands each result to a sender thread of its own and goes on with the next
+block: a result pipe holds about one result, and the parent reads none while it commits (a second or more at a
+time), so a worker that wrote its results itself would stop until the parent came back, and the parent would
+then wait for it. How far ahead the workers go is the parent's window of blocks sent and not yet received
+(resolver.importer.pool.BLOCKS_AHEAD).
 
 The workers are forked before the store is opened (an LMDB environment must never cross a fork), each with a
 copy of the parent's Preparer; each closes the pipes of the workers forked before it (else a worker would keep
@@ -20,8 +24,10 @@ import fcntl
 import gc
 import os
 import pickle
+import queue
 import signal
 import struct
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -120,6 +126,9 @@ def _serve(preparer: Preparer, path: Path, tasks: int, results: int, others: lis
         # cyclic collector would only walk each row's young dicts and lists, a few µs a row.
         gc.disable()
         file = os.open(path, os.O_RDONLY)
+        outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        sender = threading.Thread(target=_send, args=(outgoing, results), name="results", daemon=True)
+        sender.start()
         with os.fdopen(tasks, "rb") as incoming:
             while task := incoming.read(_TASK.size):
                 first, offset, size = _TASK.unpack(task)
@@ -129,11 +138,23 @@ def _serve(preparer: Preparer, path: Path, tasks: int, results: int, others: lis
                     status = _OK
                 except Exception:  # noqa: BLE001 - the parent raises it; the worker has nothing else to tell it to
                     payload, status = traceback.format_exc().encode("utf-8"), _FAILED
-                _write_all(results, _RESULT.pack(status, len(payload)))
-                _write_all(results, payload)
+                outgoing.put(_RESULT.pack(status, len(payload)) + payload)
+                if not sender.is_alive():
+                    break  # the parent closed the results pipe: nobody wants what follows
+        outgoing.put(None)
+        sender.join()
         code = 0
     finally:
         os._exit(code)
+
+
+def _send(outgoing: queue.SimpleQueue[bytes | None], results: int) -> None:
+    """A worker's sender thread: write each result to the parent, in order, until None (or the pipe is closed)."""
+    try:
+        while (message := outgoing.get()) is not None:
+            _write_all(results, message)
+    except OSError:
+        pass  # the parent closed its end (it stopped, or wants no more): the worker ends with its tasks
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:

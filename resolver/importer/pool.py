@@ -44,7 +44,10 @@ from resolver.importer.rows import (
 CHUNK_ROWS = 500  # CSV rows handed to a worker at a time
 POOL_MIN_ROWS = 5000  # below this, forking workers costs more than it saves
 MAX_WORKERS = 8
-IN_FLIGHT = 3  # chunks in flight per worker
+IN_FLIGHT = 3  # chunks in flight per worker (CSV: a multiprocessing pool)
+# Blocks of a JSON-lines file sent to each worker and not yet received: how far the workers may run ahead of the
+# parent while it commits (a block is ~1,000 rows; its result ~1 MB, held by the worker until read).
+BLOCKS_AHEAD = 48
 
 _preparer: Preparer | None = None  # a worker process's own (the module docstring says why a global)
 
@@ -133,7 +136,7 @@ def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer,
 
 def _by_block_workers(blocks: Iterator[Block], workers: BlockWorkers) -> Iterator[list[Item]]:
     """The blocks of a JSON-lines file prepared by `workers`, in file order, a few in flight at a time."""
-    window = IN_FLIGHT * workers.count
+    window = BLOCKS_AHEAD * workers.count
     sent = received = offset = 0
     for block in blocks:
         workers.send(sent, block, offset)

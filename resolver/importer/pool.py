@@ -135,7 +135,7 @@ def prepared(source: Iterator[Row] | Iterator[Block], preparer: Preparer,
 
 
 def _by_block_workers(blocks: Iterator[Block], workers: BlockWorkers) -> Iterator[list[Item]]:
-    """The blocks of a JSON-lines file prepared by `workers`, in file order, a few in flight at a time."""
+    """The blocks of a JSON-lines file prepared by `workers`, in file order, BLOCKS_AHEAD per worker in flight."""
     window = BLOCKS_AHEAD * workers.count
     sent = received = offset = 0
     for block in blocks:

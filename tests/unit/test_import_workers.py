@@ -71,3 +71,27 @@ def test_a_failing_worker_fails_the_parent_with_its_traceback_and_closing_leaves
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reaped: no such child any more
+
+
+def test_workers_that_ran_ahead_of_a_parent_that_stopped_end_when_closed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent that stops reading (a failed load) while the workers hold results it never reads: closing ends
+    every worker by itself (none needs SIGKILL) and leaves no process."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"identifiers": {"externalId": f"A-{i}", "phones": [phone(i)]}}) + "\n"
+                              for i in range(5000)))
+    killed: list[int] = []
+    monkeypatch.setattr("resolver.importer.blockworkers.os.kill", lambda pid, sig: killed.append(pid))
+    workers = BlockWorkers(preparer(), source, 2)
+    pids = list(workers._pids)
+    try:
+        with open(source, "rb") as f:
+            chunks = prepared(read_blocks(f, 2048), preparer(), workers)
+            first = next(chunks)  # every block is sent at once (the window is larger): the workers run on
+            assert lines_of(first)[0] == 1
+    finally:
+        workers.close()
+    assert killed == []
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)

@@ -14,6 +14,7 @@ import ctypes
 import gc
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ SLICE_S = 0.1  # the per-slice timeline of the slowest call
 LEAD_S = 0.5  # from the clients' start signal to the first phase: every client is sleeping on the timeline by then
 GAP_S = 0.3  # between phases, for in-flight calls to drain
 PR_SET_TIMERSLACK = 29
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,17 @@ def _fine_timer_slack() -> None:
         pass
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this client when the process that started it ends. A bench killed mid-run (Ctrl-C on `make`, a
+    timeout) would otherwise leave its clients sending under SCHED_FIFO, taking a core from whatever runs next."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
 def realtime_priority() -> str:
     """Put this process (and the client processes it spawns later: the policy is inherited) under SCHED_FIFO 1,
     so the load generator is not delayed by what it measures when it shares the server's cores; what it got.
@@ -192,12 +205,13 @@ def open_channel(target: str) -> Any:
 
 
 def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str, seed: int,
-            ready: Any, start: Any, results: Any) -> None:
+            ready: Any, start: Any, results: Any, parent: int) -> None:
     """One client process: connect, report ready, wait for the timeline, send every phase, report."""
     import grpc
 
     from bench.loadgen.workload import CODECS, requests
 
+    _die_with_parent(parent)
     _fine_timer_slack()
     channels: dict[str, Any] = {}
     calls: dict[tuple[str, str], Any] = {}
@@ -325,7 +339,7 @@ def run_phases(phases: list[Phase], *, clients: int = 1, data: Data | None = Non
     starts = [ctx.Queue() for _ in range(clients)]
     run_id = run_id or uuid.uuid4().hex[:8]
     procs = [ctx.Process(target=_client, name=f"loadgen-{i}",
-                         args=(i, clients, phases, data or Data(), run_id, seed, ready, starts[i], results))
+                         args=(i, clients, phases, data or Data(), run_id, seed, ready, starts[i], results, os.getpid()))
              for i in range(clients)]
     for p in procs:
         p.start()

@@ -134,3 +134,60 @@ def test_write_scenarios_parse_their_requests_before_the_first_send(tmp_path, sc
     upserts.write_text('{"identifiers": {"externalId": "A"}, "no_such_field": 1}\n')
     with pytest.raises(Exception, match="no_such_field"):
         requests(scenario, Data(queries=str(queries), upserts=str(upserts)))
+
+
+def test_a_client_process_ends_when_the_process_that_started_it_is_killed(tmp_path) -> None:  # noqa: ANN001
+    """A bench killed mid-run must not leave its SCHED_FIFO clients sending: each client asks for SIGKILL when
+    its parent ends (bench.loadgen.runner._die_with_parent)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "parent.py"  # a file, not -c: a spawned child imports its target from its parent's main
+    script.write_text(f"""
+import multiprocessing, os, sys, time
+sys.path.insert(0, {os.getcwd()!r})
+from bench.loadgen.runner import _die_with_parent
+
+def child(parent):
+    _die_with_parent(parent)
+    open({str(pid_file)!r}, "w").write(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    p.start()
+    time.sleep(600)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        os.kill(child, 0)  # alive while its parent is
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # reaped by init once killed; until then it may linger as a zombie, which /proc shows as Z
+            try:
+                if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the client outlived the process that started it")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

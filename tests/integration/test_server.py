@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -265,7 +266,12 @@ def test_client_retries_unavailable_until_the_server_is_up(settings):  # noqa: A
     with ResolverClient(f"127.0.0.1:{port}", write_timeout=1.0, max_attempts=8, backoff=0.1) as client:
         t = threading.Thread(target=lambda: box.update(r=client.upsert(idempotency_key="late-1", external_id="L-1")))
         t.start()
-        threading.Event().wait(0.4)  # the first attempts find no server: UNAVAILABLE
+        # the server starts only once an attempt has found no server (UNAVAILABLE) and a retry began; a fixed sleep
+        # here let a slow machine's first attempt still be connecting when the server came up, and succeed
+        deadline = time.monotonic() + 30
+        while client.attempts_made < 2 and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        assert client.attempts_made >= 2, "the client never retried against the absent server"
         running = build_server(settings.with_overrides(listen=f"127.0.0.1:{port}"), sweeper=False)
         try:
             t.join(30)

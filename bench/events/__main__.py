@@ -152,6 +152,8 @@ def repeat(argv: list[str], n: int, out: Path) -> int:
                      "floor_us_per_call": r["machine"].get("grpc_floor", {}).get("floor_us_per_call"), **r["verdicts"]})
     ratios = [x["p99_ratio_b_over_a"] for x in runs if x["p99_ratio_b_over_a"] is not None]
     median = statistics.median(ratios) if ratios else float("nan")
+    healthy = [x["p99_ratio_b_over_a"] for x in runs
+               if x["p99_ratio_b_over_a"] is not None and not x.get("baseline_overloaded")]
 
     def median_of(key: str) -> float | None:
         values = [x[key] for x in runs if x.get(key) is not None]
@@ -159,6 +161,7 @@ def repeat(argv: list[str], n: int, out: Path) -> int:
 
     summary = {"command": f"{PROG} " + shlex.join(argv), "runs": runs,
                "median_p99_ratio_b_over_a": round(median, 3), "every_run_lost_nothing": all(c == 0 for c in codes),
+               "median_p99_ratio_b_over_a_healthy_baseline": round(statistics.median(healthy), 3) if healthy else None,
                "median_drain_rate_under_load_per_s": median_of("drain_rate_under_load_per_s"),
                "median_drain_rate_idle_per_s": median_of("drain_rate_idle_per_s"),
                "median_drain_rate_idle_push_per_s": median_of("drain_rate_idle_push_per_s")}

@@ -156,7 +156,11 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
                and r["visible"]["wrong"] == 0)
     pushed = r.get("window_d", {}).get("drain_rate_per_s")
     idle = r.get("window_e", {}).get("drain_rate_per_s", pushed)  # the applier's own rate, where it was measured
+    refused_in_a = sum(r["window_a"].get("errors", {}).values())
     return {"p99_ratio_b_over_a": None if ratio is None else round(ratio, 3),
+            # the baseline itself refused or lost calls: the server was past its knee with no event at all, so the
+            # ratio says how this machine queues, not what the drain costs (bench/README.md, the events bench)
+            "baseline_refused": refused_in_a, "baseline_overloaded": refused_in_a > 0,
             "p99_ratio_b_over_c": round(b["p99"] / c["p99"], 3) if c and c["p99"] else None,
             "p99_target_holds": ratio is not None and ratio <= 1.3,
             "drain_rate_under_load_per_s": r["drain"]["drain_rate_in_window_b_per_s"],

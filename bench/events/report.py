@@ -59,7 +59,10 @@ def render(r: dict[str, Any]) -> str:
         f"- **Resolve p99 during the drain vs without it: {_ms(r['window_b']['latency_ms']['p99'])} ms vs {_ms(a99)} ms = "
         f"{v['p99_ratio_b_over_a']:.2f}×** (target ≤ 1.3×): the target "
         f"{'**holds**' if v['p99_target_holds'] else '**does NOT hold**'}"
-        + (f"; against the baseline after the drain (C): {v['p99_ratio_b_over_c']:.2f}×." if v["p99_ratio_b_over_c"] else "."),
+        + (f"; against the baseline after the drain (C): {v['p99_ratio_b_over_c']:.2f}×." if v["p99_ratio_b_over_c"] else ".")
+        + (f" **Window A itself refused or lost {v['baseline_refused']:,} calls ({_codes(r['window_a'].get('errors', {}))}):"
+           " the server was past its knee with no event at all, so this ratio cannot judge the target.**"
+           if v.get("baseline_overloaded") else ""),
         f"- **No event lost: {'yes' if v['no_event_lost'] else 'NO'}**: {led['acknowledged_202']:,} of {led['pushed']:,} "
         f"acknowledged 202 ({led['given_up']} given up by the pusher), {led['applied_once']:,} applied exactly once, "
         f"{led['dead_lettered']} dead-lettered, {led['missing_count']} acknowledged but missing, "
@@ -224,9 +227,14 @@ def _r(v: float | None) -> str:
     return "-" if v is None else f"{v:,.0f}"
 
 
+def _codes(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n:,}" for code, n in sorted(errors.items()))
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """OUT/summary.md of `--repeat N`: each run's p99s and ratios, and the median ratio."""
     runs, median = summary["runs"], summary["median_p99_ratio_b_over_a"]
+    over = [x for x in runs if x.get("baseline_overloaded")]
     lines = ["# Back-pressure bench: Resolve p99 during an event drain, repeated (issue 5)", "",
              f"Command: `{summary['command']}`", "",
              f"**Median p99 ratio (B during the drain / A without it): {median:.2f}×** over {len(runs)} runs (target ≤ 1.3×); "
@@ -234,6 +242,13 @@ def render_summary(summary: dict[str, Any]) -> str:
              f"Median drain rate under Resolve load (B): {_r(summary.get('median_drain_rate_under_load_per_s'))}/s; "
              f"with no Resolve load, a backlog (E): {_r(summary.get('median_drain_rate_idle_per_s'))}/s (target ≥ "
              f"1,000/s); pushed over HTTP (D): {_r(summary.get('median_drain_rate_idle_push_per_s'))}/s.",
+             *([f"**{len(over)} of {len(runs)} runs had window A itself refusing or losing calls (runs "
+                f"{', '.join(str(x['run']) for x in over)}): the server was past its knee with no event at all, and "
+                f"their ratios measure this machine, not the drain.** Median over the other runs: "
+                f"{summary['median_p99_ratio_b_over_a_healthy_baseline']:.2f}×."
+                if summary.get("median_p99_ratio_b_over_a_healthy_baseline") is not None else
+                "**Every run had window A itself refusing or losing calls: no ratio here can judge the target.**"]
+              if over else []),
              "Machine: server CPU per bare grpcio health check before each run (bench/machine.py; fast phase ~150 µs, "
              f"slow over {SLOW_US} µs: the p99 ratios of a slow run measure this machine).",
              "", "| run | started | health check CPU µs | p99 A ms | p99 B ms | B / A | B / C | drain in B /s | drain in D /s "

@@ -134,6 +134,37 @@ def test_the_bench_reads_the_pace_lines_the_applier_writes() -> None:
     assert applier_pace("nothing here") == {"lines": [], "pace_low": None, "pace_high": None}
 
 
+def _results(a_p99: float, b_p99: float, a_errors: dict[str, int]) -> dict:
+    """The parts of a run's results the verdicts read (a run that lost nothing)."""
+    ledger = {"missing_count": 0, "applied_twice_or_more": 0, "neither_acknowledged_nor_given_up": 0,
+              "unacknowledged_stored_count": 0, "acknowledged_202": 10, "pushed": 10}
+    return {"window_a": {"latency_ms": {"p99": a_p99}, "errors": a_errors},
+            "window_b": {"latency_ms": {"p99": b_p99}}, "window_c": {"latency_ms": {"p99": a_p99}},
+            "ledger": ledger, "counters": {"counters": {"accepted": 10}, "conserved": True}, "check": {"exit": 0},
+            "visible": {"wrong": 0}, "drain": {"drain_rate_in_window_b_per_s": 100.0,
+                                               "events_flowing_through_window_b": True},
+            "pusher": {"codes": {"202": 10}, "first_429_s": None}}
+
+
+def test_a_run_whose_baseline_refused_calls_is_marked_as_unable_to_judge_the_target() -> None:
+    from bench.events.accounting import verdicts
+    from bench.events.report import render_summary
+
+    healthy = verdicts(_results(2.0, 2.5, {}))
+    assert (healthy["baseline_overloaded"], healthy["baseline_refused"], healthy["p99_ratio_b_over_a"]) == (False, 0, 1.25)
+    over = verdicts(_results(47.0, 230.0, {"RESOURCE_EXHAUSTED": 20, "CANCELLED": 5}))
+    assert (over["baseline_overloaded"], over["baseline_refused"]) == (True, 25)
+    runs = [{"run": 1, "started": "s", "a_p99_ms": 47.0, "b_p99_ms": 230.0, **over},
+            {"run": 2, "started": "s", "a_p99_ms": 2.0, "b_p99_ms": 2.5, **healthy}]
+    text = render_summary({"command": "c", "runs": runs, "median_p99_ratio_b_over_a": 2.97,
+                           "every_run_lost_nothing": True, "median_p99_ratio_b_over_a_healthy_baseline": 1.25})
+    assert "1 of 2 runs had window A itself refusing or losing calls (runs 1)" in text
+    assert "Median over the other runs: 1.25×" in text
+    text = render_summary({"command": "c", "runs": runs[:1], "median_p99_ratio_b_over_a": 4.89,
+                           "every_run_lost_nothing": True, "median_p99_ratio_b_over_a_healthy_baseline": None})
+    assert "no ratio here can judge the target" in text
+
+
 def test_idle_drain_figures_count_from_the_release_to_the_empty_inbox() -> None:
     from bench.events.accounting import idle_drain_figures, merge_pushes
 

@@ -231,10 +231,23 @@ def _codes(errors: dict[str, int]) -> str:
     return ", ".join(f"{code} {n:,}" for code, n in sorted(errors.items()))
 
 
+def _overloaded_baselines(summary: dict[str, Any]) -> list[str]:
+    """The summary's line on runs whose window A itself refused or lost calls (none: no line)."""
+    runs = summary["runs"]
+    over = [str(x["run"]) for x in runs if x.get("baseline_overloaded")]
+    if not over:
+        return []
+    healthy = summary.get("median_p99_ratio_b_over_a_healthy_baseline")
+    if healthy is None:
+        return ["**Every run had window A itself refusing or losing calls: no ratio here can judge the target.**"]
+    return [f"**{len(over)} of {len(runs)} runs had window A itself refusing or losing calls (runs {', '.join(over)}): "
+            "the server was past its knee with no event at all, and their ratios measure this machine, not the "
+            f"drain.** Median over the other runs: {healthy:.2f}×."]
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """OUT/summary.md of `--repeat N`: each run's p99s and ratios, and the median ratio."""
     runs, median = summary["runs"], summary["median_p99_ratio_b_over_a"]
-    over = [x for x in runs if x.get("baseline_overloaded")]
     lines = ["# Back-pressure bench: Resolve p99 during an event drain, repeated (issue 5)", "",
              f"Command: `{summary['command']}`", "",
              f"**Median p99 ratio (B during the drain / A without it): {median:.2f}×** over {len(runs)} runs (target ≤ 1.3×); "
@@ -242,13 +255,7 @@ def render_summary(summary: dict[str, Any]) -> str:
              f"Median drain rate under Resolve load (B): {_r(summary.get('median_drain_rate_under_load_per_s'))}/s; "
              f"with no Resolve load, a backlog (E): {_r(summary.get('median_drain_rate_idle_per_s'))}/s (target ≥ "
              f"1,000/s); pushed over HTTP (D): {_r(summary.get('median_drain_rate_idle_push_per_s'))}/s.",
-             *([f"**{len(over)} of {len(runs)} runs had window A itself refusing or losing calls (runs "
-                f"{', '.join(str(x['run']) for x in over)}): the server was past its knee with no event at all, and "
-                f"their ratios measure this machine, not the drain.** Median over the other runs: "
-                f"{summary['median_p99_ratio_b_over_a_healthy_baseline']:.2f}×."
-                if summary.get("median_p99_ratio_b_over_a_healthy_baseline") is not None else
-                "**Every run had window A itself refusing or losing calls: no ratio here can judge the target.**"]
-              if over else []),
+             *_overloaded_baselines(summary),
              "Machine: server CPU per bare grpcio health check before each run (bench/machine.py; fast phase ~150 µs, "
              f"slow over {SLOW_US} µs: the p99 ratios of a slow run measure this machine).",
              "", "| run | started | health check CPU µs | p99 A ms | p99 B ms | B / A | B / C | drain in B /s | drain in D /s "

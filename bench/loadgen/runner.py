@@ -10,11 +10,9 @@ sends late and the lateness is charged to the request, never skipped.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import os
-import signal
 import threading
 import time
 import uuid
@@ -27,6 +25,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from bench.loadgen.histograms import LOWEST, Latencies, add_by_code, added, decoded, encoded, new_histogram
+from bench.loadgen.prctl import die_with_parent, fine_timer_slack
 from bench.loadgen.schedule import intended_offsets
 from bench.loadgen.workload import Data
 from bench.procstat import tree_cpu_seconds
@@ -36,8 +35,6 @@ CURVE = (0.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.
 SLICE_S = 0.1  # the per-slice timeline of the slowest call
 LEAD_S = 0.5  # from the clients' start signal to the first phase: every client is sleeping on the timeline by then
 GAP_S = 0.3  # between phases, for in-flight calls to drain
-PR_SET_TIMERSLACK = 29
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -157,25 +154,6 @@ class PhaseResult:
 # -- the client process ----------------------------------------------------------------------------------
 
 
-def _fine_timer_slack() -> None:
-    """Ask Linux for 1 µs timer slack on this thread (default 50 µs), so sleeps end when asked."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this client when the process that started it ends. A bench killed mid-run (Ctrl-C on `make`, a
-    timeout) would otherwise leave its clients sending under SCHED_FIFO, taking a core from whatever runs next."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # it ended before the request took effect
-        os._exit(1)
-
-
 def realtime_priority() -> str:
     """Put this process (and the client processes it spawns later: the policy is inherited) under SCHED_FIFO 1,
     so the load generator is not delayed by what it measures when it shares the server's cores; what it got.
@@ -211,8 +189,8 @@ def _client(part: int, parts: int, phases: list[Phase], data: Data, run_id: str,
 
     from bench.loadgen.workload import CODECS, requests
 
-    _die_with_parent(parent)
-    _fine_timer_slack()
+    die_with_parent(parent)
+    fine_timer_slack()
     channels: dict[str, Any] = {}
     calls: dict[tuple[str, str], Any] = {}
     streams: dict[str, Any] = {}

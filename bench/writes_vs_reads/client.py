@@ -32,13 +32,14 @@ def client_process(part: int, parts: int, windows: list[Window], rate: float, qu
             realtime: bool, ready: Any, start: Any, results: Any) -> None:
     import grpc
 
-    from bench.loadgen.runner import _fine_timer_slack, open_channel
+    from bench.loadgen.prctl import fine_timer_slack
+    from bench.loadgen.runner import open_channel
     from bench.loadgen.schedule import intended_offsets
     from bench.loadgen.workload import CODECS, HEALTH, RESOLVE, UPSERT, Data, requests
 
     if realtime:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    _fine_timer_slack()
+    fine_timer_slack()
     mid = {RESOLVE: 0, UPSERT: 1, HEALTH: 2}
     data = Data(queries=queries, upserts=upserts)
     try:

@@ -138,7 +138,7 @@ def test_write_scenarios_parse_their_requests_before_the_first_send(tmp_path, sc
 
 def test_a_client_process_ends_when_the_process_that_started_it_is_killed(tmp_path) -> None:  # noqa: ANN001
     """A bench killed mid-run must not leave its SCHED_FIFO clients sending: each client asks for SIGKILL when
-    its parent ends (bench.loadgen.runner._die_with_parent)."""
+    its parent ends (bench.loadgen.prctl.die_with_parent)."""
     import os
     import signal
     import subprocess
@@ -150,10 +150,10 @@ def test_a_client_process_ends_when_the_process_that_started_it_is_killed(tmp_pa
     script.write_text(f"""
 import multiprocessing, os, sys, time
 sys.path.insert(0, {os.getcwd()!r})
-from bench.loadgen.runner import _die_with_parent
+from bench.loadgen.prctl import die_with_parent
 
 def child(parent):
-    _die_with_parent(parent)
+    die_with_parent(parent)
     open({str(pid_file)!r}, "w").write(str(os.getpid()))
     while True:
         time.sleep(0.05)

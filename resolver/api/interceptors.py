@@ -15,7 +15,8 @@ its own (grpcio's), which is why resolver.api.caller can hold the caller in a Co
   64), else one generated here; always returned in the trailing metadata `x-request-id`, on success and on every
   error (context.abort_with_status replaces the trailing metadata, so it is added again after the handler).
 - Access log: one line per call on the logger "resolver.access" at INFO, with the `extra` fields of ACCESS_FIELDS
-  and nothing else: never a payload, never the token.
+  and nothing else: never a payload, never the token. The call queues the line; a thread of the process writes it
+  within resolver.api.access_lines.INTERVAL (the cost of a line made in the call: that module's docstring).
 - Metrics: the same duration, by method and code, into resolver.metrics' latency histogram (with `[metrics]` on).
 - Admission (resolver.api.admission), first of all: an overloaded worker answers a call RESOURCE_EXHAUSTED
   (OVERLOADED) before any of the above, from a thread of its own: no request id, no access line (a WARNING line
@@ -29,19 +30,21 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any, NamedTuple
 
 import grpc
 
 from resolver import errors, metrics
 from resolver.api import caller
+from resolver.api.access_lines import FIELDS, AccessLines, Line
 from resolver.api.admission import Admission
 from resolver.api.status import to_status
 from resolver.auth import TokenSet
 
 ACCESS = logging.getLogger("resolver.access")
-ACCESS_FIELDS = ("rpc", "code", "duration_ms", "peer", "request_id", "caller")
+ACCESS_LINES = AccessLines(ACCESS)  # written in batches, off the call's path (resolver.api.access_lines)
+ACCESS_FIELDS = FIELDS
 REQUEST_ID = "x-request-id"
 FAIL_CLOSED = "admin"  # the scope of a method METHOD_SCOPES does not name (one added later)
 
@@ -251,9 +254,5 @@ def _log(rpc: str, code: str, started: float, context: grpc.ServicerContext, req
     """The call's end: its server time counted (resolver.metrics, with [metrics] on), and its access line."""
     elapsed = perf_counter() - started
     metrics.rpc_done(rpc, code, elapsed)
-    if not ACCESS.isEnabledFor(logging.INFO):
-        return
-    duration_ms = round(elapsed * 1000, 3)
-    ACCESS.info("%s %s %.3f ms", rpc, code, duration_ms,
-                extra={"rpc": rpc, "code": code, "duration_ms": duration_ms, "peer": context.peer(),
-                       "request_id": request_id, "caller": name})
+    if ACCESS.isEnabledFor(logging.INFO):
+        ACCESS_LINES.add(Line(time(), rpc, code, round(elapsed * 1000, 3), context.peer(), request_id, name))

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from resolver.api import caller
 from resolver.api.caller import SCOPES
-from resolver.api.interceptors import ACCESS_FIELDS, REQUEST_ID, CallInterceptor
+from resolver.api.interceptors import ACCESS_FIELDS, ACCESS_LINES, REQUEST_ID, CallInterceptor
 from resolver.auth import NewToken, TokenSet, new_token
 from resolver.client import ResolverClient
 from resolver.v1 import resolver_pb2 as pb
@@ -171,6 +171,7 @@ def test_one_access_line_per_call_with_its_fields_and_nothing_else(stub: Any, ch
     list(stub.ResolveStream(iter([resolve_req(emails=(email,))] * 2),
                             metadata=(*bearer(reader.token), (REQUEST_ID, "r-4")), timeout=5))
     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)  # not logged
+    ACCESS_LINES.flush()  # lines are written in batches, off the calls' path: what the calls queued, now
 
     assert [(r.rpc, r.code, r.caller, r.request_id) for r in access_log] == [  # type: ignore[attr-defined]
         ("Resolve", "OK", "t-resolve", "r-1"),

@@ -1,0 +1,84 @@
+"""What the access log costs the server: server CPU per Resolve with its lines on vs off, in the same run.
+
+    python -m bench.access_log [--rate 1000] [--seconds 15] [--rounds 5] [--workers 1] [--customers 2000]
+                               [--out bench/out/access_log]
+
+bench/security.py's method, with its client and servers: one data directory with N customers, two `resolver serve`
+on it side by side with the same blueprint but for `[logging] level`:
+
+- **off**: "WARNING": no access line is made (the interceptor tests the level and goes on);
+- **on**: "INFO", the example blueprint's: one access line per call (resolver.api.interceptors,
+  resolver.api.access_lines), JSON, through the masking filter, to the server's stderr (a file here).
+
+Alternating windows, one client connection each, medians over rounds; the cost and ratio are medians of per-round
+differences and ratios. Writes OUT/results.json and OUT/report.md; prints the report.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.hostile import load_customers, phone
+from bench.security import BLUEPRINT, Client, Server, ab_main, ab_parser, ab_rounds, ab_table, log, window
+
+CONFIGS = ("off", "on")
+
+
+def measure(a: Any) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    rng = random.Random(17)
+    phones = [phone(i) for i in rng.sample(range(a.customers), min(a.customers, 1000))]
+    plain = Client(None, "")
+    with tempfile.TemporaryDirectory(prefix="bench-access-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        log(f"{a.customers} customers -> {data}")
+        load_customers(data, a.customers)
+        servers: dict[str, Server] = {}
+        try:
+            for name, level in (("off", "WARNING"), ("on", "INFO")):
+                config = work / f"{name}.toml"
+                config.write_text(BLUEPRINT.replace('level = "WARNING"', f'level = "{level}"'))
+                servers[name] = Server(name, config, data, a.workers, work)
+            log(f"servers: off :{servers['off'].port}, on :{servers['on'].port}; warm-up")
+            for name in CONFIGS:
+                window(ctx, servers[name], plain, a.rate, min(a.seconds, 3.0), phones)
+            lines_before = _access_lines(servers["on"])
+            measured = ab_rounds(CONFIGS, a.rounds, lambda name: window(ctx, servers[name], plain, a.rate, a.seconds,
+                                                                       phones))
+        finally:
+            for server in servers.values():
+                server.stop()
+        answered = sum(r["on"]["codes"].get("OK", 0) for r in measured.rounds)
+        lines = _access_lines(servers["on"]) - lines_before  # after stop: every queued line written
+        if lines < answered or _access_lines(servers["off"]):
+            raise SystemExit(f"the on server logged {lines} access lines for {answered} Resolves answered, the off "
+                             f"server {_access_lines(servers['off'])}: the configurations are not what they say")
+    return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
+            "access_lines": lines, "rounds": measured.rounds, "machine": measured.machine}
+
+
+def _access_lines(server: Server) -> int:
+    return server.log_path.read_text().count('"logger":"resolver.access"')
+
+
+def report(res: dict[str, Any]) -> str:
+    return "\n".join([
+        "# Server CPU per Resolve: access log off vs on", "",
+        f"{res['rate']:g} Resolve/s for {res['seconds']:g} s per window, {len(res['rounds'])} rounds (order alternating), "
+        f"{res['workers']} worker(s), {res['customers']} customers; {res['access_lines']:,} access lines written by the "
+        "on server in the measured windows.", "",
+        *ab_table(res, {"off": "access log off (level WARNING)", "on": "access log on (level INFO)"}, "the access log")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return ab_main(ab_parser("python -m bench.access_log", __doc__, "access_log"), argv, measure, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

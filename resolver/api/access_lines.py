@@ -8,7 +8,8 @@ was queued into records of the logger "resolver.access", with the call's end as 
 logging exactly as a line logged in the call: the same handlers, the same masking filter (resolver.logs, the one
 choke point), the same format. What changes is only when a line is written: up to `INTERVAL` after its call, and
 at exit (atexit: a serving process that stops normally writes every line it queued). A process killed with
-SIGKILL loses the lines of its last `INTERVAL`.
+SIGKILL loses the lines of its last `INTERVAL`. The queue is bounded (`MAX_QUEUED`): past it, a call writes its
+own line as before, so a stuck log slows the calls down rather than growing memory or dropping lines.
 
 The thread releases the GIL every `LINES_PER_SLICE` lines, so a call waiting for it waits for a few lines at most,
 never for a whole batch. A forked child (the importer's workers) drops what its parent had queued: those lines
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 INTERVAL = 0.05  # seconds between two batches
 LINES_PER_SLICE = 8  # lines made between two releases of the GIL
+MAX_QUEUED = 100_000  # lines waiting at most (~20 MB); past it a call writes its own line (`AccessLines.add`)
 MESSAGE = "%s %s %.3f ms"  # rpc, code, duration
 
 
@@ -48,37 +50,47 @@ FIELDS = Line._fields[1:]  # the record's `extra` fields, in this order (the tim
 class AccessLines:
     """The queue of one process's access lines for `logger`, and the thread that writes them."""
 
-    def __init__(self, logger: logging.Logger, interval: float = INTERVAL) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = INTERVAL, max_queued: int = MAX_QUEUED) -> None:
         self.logger = logger
         self.interval = interval
+        self.max_queued = max_queued
         self._queue: deque[Line] = deque()
         self._pid = 0  # the process whose writer thread runs (0: none started)
         self._start_lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
 
     def add(self, line: Line) -> None:
-        """Queue one line (thread-safe); it is written within `interval` seconds."""
+        """Queue one line (thread-safe); it is written within `interval` seconds. With `max_queued` lines already
+        waiting (the log's stream is stuck or slower than the calls), the line is written here, in the call, as
+        before the queue: the calls slow down with the log instead of memory growing or lines being dropped."""
+        if len(self._queue) >= self.max_queued:
+            self._write(line)
+            return
         self._queue.append(line)
         if self._pid != os.getpid():
             self._start()
 
     def flush(self) -> None:
         """Write every line queued so far, in this thread (the writer thread, atexit, or a test)."""
-        queue, logger, made = self._queue, self.logger, 0
+        queue, made = self._queue, 0
         while queue:
             try:
                 line = queue.popleft()
             except IndexError:  # another thread flushed the last one meanwhile
                 return
-            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, MESSAGE,
-                                       (line.rpc, line.code, line.duration_ms), None,
-                                       extra=dict(zip(FIELDS, line[1:], strict=True)))
-            record.created = line.at
-            record.msecs = int((line.at - int(line.at)) * 1000) + 0.0
-            logger.handle(record)
+            self._write(line)
             made += 1
             if not made % LINES_PER_SLICE:
                 time.sleep(0)  # let a waiting call thread have the GIL
+
+    def _write(self, line: Line) -> None:
+        logger = self.logger
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, MESSAGE,
+                                   (line.rpc, line.code, line.duration_ms), None,
+                                   extra=dict(zip(FIELDS, line[1:], strict=True)))
+        record.created = line.at
+        record.msecs = int((line.at - int(line.at)) * 1000) + 0.0
+        logger.handle(record)
 
     def _start(self) -> None:
         with self._start_lock:

@@ -109,3 +109,13 @@ def test_a_real_handler_writes_the_json_access_line_through_the_masking_filter(k
     entry = json.loads(path.read_text())
     assert entry["ts"] == "2023-11-14T22:13:20.500Z" and entry["msg"] == "Resolve OK 1.250 ms"
     assert entry["request_id"] != "14155559888" and "5559888" not in path.read_text()  # a phone-shaped id is masked
+
+
+def test_past_max_queued_a_call_writes_its_own_line_nothing_dropped_memory_bounded(kept) -> None:
+    logger, keep = kept
+    lines = AccessLines(logger, interval=3600, max_queued=3)
+    for i in range(5):
+        lines.add(line(i))
+    assert [r.request_id for r in keep.records] == ["r-3", "r-4"]  # type: ignore[attr-defined]  # in their calls
+    lines.flush()
+    assert sorted(r.request_id for r in keep.records) == [f"r-{i}" for i in range(5)]  # type: ignore[attr-defined]

@@ -16,49 +16,33 @@ differences and ratios. Writes OUT/results.json and OUT/report.md; prints the re
 
 from __future__ import annotations
 
-import multiprocessing
-import random
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from bench.hostile import load_customers, phone
-from bench.security import BLUEPRINT, Client, Server, ab_main, ab_parser, ab_rounds, ab_table, log, window
+from bench.security import BLUEPRINT, Client, Server, ab_main, ab_parser, ab_rounds, ab_servers, ab_table, log, window
 
 CONFIGS = ("off", "on")
 
 
 def measure(a: Any) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    rng = random.Random(17)
-    phones = [phone(i) for i in rng.sample(range(a.customers), min(a.customers, 1000))]
     plain = Client(None, "")
-    with tempfile.TemporaryDirectory(prefix="bench-access-") as tmp:
-        work = Path(tmp)
-        data = work / "data"
-        log(f"{a.customers} customers -> {data}")
-        load_customers(data, a.customers)
-        servers: dict[str, Server] = {}
-        try:
-            for name, level in (("off", "WARNING"), ("on", "INFO")):
-                config = work / f"{name}.toml"
-                config.write_text(BLUEPRINT.replace('level = "WARNING"', f'level = "{level}"'))
-                servers[name] = Server(name, config, data, a.workers, work)
-            log(f"servers: off :{servers['off'].port}, on :{servers['on'].port}; warm-up")
-            for name in CONFIGS:
-                window(ctx, servers[name], plain, a.rate, min(a.seconds, 3.0), phones)
-            lines_before = _access_lines(servers["on"])
-            measured = ab_rounds(CONFIGS, a.rounds, lambda name: window(ctx, servers[name], plain, a.rate, a.seconds,
-                                                                       phones))
-        finally:
-            for server in servers.values():
-                server.stop()
+    blueprints = {name: BLUEPRINT.replace('level = "WARNING"', f'level = "{level}"')
+                  for name, level in (("off", "WARNING"), ("on", "INFO"))}
+    with ab_servers(a, 17, lambda work: blueprints) as ab:
+        ctx, servers, phones = ab
+        log(f"servers: off :{servers['off'].port}, on :{servers['on'].port}; warm-up")
+        for name in CONFIGS:
+            window(ctx, servers[name], plain, a.rate, min(a.seconds, 3.0), phones)
+        lines_before = _access_lines(servers["on"])
+        measured = ab_rounds(CONFIGS, a.rounds, lambda name: window(ctx, servers[name], plain, a.rate, a.seconds,
+                                                                   phones))
+        for server in servers.values():
+            server.stop()  # a server that stops writes every line it queued
         answered = sum(r["on"]["codes"].get("OK", 0) for r in measured.rounds)
-        lines = _access_lines(servers["on"]) - lines_before  # after stop: every queued line written
-        if lines < answered or _access_lines(servers["off"]):
-            raise SystemExit(f"the on server logged {lines} access lines for {answered} Resolves answered, the off "
-                             f"server {_access_lines(servers['off'])}: the configurations are not what they say")
+        lines, off_lines = _access_lines(servers["on"]) - lines_before, _access_lines(servers["off"])
+    if lines < answered or off_lines:
+        raise SystemExit(f"the on server logged {lines} access lines for {answered} Resolves answered, the off "
+                         f"server {off_lines}: the configurations are not what they say")
     return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
             "access_lines": lines, "rounds": measured.rounds, "machine": measured.machine}
 

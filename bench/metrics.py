@@ -23,18 +23,14 @@ and ratios. Writes OUT/results.json and OUT/report.md; prints the report.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.hostile import load_customers, phone
 from bench.security import (
     BLUEPRINT,
     Client,
@@ -43,6 +39,7 @@ from bench.security import (
     ab_main,
     ab_parser,
     ab_rounds,
+    ab_servers,
     ab_table,
     log,
     window,
@@ -94,22 +91,12 @@ class Scraper:
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    rng = random.Random(17)
-    phones = [phone(i) for i in rng.sample(range(a.customers), min(a.customers, 1000))]
     plain = Client(None, "")
-    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
-        work = Path(tmp)
-        data = work / "data"
-        log(f"{a.customers} customers -> {data}")
-        load_customers(data, a.customers)
-        servers: dict[str, Server] = {}
+    blueprints = {"off": BLUEPRINT, "on": BLUEPRINT + '[metrics]\nlisten = "127.0.0.1:0"\n'}
+    with ab_servers(a, 17, lambda work: blueprints) as ab:
+        ctx, servers, phones = ab
         scraper: Scraper | None = None
         try:
-            for name, extra in (("off", ""), ("on", '[metrics]\nlisten = "127.0.0.1:0"\n')):
-                config = work / f"{name}.toml"
-                config.write_text(BLUEPRINT + extra)
-                servers[name] = Server(name, config, data, a.workers, work)
             url = metrics_url(servers["on"])
             log(f"servers: off :{servers['off'].port}, on :{servers['on'].port} (metrics {url}); warm-up")
             before = resolves_counted(url)
@@ -125,8 +112,6 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         finally:
             if scraper is not None:
                 scraper.stop()
-            for server in servers.values():
-                server.stop()
     return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
             "scrape_every_s": a.scrape_every, "scrapes": len(scraper.seconds) if scraper else 0,
             "scrape_ms_median": statistics.median(scraper.seconds) * 1000 if scraper and scraper.seconds else None,

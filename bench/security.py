@@ -41,10 +41,11 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import procstat
 from bench.hostile import load_customers, phone
@@ -221,34 +222,55 @@ def window(ctx: Any, server: Server, client: Client, rate: float, seconds: float
             "cpu_us_per_resolve": cpu / ok * 1e6, "achieved_rate": ok / got["span_s"]}
 
 
-def measure(a: argparse.Namespace) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    rng = random.Random(16)
+class AbServers(NamedTuple):
+    """What `ab_servers` holds for a bench: its spawn context, the servers by configuration, the phones to resolve."""
+
+    ctx: Any
+    servers: dict[str, Server]
+    phones: list[str]
+
+
+@contextmanager
+def ab_servers(a: argparse.Namespace, seed: int, blueprints: Callable[[Path], dict[str, str]]) -> Iterator[AbServers]:
+    """A temporary directory with `a.customers` customers and one `resolver serve` (`a.workers` workers) on them per
+    configuration (`blueprints(work)`: name -> blueprint text), all stopped on leaving; up to 1,000 of the customers'
+    phones, drawn with `seed`, for the clients. A server stopped inside the block (to read its whole log) stays so."""
+    rng = random.Random(seed)
     phones = [phone(i) for i in rng.sample(range(a.customers), min(a.customers, 1000))]
-    with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         work = Path(tmp)
         data = work / "data"
         log(f"{a.customers} customers -> {data}")
         load_customers(data, a.customers)
-        secure_text, secure_client = secure_config(work)
-        clients = {"plain": Client(None, ""), "secure": secure_client}
         servers: dict[str, Server] = {}
         try:
-            for name, extra in (("plain", ""), ("secure", secure_text)):
+            for name, text in blueprints(work).items():
                 config = work / f"{name}.toml"
-                config.write_text(BLUEPRINT + extra)
+                config.write_text(text)
                 servers[name] = Server(name, config, data, a.workers, work)
-            if secure_client.token:
-                check_token_is_asked(servers["secure"].port, secure_client)
-            log(f"servers: plain :{servers['plain'].port}, secure :{servers['secure'].port} (TLS"
-                f"{' + token' if secure_client.token else ', no token check in this tree'}); warm-up")
-            for name in CONFIGS:
-                window(ctx, servers[name], clients[name], a.rate, min(a.seconds, 3.0), phones)
-            measured = ab_rounds(CONFIGS, a.rounds,
-                                 lambda name: window(ctx, servers[name], clients[name], a.rate, a.seconds, phones))
+            yield AbServers(multiprocessing.get_context("spawn"), servers, phones)
         finally:
             for server in servers.values():
                 server.stop()
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    clients = {"plain": Client(None, "")}
+
+    def blueprints(work: Path) -> dict[str, str]:
+        secure_text, clients["secure"] = secure_config(work)
+        return {"plain": BLUEPRINT, "secure": BLUEPRINT + secure_text}
+
+    with ab_servers(a, 16, blueprints) as ab:
+        servers, secure_client = ab.servers, clients["secure"]
+        if secure_client.token:
+            check_token_is_asked(servers["secure"].port, secure_client)
+        log(f"servers: plain :{servers['plain'].port}, secure :{servers['secure'].port} (TLS"
+            f"{' + token' if secure_client.token else ', no token check in this tree'}); warm-up")
+        for name in CONFIGS:
+            window(ab.ctx, servers[name], clients[name], a.rate, min(a.seconds, 3.0), ab.phones)
+        measured = ab_rounds(CONFIGS, a.rounds,
+                             lambda name: window(ab.ctx, servers[name], clients[name], a.rate, a.seconds, ab.phones))
     return {"rate": a.rate, "seconds": a.seconds, "workers": a.workers, "customers": a.customers,
             "token_checked": bool(secure_client.token), "rounds": measured.rounds, "machine": measured.machine}
 

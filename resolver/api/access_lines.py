@@ -55,7 +55,7 @@ class AccessLines:
         self.interval = interval
         self.max_queued = max_queued
         self._queue: deque[Line] = deque()
-        self._pid = 0  # the process whose writer thread runs (0: none started)
+        self._started = False  # this process's writer thread runs (reset in a forked child: threads do not follow)
         self._start_lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
 
@@ -67,7 +67,7 @@ class AccessLines:
             self._write(line)
             return
         self._queue.append(line)
-        if self._pid != os.getpid():
+        if not self._started:
             self._start()
 
     def flush(self) -> None:
@@ -94,9 +94,9 @@ class AccessLines:
 
     def _start(self) -> None:
         with self._start_lock:
-            if self._pid == os.getpid():
+            if self._started:
                 return
-            self._pid = os.getpid()
+            self._started = True
             threading.Thread(target=self._run, name="access-log", daemon=True).start()
             atexit.register(self.flush)
 
@@ -110,5 +110,5 @@ class AccessLines:
 
     def _forked(self) -> None:
         self._queue.clear()
-        self._pid = 0
+        self._started = False
         self._start_lock = threading.Lock()

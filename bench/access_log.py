@@ -12,11 +12,24 @@ on it side by side with the same blueprint but for `[logging] level`:
 
 Alternating windows, one client connection each, medians over rounds; the cost and ratio are medians of per-round
 differences and ratios. Writes OUT/results.json and OUT/report.md; prints the report.
+
+    python -m bench.access_log --lines 20000 [--rounds 5]
+
+measures instead, in this process, the CPU (time.process_time) per line of the writer thread's work: `--lines`
+queued lines, shaped as the interceptor makes them, written by `AccessLines.flush` through the handler
+`resolver serve` installs (JSON, the masking filter) into a file; the median and range over `--rounds` rounds. No
+server, no client: a steadier figure for comparing two versions of the line's code on the same machine.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import statistics
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from bench.security import BLUEPRINT, Client, Server, ab_main, ab_parser, ab_rounds, ab_servers, ab_table, log, window
@@ -47,6 +60,34 @@ def measure(a: Any) -> dict[str, Any]:
             "access_lines": lines, "rounds": measured.rounds, "machine": measured.machine}
 
 
+def per_line(a: Any) -> dict[str, Any]:
+    """CPU µs per access line of `AccessLines.flush` through the serving handler (see the module docstring)."""
+    from resolver.api.access_lines import AccessLines, Line
+    from resolver.logs import make_handler
+
+    prefix = secrets.token_hex(4)
+    lines = [Line(time.time(), "Resolve", "OK", 0.512, f"ipv4:127.0.0.1:{40000 + i % 20000}", f"{prefix}-{i:x}", "")
+             for i in range(a.lines)]
+    logger = logging.getLogger("resolver.access")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="bench-lines-") as tmp, (Path(tmp) / "lines.log").open("w") as out:
+        handler = make_handler("json", "masked", out)
+        logger.addHandler(handler)
+        queue = AccessLines(logger, interval=3600)  # only `flush` writes here
+        try:
+            for _ in range(a.rounds):
+                for line in lines:
+                    queue.add(line)
+                started = time.process_time()
+                queue.flush()
+                rounds.append(round((time.process_time() - started) / a.lines * 1e6, 2))
+        finally:
+            logger.removeHandler(handler)
+    return {"lines": a.lines, "rounds_us": rounds, "median_us": statistics.median(rounds)}
+
+
 def _access_lines(server: Server) -> int:
     return server.log_path.read_text().count('"logger":"resolver.access"')
 
@@ -60,8 +101,18 @@ def report(res: dict[str, Any]) -> str:
         *ab_table(res, {"off": "access log off (level WARNING)", "on": "access log on (level INFO)"}, "the access log")])
 
 
+def report_lines(res: dict[str, Any]) -> str:
+    rounds = res["rounds_us"]
+    return (f"# CPU per access line, in process\n\n{res['lines']:,} lines a round, {len(rounds)} rounds: median "
+            f"**{res['median_us']:.1f} µs** per line (range {min(rounds):.1f}-{max(rounds):.1f}).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return ab_main(ab_parser("python -m bench.access_log", __doc__, "access_log"), argv, measure, report)
+    parser = ab_parser("python -m bench.access_log", __doc__, "access_log")
+    parser.add_argument("--lines", type=int, default=0, help="in process: CPU per line of N queued lines (no servers)")
+    if parser.parse_known_args(argv)[0].lines > 0:
+        return ab_main(parser, argv, per_line, report_lines)
+    return ab_main(parser, argv, measure, report)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,19 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 _BORN_WITH = len(logging.makeLogRecord({}).__dict__)
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _DONE = "_redacted"  # set on a record once the filter has passed it (a second pass would mask masked forms)
+_FIELDS = "_extras"  # the extras the filter left on a record, kept for the formatter (not found again per line)
 
 
 def extras(record: logging.LogRecord) -> dict[str, Any]:
     """The fields a record was given with `extra=` (none starts with "_")."""
     d = record.__dict__
     return {k: d[k] for k in list(d)[_BORN_WITH:] if k not in _STANDARD and k[0] != "_"}
+
+
+def _extras_for_format(record: logging.LogRecord) -> dict[str, Any]:
+    """`extras(record)`, as the filter left them if it passed the record."""
+    fields = record.__dict__.get(_FIELDS)
+    return extras(record) if fields is None else fields
 
 
 class RedactingFilter(logging.Filter):
@@ -72,14 +79,15 @@ class RedactingFilter(logging.Filter):
             record.msg = text
         else:
             record.msg = redact(text, payload)
-            for key, value in fields.items():
-                record.__dict__[key] = self._clean(value)
+            fields = {key: self._clean(value) for key, value in fields.items()}
+            record.__dict__.update(fields)
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact_exception(record.exc_info, payload)  # type: ignore[arg-type]
         elif record.exc_text:  # rendered by someone before us: the text is all there is
             record.exc_text = redact(record.exc_text, payload)
         record.exc_info = None
         record.__dict__[_DONE] = True
+        record.__dict__[_FIELDS] = fields
         return True
 
     def _clean(self, value: Any) -> Any:
@@ -95,8 +103,17 @@ class RedactingFilter(logging.Filter):
         return redact(str(value), self.payload)
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted (replaced whole: safe between threads)
+
+
 def _utc(created: float, msecs: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z"
+    global _second
+    whole = int(created)
+    known, text = _second
+    if whole != known:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int(msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,7 +123,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {"ts": _utc(record.created, record.msecs), "level": record.levelname,
                                "logger": record.name, "pid": record.process, "msg": record.getMessage()}
-        for key, value in extras(record).items():
+        for key, value in _extras_for_format(record).items():
             out.setdefault(key, value)
         if record.exc_info and not record.exc_text:  # only without the filter (it renders the traceback itself)
             record.exc_text = self.formatException(record.exc_info)
@@ -125,7 +142,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        fields = extras(record)
+        fields = _extras_for_format(record)
         return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
 
 

@@ -31,9 +31,11 @@ SERVER_TOML = textwrap.dedent(
     workers = 1
     threads = 8
     grace_period_s = 1
-    # closed loops of up to 50 writers keep a worker full for longer than max_queue_wait_ms on a busy machine:
-    # the refusal budget is tested where overload is the subject (tests/reliability/test_overload.py)
+    # closed loops of up to 50 writers keep a worker's threads busy for longer than the served max_queue_wait_ms
+    # (50 ms) on a busy machine: admission's refusals are tested where overload is the subject
+    # (tests/reliability/test_overload.py, with the served defaults)
     refusal_share = 0
+    max_queue_wait_ms = 60000
     [storage]
     map_size_mb = 256
     [encryption]

@@ -95,7 +95,8 @@ def _passes(result: PhaseResult) -> bool:
 def _resolve_server(tmp_path: Path) -> tuple[Path, Path, Data]:
     """A blueprint, a data directory holding CUSTOMERS customers (one phone each), and the Resolve mix over them."""
     config, data = tmp_path / "overload.toml", tmp_path / "data"
-    config.write_text(SERVER_TOML.replace("refusal_share = 0\n", ""))  # the served default
+    served = SERVER_TOML.replace("refusal_share = 0\n", "").replace("max_queue_wait_ms = 60000\n", "")
+    config.write_text(served)  # admission's limits as served
     service = build_service(load_settings(config, data_dir=str(data)))
     try:
         with ThreadPoolExecutor(16) as pool:  # concurrent: the writer commits them in shared transactions

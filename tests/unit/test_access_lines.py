@@ -53,6 +53,8 @@ def test_flush_hands_each_line_to_logging_in_call_order_with_the_calls_time_and_
     assert first.levelno == logging.INFO and first.name == logger.name
     assert first.getMessage() == "Resolve OK 0.500 ms"
     assert first.created == 1_700_000_000.25 and first.msecs == 250.0  # the call's end, not the flush's time
+    assert first.process == os.getpid() and not first.args  # made in this process, the message already rendered
+    assert first.relativeCreated == pytest.approx((first.created - logging._startTime) * 1000)  # noqa: SLF001
     assert {f: getattr(first, f) for f in FIELDS} == {"rpc": "Resolve", "code": "OK", "duration_ms": 0.5,
                                                      "peer": "ipv4:127.0.0.1:5", "request_id": "r-0",
                                                      "caller": "t-reader"}

@@ -10,10 +10,12 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+import resolver.logs
 from resolver.api.status import to_rpc_status
 from resolver.config import LoggingSettings, Settings
 from resolver.errors import EventRejected, FieldViolation, InvalidInput
@@ -271,3 +273,26 @@ def test_a_root_logger_configured_by_someone_else_is_left_alone(root_logging: lo
     root_logging.setLevel(logging.WARNING)
     setup_logging(Settings(logging=LoggingSettings(level="DEBUG", format="json")))
     assert root_logging.handlers == [theirs] and root_logging.level == logging.WARNING
+
+
+def test_timestamps_are_the_records_own_across_seconds_and_threads() -> None:
+    """The formatter keeps the last second it formatted: every line still carries its own record's time, in any
+    order of times and from several threads at once."""
+    times = [1_700_000_000.0 + s + ms / 1000 for s in (0, 0, 1, 86_400, 1, 0) for ms in (0, 1, 999)] * 200
+    expected = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(_msecs(t)):03d}Z" for t in times]
+    assert expected[9] == "2023-11-15T22:13:20.000Z"
+    found: list[list[str]] = []
+
+    def format_all() -> None:
+        found.append([resolver.logs._utc(t, _msecs(t)) for t in times])
+
+    threads = [threading.Thread(target=format_all) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == [expected] * 4
+
+
+def _msecs(t: float) -> float:
+    return (t - int(t)) * 1000

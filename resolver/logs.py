@@ -16,11 +16,12 @@ Call sites still log no payload: external ids and attribute values have no shape
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import orjson
 
@@ -66,6 +67,22 @@ class RedactingFilter(logging.Filter):
             text = f"{record.msg} [the log arguments did not format]"
         record.args = None
         fields = extras(record)
+        record.msg, cleaned = self.cleaned(text, fields)
+        if cleaned is not fields:
+            record.__dict__.update(cleaned)
+            fields = cleaned
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact_exception(record.exc_info, payload)  # type: ignore[arg-type]
+        elif record.exc_text:  # rendered by someone before us: the text is all there is
+            record.exc_text = redact(record.exc_text, payload)
+        record.exc_info = None
+        record.__dict__[_DONE] = True
+        record.__dict__[_FIELDS] = fields
+        return True
+
+    def cleaned(self, text: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A line's message and extras as this filter leaves them: `fields` itself when nothing needed masking."""
+        payload = self.payload
         # One quick test over the message and every text extra together: the common line (an access line) holds
         # nothing to mask and pays for that test only, not for the pattern run over each text.
         texts = [text]
@@ -76,19 +93,8 @@ class RedactingFilter(logging.Filter):
             elif not (value is None or isinstance(value, bool | int | float)):
                 plain = False
         if plain and not may_hold("\n".join(texts), payload):
-            record.msg = text
-        else:
-            record.msg = redact(text, payload)
-            fields = {key: self._clean(value) for key, value in fields.items()}
-            record.__dict__.update(fields)
-        if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact_exception(record.exc_info, payload)  # type: ignore[arg-type]
-        elif record.exc_text:  # rendered by someone before us: the text is all there is
-            record.exc_text = redact(record.exc_text, payload)
-        record.exc_info = None
-        record.__dict__[_DONE] = True
-        record.__dict__[_FIELDS] = fields
-        return True
+            return text, fields
+        return redact(text, payload), {key: self._clean(value) for key, value in fields.items()}
 
     def _clean(self, value: Any) -> Any:
         """An extra value as JSON can hold it, every string in it redacted."""
@@ -121,17 +127,24 @@ class JsonFormatter(logging.Formatter):
     stack (stack_info). An extra never replaces one of the first five."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": _utc(record.created, record.msecs), "level": record.levelname,
-                               "logger": record.name, "pid": record.process, "msg": record.getMessage()}
-        for key, value in _extras_for_format(record).items():
-            out.setdefault(key, value)
         if record.exc_info and not record.exc_text:  # only without the filter (it renders the traceback itself)
             record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            out["exc"] = record.exc_text
-        if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return json_line(record.created, record.msecs, record.levelname, record.name, record.process,  # type: ignore[arg-type]
+                         record.getMessage(), _extras_for_format(record), record.exc_text,
+                         self.formatStack(record.stack_info) if record.stack_info else None)
+
+
+def json_line(created: float, msecs: float, level: str, logger: str, pid: int, msg: str, fields: dict[str, Any],
+              exc: str | None = None, stack: str | None = None) -> str:
+    """One JSON line (JsonFormatter's and the direct writer's): the core fields, then `fields` (none replaces one)."""
+    out: dict[str, Any] = {"ts": _utc(created, msecs), "level": level, "logger": logger, "pid": pid, "msg": msg}
+    for key, value in fields.items():
+        out.setdefault(key, value)
+    if exc:
+        out["exc"] = exc
+    if stack:
+        out["stack"] = stack
+    return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -152,6 +165,65 @@ def resolve_format(fmt: str, stream: TextIO | None) -> str:
         return fmt
     isatty = getattr(stream, "isatty", None)
     return "text" if isatty is not None and isatty() else "json"
+
+
+class DirectLine(NamedTuple):
+    """A line for `DirectWriter`: what a record of it would carry (its time, rendered message and extras)."""
+
+    created: float
+    msg: str
+    fields: dict[str, Any]
+
+
+class DirectWriter:
+    """Writes INFO lines of one logger straight to its one JSON handler (as `make_handler` makes them), as that
+    handler writes their records, byte for byte: the same masking (RedactingFilter.cleaned), the same JSON line (`json_line`), the
+    same stream, one write per batch. What it skips is logging's per-record machinery (a LogRecord, the walk to the
+    handler, its lock, one write per line), which cost a serving process most of an access line (bench/README.md,
+    "The access log"). `direct_writer` gives one only when records would reach that handler alone.
+    tests/unit/test_logs.py holds both ways to the same bytes."""
+
+    def __init__(self, logger: logging.Logger, handler: logging.StreamHandler[TextIO],
+                 masking: RedactingFilter) -> None:
+        self.name = logger.name
+        self.handler = handler
+        self.masking = masking
+
+    def write(self, lines: list[DirectLine]) -> None:
+        pid, name, cleaned = os.getpid(), self.name, self.masking.cleaned
+        text = []
+        for line in lines:
+            msg, fields = cleaned(line.msg, line.fields)
+            created = line.created
+            text.append(json_line(created, (created - int(created)) * 1000, "INFO", name, pid, msg, fields))
+        handler = self.handler
+        text.append("")
+        handler.acquire()
+        try:
+            handler.stream.write(handler.terminator.join(text))
+            handler.flush()
+        finally:
+            handler.release()
+
+
+def direct_writer(logger: logging.Logger) -> DirectWriter | None:
+    """A DirectWriter for `logger`'s INFO lines when a record of it would reach exactly one handler, a JSON one as
+    `make_handler` makes them (the one `setup_logging` installs), with nothing else on the way (no filter of the
+    logger's, no other handler up its hierarchy); otherwise None, and the records go through logging."""
+    if logger.disabled or logger.filters:
+        return None
+    handlers: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers.extend(h for h in node.handlers if logging.INFO >= h.level)
+        node = node.parent if node.propagate else None
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if not (type(handler) is logging.StreamHandler and type(handler.formatter) is JsonFormatter
+            and len(handler.filters) == 1 and type(handler.filters[0]) is RedactingFilter):
+        return None
+    return DirectWriter(logger, handler, handler.filters[0])
 
 
 def make_handler(fmt: str, payload: Payload, stream: TextIO | None = None) -> logging.Handler:

@@ -6,10 +6,13 @@ cost a serving process up to ~100 µs of CPU per call, about a fifth of a Resolv
 the call only queues its fields (`add`: one deque append), and every `INTERVAL` seconds a daemon thread turns what
 was queued into records of the logger "resolver.access", with the call's end as their time, and hands them to
 logging exactly as a line logged in the call: the same handlers, the same masking filter (resolver.logs, the one
-choke point), the same format. What changes is only when a line is written: up to `INTERVAL` after its call, and
-at exit (atexit: a serving process that stops normally writes every line it queued). A process killed with
-SIGKILL loses the lines of its last `INTERVAL`. The queue is bounded (`MAX_QUEUED`): past it, a call writes its
-own line as before, so a stuck log slows the calls down rather than growing memory or dropping lines.
+choke point), the same format. Where those records would reach only the JSON handler `resolver serve` installs,
+the thread writes the same bytes through resolver.logs.DirectWriter instead (the same masking and line, without
+logging's per-record machinery: a serving process's usual case). What changes is only when a line is written: up
+to `INTERVAL` after its call, and at exit (atexit: a serving process that stops normally writes every line it
+queued). A process killed with SIGKILL loses the lines of its last `INTERVAL`. The queue is bounded
+(`MAX_QUEUED`): past it, a call writes its own line as before, so a stuck log slows the calls down rather than
+growing memory or dropping lines.
 
 The thread releases the GIL every `LINES_PER_SLICE` lines, so a call waiting for it waits for a few lines at most,
 never for a whole batch. A forked child (the importer's workers) drops what its parent had queued: those lines
@@ -26,8 +29,10 @@ import time
 from collections import deque
 from typing import Any, NamedTuple
 
+from resolver.logs import DirectLine, direct_writer
+
 INTERVAL = 0.05  # seconds between two batches
-LINES_PER_SLICE = 8  # lines made between two releases of the GIL
+LINES_PER_SLICE = 32  # lines made between two releases of the GIL (the served switch interval bounds a hold too)
 MAX_QUEUED = 100_000  # lines waiting at most (~20 MB); past it a call writes its own line (`AccessLines.add`)
 MESSAGE = "%s %s %.3f ms"  # rpc, code, duration
 
@@ -73,15 +78,22 @@ class AccessLines:
 
     def flush(self) -> None:
         """Write every line queued so far, in this thread (the writer thread, atexit, or a test)."""
-        queue, made = self._queue, 0
+        queue = self._queue
+        direct = direct_writer(self.logger)
         while queue:
+            lines: list[Line] = []
             try:
-                line = queue.popleft()
-            except IndexError:  # another thread flushed the last one meanwhile
-                return
-            self._write(line)
-            made += 1
-            if not made % LINES_PER_SLICE:
+                while len(lines) < LINES_PER_SLICE:
+                    lines.append(queue.popleft())
+            except IndexError:  # the queue is empty (or another thread flushed the last ones meanwhile)
+                pass
+            if direct is not None:
+                direct.write([DirectLine(line.at, MESSAGE % (line.rpc, line.code, line.duration_ms),
+                                         dict(zip(FIELDS, line[1:], strict=True))) for line in lines])
+            else:
+                for line in lines:
+                    self._write(line)
+            if queue:
                 time.sleep(0)  # let a waiting call thread have the GIL
 
     def _write(self, line: Line) -> None:

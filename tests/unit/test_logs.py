@@ -296,3 +296,77 @@ def test_timestamps_are_the_records_own_across_seconds_and_threads() -> None:
 
 def _msecs(t: float) -> float:
     return (t - int(t)) * 1000
+
+
+LINES_WITH_AND_WITHOUT_PII = [
+    ("Resolve", "OK", 0.512, "ipv4:127.0.0.1:45678", "3f2b8c1e-5d6a", "ivr"),
+    ("Upsert", "INVALID_ARGUMENT", 12.25, "ipv6:[::1]:5000", f"call from {PHONE}", "crm"),
+    ("Resolve", "OK", 1.0, "ipv4:10.0.0.1:1", EMAIL, f"caller {TOKEN}"),
+    ("GetCustomer", "NOT_FOUND", 0.001, "unix:/tmp/s", "r-é-ü-😀", ""),
+]
+
+
+@pytest.mark.parametrize("payload", ["masked", "none"])
+def test_access_lines_written_directly_are_the_bytes_logging_writes(payload: str) -> None:
+    """resolver.api.access_lines writes through resolver.logs.DirectWriter where only the serving JSON handler would
+    see its records: the same lines through logging (another handler present) must give the same bytes."""
+    from resolver.api.access_lines import AccessLines, Line
+
+    logger = logging.getLogger(f"test.direct.{payload}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    buf = io.StringIO()
+    logger.addHandler(make_handler("json", payload, buf))  # type: ignore[arg-type]
+    lines = AccessLines(logger, interval=3600)
+    queued = [Line(1_700_000_000.0 + i * 0.3337, *fields) for i, fields in enumerate(LINES_WITH_AND_WITHOUT_PII * 5)]
+    try:
+        assert resolver.logs.direct_writer(logger) is not None
+        for line in queued:
+            lines.add(line)
+        lines.flush()
+        direct = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        other = logging.NullHandler()
+        logger.addHandler(other)  # a second handler: the records go through logging
+        assert resolver.logs.direct_writer(logger) is None
+        for line in queued:
+            lines.add(line)
+        lines.flush()
+        assert buf.getvalue() == direct
+    finally:
+        logger.handlers.clear()
+    rows = [json.loads(text) for text in direct.splitlines()]
+    assert len(rows) == len(queued) and rows[0]["msg"] == "Resolve OK 0.512 ms" and rows[0]["caller"] == "ivr"
+    assert not any(canary in direct for canary in CANARIES)
+
+
+def test_the_direct_writer_is_only_for_a_lone_json_handler() -> None:
+    logger = logging.getLogger("test.direct.gate")
+    logger.propagate = False
+    try:
+        logger.addHandler(make_handler("json", "masked", io.StringIO()))
+        assert resolver.logs.direct_writer(logger) is not None
+        logger.addFilter(logging.Filter("elsewhere"))  # a filter of the logger's: logging must apply it
+        assert resolver.logs.direct_writer(logger) is None
+        logger.filters.clear()
+        logger.disabled = True
+        assert resolver.logs.direct_writer(logger) is None
+        logger.disabled = False
+        logger.handlers.clear()
+        logger.addHandler(make_handler("text", "masked", io.StringIO()))  # text lines: through logging
+        assert resolver.logs.direct_writer(logger) is None
+        logger.handlers.clear()
+        quiet = make_handler("json", "masked", io.StringIO())
+        quiet.setLevel(logging.WARNING)  # a handler above INFO sees no access line: none to write directly
+        logger.addHandler(quiet)
+        assert resolver.logs.direct_writer(logger) is None
+        logger.propagate = True  # and the root's handlers, whatever they are, would see the records too
+        logger.handlers.clear()
+        logger.addHandler(make_handler("json", "masked", io.StringIO()))
+        assert (resolver.logs.direct_writer(logger) is None) == bool(
+            [h for h in logging.getLogger().handlers if logging.INFO >= h.level])
+    finally:
+        logger.handlers.clear()
+        logger.disabled = False
+        logger.propagate = True

@@ -48,6 +48,13 @@ class Line(NamedTuple):
     request_id: str
     caller: str
 
+    def message(self) -> str:
+        return MESSAGE % (self.rpc, self.code, self.duration_ms)
+
+    def extra(self) -> dict[str, Any]:
+        """The record's `extra` fields (FIELDS)."""
+        return dict(zip(FIELDS, self[1:], strict=True))
+
 
 FIELDS = Line._fields[1:]  # the record's `extra` fields, in this order (the time is the record's own)
 
@@ -88,8 +95,7 @@ class AccessLines:
             except IndexError:  # the queue is empty (or another thread flushed the last ones meanwhile)
                 pass
             if direct is not None:
-                direct.write([DirectLine(line.at, MESSAGE % (line.rpc, line.code, line.duration_ms),
-                                         dict(zip(FIELDS, line[1:], strict=True))) for line in lines])
+                direct.write([DirectLine(line.at, line.message(), line.extra()) for line in lines])
             else:
                 for line in lines:
                     self._write(line)
@@ -117,8 +123,8 @@ class AccessLines:
         fields["msecs"] = int((at - int(at)) * 1000) + 0.0
         # as LogRecord.__init__ has it: since logging was loaded, which the template's own two times give
         fields["relativeCreated"] = template["relativeCreated"] + (at - template["created"]) * 1000
-        fields["msg"] = MESSAGE % (line.rpc, line.code, line.duration_ms)
-        fields.update(zip(FIELDS, line[1:], strict=True))
+        fields["msg"] = line.message()
+        fields.update(line.extra())
         return record
 
     def _start(self) -> None:

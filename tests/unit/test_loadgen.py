@@ -68,11 +68,12 @@ def test_a_100ms_stall_shows_in_p99_and_max(stalling_server: str) -> None:
     assert r.completed == r.intended == 1000 and not r.errors
     assert h.get_max_value() >= 95_000  # µs: the stalled call itself
     assert h.get_value_at_percentile(99) >= 50_000  # the requests queued behind it carry the stall
-    assert h.get_value_at_percentile(50) < 50_000
+    # Only lower bounds: a slow machine can only raise latencies (an upper bound on p50 failed on a VM whose bare
+    # health check ran at p50 130 ms, not on the load generator)
 
 
 def test_achieved_rate_equals_offered_rate_within_2_percent(fast_server: str) -> None:
-    (r,) = run_phases([Phase("rate", "health", rate=500, duration_s=4.0, target=fast_server)])
+    (r,) = run_phases([Phase("rate", "health", rate=500, duration_s=4.0, target=fast_server, timeout_s=30)])
     assert r.intended == 2000
     assert r.achieved_rate == pytest.approx(500, rel=0.02)
     assert r.ok == r.completed and not r.errors

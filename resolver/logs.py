@@ -112,6 +112,11 @@ class RedactingFilter(logging.Filter):
 _second: tuple[int, str] = (-1, "")  # the last second formatted (replaced whole: safe between threads)
 
 
+def msecs_of(created: float) -> float:
+    """A record's `msecs` for the time `created`, as LogRecord.__init__ computes it."""
+    return int((created - int(created)) * 1000) + 0.0
+
+
 def _utc(created: float, msecs: float) -> str:
     global _second
     whole = int(created)
@@ -177,11 +182,11 @@ class DirectLine(NamedTuple):
 
 class DirectWriter:
     """Writes INFO lines of one logger straight to its one JSON handler (as `make_handler` makes them), as that
-    handler writes their records, byte for byte: the same masking (RedactingFilter.cleaned), the same JSON line (`json_line`), the
-    same stream, one write per batch. What it skips is logging's per-record machinery (a LogRecord, the walk to the
-    handler, its lock, one write per line), which cost a serving process most of an access line (bench/README.md,
-    "The access log"). `direct_writer` gives one only when records would reach that handler alone.
-    tests/unit/test_logs.py holds both ways to the same bytes."""
+    handler writes their records, byte for byte: the same masking (RedactingFilter.cleaned), the same JSON line
+    (`json_line`), the same stream, one write per batch. What it skips is logging's per-record machinery (a
+    LogRecord, the walk to the handler, its lock, one write per line), which cost a serving process most of an
+    access line (bench/README.md, "The access log"). `direct_writer` gives one only when records would reach that
+    handler alone. tests/unit/test_logs.py holds both ways to the same bytes."""
 
     def __init__(self, logger: logging.Logger, handler: logging.StreamHandler[TextIO],
                  masking: RedactingFilter) -> None:
@@ -195,7 +200,7 @@ class DirectWriter:
         for line in lines:
             msg, fields = cleaned(line.msg, line.fields)
             created = line.created
-            text.append(json_line(created, (created - int(created)) * 1000, "INFO", name, pid, msg, fields))
+            text.append(json_line(created, msecs_of(created), "INFO", name, pid, msg, fields))
         handler = self.handler
         text.append("")
         handler.acquire()

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any, NamedTuple
 
-from resolver.logs import DirectLine, direct_writer
+from resolver.logs import DirectLine, direct_writer, msecs_of
 
 INTERVAL = 0.05  # seconds between two batches
 LINES_PER_SLICE = 32  # lines made between two releases of the GIL (the served switch interval bounds a hold too)
@@ -120,7 +120,7 @@ class AccessLines:
         fields.update(template)
         at = line.at
         fields["created"] = at
-        fields["msecs"] = int((at - int(at)) * 1000) + 0.0
+        fields["msecs"] = msecs_of(at)
         # as LogRecord.__init__ has it: since logging was loaded, which the template's own two times give
         fields["relativeCreated"] = template["relativeCreated"] + (at - template["created"]) * 1000
         fields["msg"] = line.message()

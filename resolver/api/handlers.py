@@ -6,9 +6,9 @@ takes the bytes, decodes them with resolver.api.wire (INVALID_ARGUMENT for anyth
 and calls the servicer's method with the message, as the generated code would. The service, its methods and
 messages are the proto's: clients, stubs and reflection see no difference.
 
-Resolve, the hot path, is bytes both ways: a small request (below `Limits.always_within`, so within every limit)
-is decoded straight into the use case's input and the answer encoded straight to bytes (resolver._rwire); any
-other request takes the Decoder, as every method does.
+Resolve and ResolveStream, the lookups, are bytes both ways: a small request (below `Limits.always_within`, so
+within every limit) is decoded straight into the use case's input and the answer encoded straight to bytes
+(resolver._rwire); any other request takes the Decoder, as every method does.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from resolver.api.status import to_status
 from resolver.api.wire import Decoder, Limits
 from resolver.config import LimitSettings
 from resolver.errors import InvalidInput
+from resolver.resolve import ResolveInput
 from resolver.v1 import resolver_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IdentityResolver"]
@@ -40,6 +41,10 @@ def method_handlers(servicer: Any, limits: LimitSettings) -> dict[str, grpc.RpcM
         if method.name == "Resolve":
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _resolve(servicer, decode, checks.always_within), request_deserializer=None,
+                response_serializer=None)
+        elif method.name == "ResolveStream":
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _resolve_stream(servicer, decode, checks.always_within), request_deserializer=None,
                 response_serializer=None)
         elif method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
@@ -80,17 +85,40 @@ def _unary(impl: Callable[[Any, grpc.ServicerContext], Any],
     return handle
 
 
+def _resolve_input(data: bytes, decode: Decoder[Any], within: int) -> ResolveInput:
+    """A ResolveRequest's bytes as the use case's input: the fast decoding first, else the general path (too large
+    to skip the limits, or not decodable), which raises its InvalidInput."""
+    inp = decode_resolve(data, within)
+    return inp if inp is not None else resolve_input(decode(data))
+
+
 def _resolve(servicer: Any, decode: Decoder[Any], within: int) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-    """Resolve on bytes: `servicer.resolve_encoded` on the request's ResolveInput, the fast decoding first."""
+    """Resolve on bytes: `servicer.resolve_encoded` on the request's ResolveInput."""
 
     def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
-        inp = decode_resolve(data, within)
-        if inp is None:  # too large to skip the limits, or not decodable: the general path, and its errors
-            try:
-                inp = resolve_input(decode(data))
-            except InvalidInput as exc:
-                context.abort_with_status(to_status(exc))
+        try:
+            inp = _resolve_input(data, decode, within)
+        except InvalidInput as exc:
+            context.abort_with_status(to_status(exc))
         return servicer.resolve_encoded(inp, context)
+
+    return handle
+
+
+def _resolve_stream(servicer: Any, decode: Decoder[Any],
+                    within: int) -> Callable[[Iterable[bytes], grpc.ServicerContext], Iterator[bytes]]:
+    """ResolveStream on bytes, as Resolve: each request decoded as Resolve's (one that does not decode reaches the
+    servicer as its InvalidInput, answered in its place), each answer encoded (`servicer.resolve_stream_encoded`)."""
+
+    def inputs(data_iterator: Iterable[bytes]) -> Iterator[ResolveInput | InvalidInput]:
+        for data in data_iterator:
+            try:
+                yield _resolve_input(data, decode, within)
+            except InvalidInput as exc:
+                yield exc
+
+    def handle(data_iterator: Iterable[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        return servicer.resolve_stream_encoded(inputs(data_iterator), context)
 
     return handle
 

@@ -66,6 +66,15 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
+def _error_response(exc: ResolverError) -> pb.ResolveResponse:
+    """A ResolveStream item's answer when that item failed: its error, nothing else."""
+    return pb.ResolveResponse(error=to_rpc_status(exc))
+
+
+def _encoded_error(exc: ResolverError) -> bytes:
+    return _error_response(exc).SerializeToString()
+
+
 def upsert_response(r: UpsertResult) -> pb.UpsertResponse:
     return pb.UpsertResponse(
         customer_uuid=r.customer_uuid,
@@ -178,35 +187,52 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
 
     def ResolveStream(self, request_iterator: Iterator[pb.ResolveRequest | ResolverError],
                       context: grpc.ServicerContext) -> Iterator[pb.ResolveResponse]:
-        """Bulk Resolve: responses in request order, batches through one read transaction each.
+        """Bulk Resolve on messages (the generated servicer's method): `resolve_stream` answering ResolveResponses."""
+        inputs = (r if isinstance(r, ResolverError) else resolve_input(r) for r in request_iterator)
+        return self.resolve_stream(inputs, context, resolve_response, _error_response)
 
-        An item of `request_iterator` that is a ResolverError (a request that did not decode) is answered with
-        that error in its place. A reader thread moves requests into a bounded queue; when the client stops
-        reading responses, this generator stops, the queue fills, the reader stops reading, and HTTP/2 flow
-        control holds the client: memory stays bounded on both sides.
+    def resolve_stream_encoded(self, inputs: Iterator[ResolveInput | ResolverError],
+                               context: grpc.ServicerContext) -> Iterator[bytes]:
+        """ResolveStream answered as serialized ResolveResponse bytes (what the server's ResolveStream handler
+        sends, as its Resolve handler does)."""
+        return self.resolve_stream(inputs, context, encode_resolve, _encoded_error)
+
+    def resolve_stream(self, inputs: Iterator[ResolveInput | ResolverError], context: grpc.ServicerContext,
+                       answer: Callable[[ResolveResult], T], error: Callable[[ResolverError], T]) -> Iterator[T]:
+        """Bulk Resolve: one answer per input, in input order; batches through one read transaction each.
+
+        An input that is a ResolverError (a request that did not decode) is answered with `error` of it in its
+        place. A reader thread moves inputs into a bounded queue; when the client stops reading answers, this
+        generator stops, the queue fills, the reader stops reading, and HTTP/2 flow control holds the client:
+        memory stays bounded on both sides.
         """
         pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_QUEUE)
 
+        def put(item: Any) -> bool:
+            """Queue `item`; False once the call has ended (nobody will take it). The queue is seldom full, so
+            the call's state (a lock of grpcio's) is only asked while it is."""
+            try:
+                pending.put_nowait(item)
+                return True
+            except queue.Full:
+                pass
+            while context.is_active():
+                try:
+                    pending.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def read() -> None:
             try:
-                for req in request_iterator:
-                    while context.is_active():
-                        try:
-                            pending.put(req, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    else:
+                for item in inputs:
+                    if not put(item):
                         return
             except Exception:  # the client cancelled or broke the stream: end it
                 pass
             finally:
-                while context.is_active():
-                    try:
-                        pending.put(_END, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                put(_END)
 
         threading.Thread(target=read, name="resolve-stream-reader", daemon=True).start()
         while True:
@@ -218,15 +244,12 @@ class IdentityResolverServicer(InteractionRpcs, OutboundRpcs, FeedRpcs, ForgetRp
                     break
             done = batch[-1] is _END
             items = [r for r in batch if r is not _END]  # a request that did not decode is its InvalidInput
-            reqs = [resolve_input(r) for r in items if not isinstance(r, ResolverError)]
+            reqs = [r for r in items if not isinstance(r, ResolverError)]
             answers = iter(self._call(context, "ResolveStream",
                                       functools.partial(self._resolve_batch, reqs, _deadline(context))))
             for item in items:
                 result = item if isinstance(item, ResolverError) else next(answers)
-                if isinstance(result, ResolverError):
-                    yield pb.ResolveResponse(error=to_rpc_status(result))
-                else:
-                    yield resolve_response(result)
+                yield error(result) if isinstance(result, ResolverError) else answer(result)
             if done:
                 return
 

@@ -40,6 +40,34 @@ def test_stream_answers_in_request_order_with_per_item_errors(stub):  # noqa: AN
             assert (resp.outcome, resp.customer_uuid) == (pb.OUTCOME_MATCHED, next(expected))
 
 
+def test_each_stream_answer_is_the_bytes_resolve_answers(stub, channel):  # noqa: ANN001
+    """ResolveStream and Resolve decode and encode on the same paths: item for item the same response bytes
+    (matched, ambiguous on a shared line, not found, explained, projected, skipped identifiers, a refused item)."""
+    for i in range(6):
+        stub.Upsert(upsert_req(external_id=f"E-{i}", phones=(phone(200 + i % 4),), emails=(f"e{i}@example.com",),
+                               attributes={"name": f"N {i}", "tier": ("gold", "silver")[i % 2]}))
+    reqs = [resolve_req(phones=(phone(200 + i % 6),), explain=i % 2 == 0) for i in range(12)]
+    reqs += [resolve_req(emails=("e3@example.com",), fields=["tier"]), resolve_req(external_id="E-5", view="billing"),
+             resolve_req(phones=("not a number", phone(201)), emails=("nobody@example.com",), explain=True),
+             resolve_req(external_id="nobody"), resolve_req(phones=(phone(202),), view="nope"),
+             resolve_req(phones=("+44 20 7946 0958",), default_region="GB")]
+    resolve = channel.unary_unary("/resolver.v1.IdentityResolver/Resolve")
+    streamed = list(channel.stream_stream("/resolver.v1.IdentityResolver/ResolveStream")(
+        iter([r.SerializeToString() for r in reqs]), timeout=30))
+    assert len(streamed) == len(reqs)
+    outcomes = set()
+    for req, answer in zip(reqs, streamed, strict=True):
+        resp = pb.ResolveResponse.FromString(answer)
+        outcomes.add(resp.outcome if not resp.error.code else "error")
+        if resp.error.code:  # a refused item: the status Resolve aborts with, as the item's own error
+            with pytest.raises(grpc.RpcError) as err:
+                resolve(req.SerializeToString(), timeout=10)
+            assert (err.value.code().value[0], resp.error.message) == (resp.error.code, err.value.details())
+        else:
+            assert answer == resolve(req.SerializeToString(), timeout=10)
+    assert outcomes == {pb.OUTCOME_MATCHED, pb.OUTCOME_AMBIGUOUS, pb.OUTCOME_NOT_FOUND, "error"}
+
+
 @pytest.mark.scale
 @pytest.mark.slow
 def test_one_stream_of_100k_requests(stub):  # noqa: ANN001

@@ -64,10 +64,10 @@ class _Later:
         self._family, self._labels = family, labels
         self._child: Any = None
 
-    def inc(self) -> None:
+    def inc(self, amount: int = 1) -> None:
         if self._child is None:
             self._child = self._family.labels(*self._labels)
-        self._child.inc()
+        self._child.inc(amount)
 
 
 class _Recorder:
@@ -126,11 +126,12 @@ def rpc_done(method: str, code: str, seconds: float) -> None:
         on.rpc(method, code, seconds)
 
 
-def resolved(outcome: int, kind: int) -> None:
-    """A Resolve answer was made: the probe loop's outcome and deciding kind (resolver._probe_types numbers)."""
+def resolved(outcome: int, kind: int, answers: int = 1) -> None:
+    """`answers` Resolve answers were made (Resolve's one, or a ResolveStream batch's of one kind) with the probe
+    loop's outcome and deciding kind (resolver._probe_types numbers)."""
     on = _on
     if on is not None:
-        on.resolve_cells[outcome][kind].inc()
+        on.resolve_cells[outcome][kind].inc(answers)
 
 
 def upserted(action: str, replayed: bool) -> None:

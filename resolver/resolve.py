@@ -10,6 +10,7 @@ without sensitive attributes, or a blueprint without any, answers as if encrypti
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,6 +211,7 @@ class Resolver:
         sets = [(p.ids.external_id, p.ids.emails, p.ids.phones, p.explain) for p in ok]
         order = _probe_order(sets, self.store.hasher.key) if len(sets) > 1 else range(len(sets))
         answered: dict[int, ResolveResult] = {}  # by position in `sets`
+        counts: collections.Counter[tuple[int, int]] = collections.Counter()  # (outcome, kind) -> answers
         with self.store.read() as txn:
             for start in range(0, len(sets), _PROBE_CHUNK):
                 if deadline is not None and time.monotonic() >= deadline:
@@ -219,6 +221,9 @@ class Resolver:
                 # answered at once: the records the chunk's probes confirmed are still at hand (Prober.fields)
                 for i, decision in zip(chunk, decisions, strict=True):
                     answered[i] = self._answer(txn, ok[i], decision)
+                    counts[decision.outcome, decision.kind] += 1
+        for (outcome, kind), n in counts.items():  # counted once per kind of answer, not per answer
+            metrics.resolved(outcome, kind, n)
         answers = (answered[i] for i in range(len(sets)))
         return [p if isinstance(p, ResolverError) else next(answers) for p in prepared]
 
@@ -229,8 +234,10 @@ class Resolver:
         this adds what needs decoded records: attributes, the candidates' order, the masked explanations.
         """
         ids = p.ids
-        return self._answer(txn, p, txn.prober.decide(ids.external_id, ids.emails, ids.phones,
-                                                      self.settings.matching.max_fanout, p.explain))
+        decision = txn.prober.decide(ids.external_id, ids.emails, ids.phones, self.settings.matching.max_fanout,
+                                     p.explain)
+        metrics.resolved(decision.outcome, decision.kind)
+        return self._answer(txn, p, decision)
 
     def _sensitive(self, fields: tuple[str, ...]) -> tuple[str, ...]:
         """The sensitive attributes among a request's own `fields`."""
@@ -241,7 +248,6 @@ class Resolver:
         """The answer to a prepared request from its probe decision (records read in the same transaction)."""
         outcome, kind, uids, conflicts = decision.outcome, decision.kind, decision.uuids, decision.conflicts
         fanned, probes = decision.fanned, decision.probes
-        metrics.resolved(outcome, kind)  # every answer, Resolve's and ResolveStream's, passes here
         skipped = p.skipped
         if fanned:
             skipped = skipped + fanned_skipped(fanned, self.settings.matching.max_fanout)

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.process
 WEBHOOK_KEY = b"metrics-test-webhook-key"
 WAIT_S = 30.0
 MATCHED_N, NOT_FOUND_M, CUSTOMERS_K = 6, 4, 4
+STREAM_NOT_FOUND = 2  # unknown callers in the ResolveStream (beside the CUSTOMERS_K matched)
 
 BLUEPRINT = SERVER_TOML.replace("workers = 1", "workers = 2") + textwrap.dedent(
     """
@@ -116,6 +117,11 @@ def _traffic(port: int) -> list[str]:
         with pytest.raises(grpc.RpcError) as err:
             stubs[0].Resolve(resolve_req(), timeout=10)  # no identifier at all
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # one stream: every item an answer counted by its outcome (in one batch), the refused one in none
+        items = [resolve_req(phones=(p,)) for p in phones + unknown[:STREAM_NOT_FOUND]] + [resolve_req()]
+        answers = list(stubs[1].ResolveStream(iter(items), timeout=10))
+        assert [a.outcome for a in answers] == [pb.OUTCOME_MATCHED] * CUSTOMERS_K + \
+            [pb.OUTCOME_NOT_FOUND] * STREAM_NOT_FOUND + [pb.OUTCOME_UNSPECIFIED]
     finally:
         for c in channels:
             c.close()
@@ -150,7 +156,7 @@ def test_metrics_add_up_over_workers_and_processes(tmp_path: Path) -> None:
         rpc_counts = {dict(labels)["method"] + " " + dict(labels)["code"]: v
                       for labels, v in series(samples, "resolver_rpc_duration_seconds_count").items()}
         assert rpc_counts == {"Resolve OK": MATCHED_N + NOT_FOUND_M, "Resolve INVALID_ARGUMENT": 1,
-                              "Upsert OK": CUSTOMERS_K + 1, "GetServerInfo OK": 3}
+                              "ResolveStream OK": 1, "Upsert OK": CUSTOMERS_K + 1, "GetServerInfo OK": 3}
         # the buckets add up to the count, and read below a millisecond
         resolve_ok = [(float(dict(labels)["le"]), v) for labels, v in
                       series(samples, "resolver_rpc_duration_seconds_bucket").items()
@@ -161,7 +167,8 @@ def test_metrics_add_up_over_workers_and_processes(tmp_path: Path) -> None:
 
         outcomes = {(dict(labels)["outcome"], dict(labels)["matched_on"]): v
                     for labels, v in series(samples, "resolver_resolve_outcomes_total").items()}
-        assert outcomes == {("MATCHED", "PHONE"): MATCHED_N, ("NOT_FOUND", "NONE"): NOT_FOUND_M}
+        assert outcomes == {("MATCHED", "PHONE"): MATCHED_N + CUSTOMERS_K, ("NOT_FOUND", "NONE"): NOT_FOUND_M +
+                            STREAM_NOT_FOUND}
         assert {dict(labels)["action"]: v for labels, v in series(samples, "resolver_upsert_actions_total").items()} \
             == {"CREATED": CUSTOMERS_K}
         assert series(samples, "resolver_ledger_replays_total") == {frozenset({("method", "Upsert")}): 1}
